@@ -1,0 +1,196 @@
+"""The run config, read once into typed settings and checked before any training.
+
+Flower hands the ServerApp and every ClientApp the same flat run config (hyphenated
+keys, nested tables flattened to `table.key`). `RunSettings.from_run_config` turns it
+into one frozen object and raises `ConfigError` with a one-line message that names the
+key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from fedcycle.schedules import LRSchedule, local_epochs_for_round
+
+SITE_EVAL_MODES = ("train-reply", "evaluate-round", "off")
+
+
+class ConfigError(ValueError):
+    """A run-config or node-config value that cannot work."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    dataset: str = "fashion-mnist"
+    model: str = "small-cnn"
+    strategy: str = "cyclical-fedavg"
+    partitioner: str = "iid"
+    lr_schedule: str = "triangular"
+    lr_min: float = 0.005
+    lr_max: float = 0.05
+    lr_cycle_unit: str = "round"
+    lr_cycle_length: float = 1.0
+    lr_gamma: float = 0.999
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    local_epochs: int = 2
+    local_epochs_growth: float = 0.0
+    local_epochs_max: int = 0
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    round_timeout: float = 3600.0
+    seed: int = 42
+    run_name: str = ""
+    results_dir: str = "results"
+    resume_from: str = ""
+    data_root: str = ""
+    train_subset: int = 0
+    test_subset: int = 0
+    val_fraction: float = 0.1
+    site_eval: str = "train-reply"
+    mixed_precision: bool = False
+    classes: str = ""
+    image_size: int = 32
+    # `name.option` keys: the options of the partitioner or strategy called `name`
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
+        kwargs: dict[str, Any] = {"options": {}}
+        plain = {f.name.replace("_", "-"): f for f in fields(cls) if f.name != "options"}
+        for key, value in run_config.items():
+            table, _, option = key.partition(".")
+            if option:
+                kwargs["options"].setdefault(table, {})[option] = value
+            elif key in plain:
+                kwargs[plain[key].name] = _coerce(key, value, type(getattr(cls, plain[key].name)))
+            else:
+                raise ConfigError(f"run config key {key!r} is unknown; see README.md for the keys")
+        settings = cls(**kwargs)
+        settings.validate()
+        return settings
+
+    @property
+    def schedule(self) -> LRSchedule:
+        try:
+            return LRSchedule(
+                name=self.lr_schedule,
+                lr_min=self.lr_min,
+                lr_max=self.lr_max,
+                cycle_unit=self.lr_cycle_unit,
+                cycle_length=self.lr_cycle_length,
+                gamma=self.lr_gamma,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    @property
+    def partitioner_options(self) -> dict[str, Any]:
+        return self.options.get(self.partitioner, {})
+
+    @property
+    def strategy_options(self) -> dict[str, Any]:
+        return self.options.get(self.strategy, {})
+
+    @property
+    def class_list(self) -> list[str]:
+        return [c.strip() for c in self.classes.split(",") if c.strip()]
+
+    @property
+    def evaluates_on_sites(self) -> bool:
+        """Whether each round ends with an evaluate message to the sites: asked for, or the
+        dataset is site-local and the sites' held-out data is the only test there is."""
+        from fedcycle.datasets import DATASETS
+
+        return self.site_eval == "evaluate-round" or DATASETS[self.dataset].site_local
+
+    def epochs_for_round(self, server_round: int) -> int:
+        return local_epochs_for_round(
+            self.local_epochs, self.local_epochs_growth, self.local_epochs_max, server_round
+        )
+
+    def validate(self) -> None:
+        """Check every value that does not need a dataset or a site; raise ConfigError."""
+        from fedcycle.datasets import DATASETS
+        from fedcycle.datasets.partition import PARTITIONERS
+        from fedcycle.models import MODELS
+        from fedcycle.strategies import check_strategy_name
+
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("model", self.model, MODELS)
+        _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("site-eval", self.site_eval, SITE_EVAL_MODES)
+        check_strategy_name(self.strategy)
+        self.schedule  # noqa: B018 - validates the lr-* keys
+        _positive("num-server-rounds", self.num_server_rounds)
+        _positive("local-epochs", self.local_epochs)
+        _positive("batch-size", self.batch_size)
+        _positive("min-sites", self.min_sites)
+        _positive("round-timeout", self.round_timeout)
+        _positive("image-size", self.image_size)
+        _at_least("local-epochs-growth", self.local_epochs_growth, 0)
+        _at_least("local-epochs-max", self.local_epochs_max, 0)
+        _at_least("train-subset", self.train_subset, 0)
+        _at_least("test-subset", self.test_subset, 0)
+        _at_least("momentum", self.momentum, 0)
+        _at_least("weight-decay", self.weight_decay, 0)
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train={self.fraction_train} must be in (0, 1]")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val-fraction={self.val_fraction} must be in [0, 1)")
+        if self.local_epochs_max and self.local_epochs_max < self.local_epochs:
+            raise ConfigError(
+                f"local-epochs-max={self.local_epochs_max} must be 0 (no cap) or at least local-epochs={self.local_epochs}"
+            )
+        alpha = self.partitioner_options.get("alpha", 0.5)
+        if self.partitioner in ("dirichlet", "quantity-skew") and not (
+            isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)
+        ):
+            raise ConfigError(f"{self.partitioner}.alpha={alpha} must be a number above 0")
+        shards = self.partitioner_options.get("shards-per-site", 2)
+        if self.partitioner == "label-shards" and not (isinstance(shards, int) and shards >= 1):
+            raise ConfigError(f"label-shards.shards-per-site={shards} must be an integer of at least 1")
+        if self.dataset == "image-folder" and len(self.class_list) < 2:
+            raise ConfigError(
+                f"classes={self.classes!r}: the image-folder dataset needs the class list, "
+                "comma-separated, in the order the model numbers them (at least 2)"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __hash__(self) -> int:  # the option tables are dicts; hash the whole settings by value
+        return hash(json.dumps(self.as_dict(), sort_keys=True, default=str))
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """TOML gives ints where users meant floats (lr-min=0); accept those, refuse the rest."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}={value!r} must be of type {kind.__name__}")
+    return value
+
+
+def _choice(key: str, value: str, choices: Mapping[str, Any] | tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is unknown; choose one of {sorted(choices)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value} must be above 0")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ConfigError(f"{key}={value} must be at least {low}")

@@ -1,0 +1,152 @@
+"""Datasets: one small API that simulated and real data centers share.
+
+- `site_split(settings, node)`: this site's train and held-out (validation) data;
+- `test_split(settings)`: the shared test split the server evaluates on (None when the
+  dataset has none, as for a site-local folder);
+- `pooled_train(settings, num_sites)`: every site's train data together, for the
+  centralized baseline.
+
+Every split is an `ImageData` of uint8 images (N, C, H, W) and int64 labels. Sources are
+decoded once into `.npy` files under the data root and memory-cached per process, since in
+deployment Flower starts a fresh ClientApp process for every message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from fedcycle.datasets.partition import partition
+
+if TYPE_CHECKING:
+    from fedcycle.config import RunSettings
+
+
+@dataclass(frozen=True)
+class ImageData:
+    images: np.ndarray  # uint8, (N, C, H, W)
+    labels: np.ndarray  # int64, (N,)
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "ImageData":
+        return ImageData(self.images[index], self.labels[index], self.classes)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the rest of fedcycle needs to know about a dataset."""
+
+    name: str
+    load: Callable[..., ImageData]  # (split, root, data_dir=, image_size=, classes=)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    site_local: bool = False  # True: each site reads its own files; no server test split
+
+    def shape(self, settings: "RunSettings") -> tuple[int, int, int]:
+        from fedcycle.datasets import sources
+
+        return sources.SHAPES.get(self.name) or (3, settings.image_size, settings.image_size)
+
+    def classes(self, settings: "RunSettings") -> tuple[str, ...]:
+        from fedcycle.datasets import sources
+
+        return sources.CLASSES.get(self.name) or tuple(settings.class_list)
+
+
+def _registry() -> dict[str, DatasetSpec]:
+    from fedcycle.datasets import sources
+
+    return {
+        "fashion-mnist": DatasetSpec("fashion-mnist", sources.fashion_mnist, (0.2860,), (0.3530,)),
+        "cifar10": DatasetSpec(
+            "cifar10", sources.cifar10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        ),
+        "image-folder": DatasetSpec(
+            "image-folder", sources.image_folder, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), site_local=True
+        ),
+    }
+
+
+DATASETS: dict[str, DatasetSpec] = _registry()
+
+
+def data_root(settings: "RunSettings", node_config: dict | None = None) -> Path:
+    """Where decoded data lives: node config, then run config, then ~/.cache/fedcycle."""
+    value = (node_config or {}).get("data-root") or settings.data_root
+    return Path(value or os.path.expanduser("~/.cache/fedcycle")).resolve()
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(
+    name: str, split: str, root: Path, data_dir: str, image_size: int, classes: tuple[str, ...]
+) -> ImageData:
+    return DATASETS[name].load(split, root, data_dir=data_dir, image_size=image_size, classes=classes)
+
+
+def load(settings: "RunSettings", split: str, node_config: dict | None = None) -> ImageData:
+    """The whole `split` ('train' or 'test') of the run's dataset, memory-cached."""
+    return _load_cached(
+        settings.dataset,
+        split,
+        data_root(settings, node_config),
+        str((node_config or {}).get("data-dir", "")),
+        settings.image_size,
+        tuple(settings.class_list),
+    )
+
+
+def _train_val(data: ImageData, settings: "RunSettings", seed: int) -> tuple[ImageData, ImageData]:
+    """Hold out `val-fraction` of a site's data (seeded), cap the rest at `train-subset`."""
+    order = np.random.default_rng(seed).permutation(len(data))
+    n_val = int(round(len(order) * settings.val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    if settings.train_subset:
+        train = train[: settings.train_subset]
+        val = val[: max(1, int(round(settings.train_subset * settings.val_fraction)))] if n_val else val
+    return data.subset(np.sort(train)), data.subset(np.sort(val))
+
+
+def site_split(settings: "RunSettings", node_config: dict) -> tuple[ImageData, ImageData]:
+    """This site's (train, validation) data, from its node config.
+
+    A site with `data-dir` reads its own folder; otherwise `partition-id` of
+    `num-partitions` picks its part of the dataset's train split.
+    """
+    if DATASETS[settings.dataset].site_local:
+        return _train_val(load(settings, "train", node_config), settings, settings.seed)
+    pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    full = load(settings, "train", node_config)
+    index = partition(settings.partitioner, full.labels, parts, settings.seed, **_partition_options(settings))
+    return _train_val(full.subset(index[pid]), settings, settings.seed + pid)
+
+
+def pooled_train(settings: "RunSettings", num_sites: int) -> tuple[ImageData, ImageData]:
+    """The union of every simulated site's (train, validation) data: the centralized baseline."""
+    parts = [site_split(settings, {"partition-id": i, "num-partitions": num_sites}) for i in range(num_sites)]
+    join = lambda ds: ImageData(  # noqa: E731
+        np.concatenate([d.images for d in ds]), np.concatenate([d.labels for d in ds]), ds[0].classes
+    )
+    return join([p[0] for p in parts]), join([p[1] for p in parts])
+
+
+def test_split(settings: "RunSettings") -> ImageData | None:
+    """The shared test split (first `test-subset` of a seeded shuffle), or None if site-local."""
+    if DATASETS[settings.dataset].site_local:
+        return None
+    data = load(settings, "test")
+    if settings.test_subset:
+        order = np.random.default_rng(settings.seed).permutation(len(data))[: settings.test_subset]
+        data = data.subset(np.sort(order))
+    return data
+
+
+def _partition_options(settings: "RunSettings") -> dict:
+    return {k.replace("-", "_"): v for k, v in settings.partitioner_options.items()}

@@ -1,0 +1,136 @@
+"""Where each dataset's images come from: torchvision's own loaders, decoded once to .npy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import gzip
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fedcycle.config import ConfigError
+from fedcycle.datasets import ImageData
+
+# Debian's `dataset-fashion-mnist` package: the complete set, offline.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+CLASSES = {
+    "fashion-mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+    "cifar10": (
+        "airplane", "automobile", "bird", "cat", "deer",
+        "dog", "frog", "horse", "ship", "truck",
+    ),
+}
+
+
+def _npy_cache(folder: Path, split: str, build: Callable[[], ImageData]) -> ImageData:
+    """Load `split` from `folder`'s .npy files, building them first if missing.
+
+    Files are written to a temporary name and renamed, so concurrent first loads by
+    several simulated sites never read a half-written file.
+    """
+    images, labels, meta = (folder / f"{split}-{part}" for part in ("images.npy", "labels.npy", "classes.json"))
+    if not (images.exists() and labels.exists() and meta.exists()):
+        data = build()
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, write in (
+            (images, lambda f: np.save(f, np.ascontiguousarray(data.images))),
+            (labels, lambda f: np.save(f, data.labels.astype(np.int64))),
+            (meta, lambda f: f.write(json.dumps(list(data.classes)).encode())),
+        ):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        return data
+    return ImageData(np.load(images), np.load(labels), tuple(json.loads(meta.read_text())))
+
+
+def fashion_mnist(split: str, root: Path, **_: object) -> ImageData:
+    def build() -> ImageData:
+        from torchvision.datasets import FashionMNIST
+
+        raw = root / "FashionMNIST" / "raw"
+        if DEBIAN_FASHION_MNIST.is_dir():
+            raw.mkdir(parents=True, exist_ok=True)
+            for gz in DEBIAN_FASHION_MNIST.glob("*.gz"):
+                target = raw / gz.stem
+                if not target.exists():
+                    with gzip.open(gz, "rb") as src, open(f"{target}.part", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    os.replace(f"{target}.part", target)
+        ds = FashionMNIST(str(root), train=split == "train", download=not _has_files(raw, 4))
+        return ImageData(ds.data.numpy()[:, None], ds.targets.numpy().astype(np.int64), tuple(ds.classes))
+
+    return _npy_cache(root / "fashion-mnist", split, build)
+
+
+def cifar10(split: str, root: Path, **_: object) -> ImageData:
+    """CIFAR-10 through torchvision, which downloads it (checksummed) when missing."""
+
+    def build() -> ImageData:
+        from torchvision.datasets import CIFAR10
+
+        present = (root / "cifar-10-batches-py").is_dir()
+        ds = CIFAR10(str(root), train=split == "train", download=not present)
+        images = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))
+        return ImageData(images, np.asarray(ds.targets, dtype=np.int64), tuple(ds.classes))
+
+    return _npy_cache(root / "cifar10", split, build)
+
+
+def image_folder(
+    split: str, root: Path, *, data_dir: str, image_size: int, classes: tuple[str, ...], **_: object
+) -> ImageData:
+    """A site's own files: `data-dir/<class name>/<image>`, as torchvision's ImageFolder reads them.
+
+    Labels follow the order of the run config's `classes`, not the folders' sort order,
+    so every site numbers the classes alike.
+    """
+    if split != "train":
+        raise ConfigError("dataset='image-folder' is site-local: it has no shared test split")
+    if not data_dir:
+        raise ConfigError("data-dir is not set in this SuperNode's node config; image-folder needs it")
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"data-dir={data_dir!r} does not exist or is not a directory")
+    found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if found != sorted(classes):
+        raise ConfigError(
+            f"data-dir={data_dir!r} has class folders {found}, but the run config's classes are {list(classes)}"
+        )
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if not files:
+        raise ConfigError(f"data-dir={data_dir!r} holds no images")
+    stamp = f"{folder.resolve()}|{image_size}|{classes}|{len(files)}|{max(p.stat().st_mtime_ns for p in files)}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+    def build() -> ImageData:
+        from torchvision import transforms
+        from torchvision.datasets import ImageFolder
+
+        tf = transforms.Compose(
+            [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
+        )
+        try:
+            ds = ImageFolder(str(folder), transform=tf)
+        except FileNotFoundError as err:
+            raise ConfigError(f"data-dir={data_dir!r} holds no images ({err})") from None
+        to_run_label = np.array([classes.index(name) for name in ds.classes], dtype=np.int64)
+        images = np.stack([img.numpy() for img, _ in ds]).astype(np.uint8)
+        labels = to_run_label[np.asarray(ds.targets, dtype=np.int64)]
+        return ImageData(images, labels, tuple(classes))
+
+    return _npy_cache(root / "image-folder" / key, split, build)
+
+
+def _has_files(folder: Path, count: int) -> bool:
+    return folder.is_dir() and sum(1 for p in folder.iterdir() if not p.name.endswith(".gz")) >= count

@@ -1,0 +1,227 @@
+"""Run a fedcycle simulation on this machine with a SuperLink this process owns.
+
+`flwr run .` on its own starts a detached local SuperLink that outlives it, shares one
+port per machine and installs app dependencies at run time (which fails offline). This
+launcher gives each job its own FLWR_HOME and ports, starts that SuperLink itself (so
+`flwr run` uses it and it can be stopped by PID), turns runtime installs off, streams the
+run's log, reads the run's real status from `flwr ls` (`flwr run` exits 0 even for a
+failed run), prints the results table and stops everything it started.
+
+    python -m fedcycle.local simulate --sites 4 --run-config "num-server-rounds=3"
+    python -m fedcycle.local prepare-data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunOutcome:
+    run_id: int | None
+    status: str
+    results_dir: Path | None
+    log: str
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (the venv), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+class LocalSimulation:
+    """A simulation SuperLink on loopback, owned by this object; use as a context manager."""
+
+    def __init__(self, flwr_home: Path, app_dir: Path = REPO) -> None:
+        self.flwr_home = Path(flwr_home).resolve()
+        self.app_dir = Path(app_dir).resolve()
+        self.port, self.control_port = free_port(), free_port()
+        self.process: subprocess.Popen | None = None
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.flwr_home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def __enter__(self) -> "LocalSimulation":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def log_file(self) -> Path:
+        return self.flwr_home / "local-superlink" / "superlink.log"
+
+    def start(self, timeout: float = 60) -> None:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--control-api-address", f"127.0.0.1:{self.control_port}",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.flwr_home / "local-superlink" / "state.db"),
+        ]
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                command, env=self.env, cwd=self.app_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {self.process.returncode}; see {self.log_file}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=0.5).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not answer on 127.0.0.1:{self.port} within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything in its session (ServerApp, Ray, ClientApps)."""
+        if self.process is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait)
+                time.sleep(0.5)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children that outlived the leader still carry its session id
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process = None
+
+    def flwr(self, *args: str, timeout: float | None = None, stream: bool = False) -> subprocess.CompletedProcess:
+        command = [_bin("flwr"), *args]
+        if not stream:
+            return subprocess.run(command, env=self.env, cwd=self.app_dir, capture_output=True, text=True, timeout=timeout)
+        lines = []
+        with subprocess.Popen(
+            command, env=self.env, cwd=self.app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(line)
+        return subprocess.CompletedProcess(command, proc.returncode, "".join(lines), "")
+
+    def run(self, sites: int, run_config: str = "", cpus_per_site: float = 1, stream: bool = True) -> RunOutcome:
+        """`flwr run` one job to the end; its status comes from `flwr ls`, not the exit code."""
+        args = ["run", str(self.app_dir), "--stream",
+                "--federation-config", f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}"]
+        if run_config:
+            args += ["--run-config", run_config]
+        done = self.flwr(*args, stream=stream)
+        found = re.search(r"Successfully started run (\d+)", done.stdout)
+        if not found:
+            return RunOutcome(None, f"not started (flwr run exited {done.returncode})", None, done.stdout)
+        run_id = int(found.group(1))
+        status = self.status(run_id)
+        deadline = time.monotonic() + 60
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(1)
+            status = self.status(run_id)
+        match = re.search(r"results go to (\S+)", done.stdout)
+        return RunOutcome(run_id, status, Path(match.group(1)) if match else None, done.stdout)
+
+    def status(self, run_id: int) -> str:
+        listed = self.flwr("ls", "--run-id", str(run_id), "--format", "json", timeout=60)
+        try:
+            runs = json.loads(listed.stdout)["runs"]
+            return str(runs[0]["status"])
+        except (ValueError, KeyError, IndexError):
+            return f"unknown ({listed.stdout.strip() or listed.stderr.strip()})"
+
+
+def print_results(outcome: RunOutcome) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedcycle.results import read_metrics
+
+    console = Console()
+    if outcome.results_dir and (outcome.results_dir / "metrics.jsonl").exists():
+        table = Table(title=f"fedcycle run {outcome.run_id}")
+        for column in ("round", "test accuracy", "test loss", "sites", "left out", "seconds"):
+            table.add_column(column, justify="right")
+        for r in read_metrics(outcome.results_dir / "metrics.jsonl"):
+            acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+            loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+            table.add_row(str(r["round"]), acc, loss, str(len(r["sites"])), str(len(r["events"])), f"{r['seconds']:.1f}")
+        console.print(table)
+        console.print(f"results: {outcome.results_dir}", soft_wrap=True)
+    console.print(f"status: {outcome.status}")
+
+
+def prepare_data(run_config: dict | None = None) -> None:
+    """Decode the dataset's train and test splits into the data root's .npy cache."""
+    from fedcycle.config import RunSettings
+    from fedcycle.datasets import data_root, load
+
+    settings = RunSettings.from_run_config(run_config or {})
+    for split in ("train", "test"):
+        data = load(settings, split)
+        print(f"{settings.dataset} {split}: {len(data)} images {tuple(data.images.shape[1:])} in {data_root(settings)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedcycle.local", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run one simulation job to the end and print its results")
+    sim.add_argument("--sites", type=int, default=4, help="simulated data centers (default 4)")
+    sim.add_argument("--run-config", default="", help='run-config overrides, as for flwr run: "k=v k2=\'s\'"')
+    sim.add_argument("--cpus-per-site", type=float, default=1, help="Ray CPUs per ClientApp (default 1)")
+    sim.add_argument("--flwr-home", default=str(REPO / ".flwr-home"), help="FLWR_HOME for this job")
+    sub.add_parser("prepare-data", help="decode Fashion-MNIST into the data cache")
+    args = parser.parse_args(argv)
+
+    if args.command == "prepare-data":
+        prepare_data()
+        return 0
+    with LocalSimulation(Path(args.flwr_home)) as sim_link:
+        outcome = sim_link.run(args.sites, args.run_config, args.cpus_per_site)
+    print_results(outcome)
+    return 0 if outcome.completed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Models by name. Adding one is adding one `ModelSpec` to `MODELS`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and two dense layers: fast on a CPU, about 91% on Fashion-MNIST."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes)
+        )
+
+    def forward(self, x):  # noqa: D102
+        return self.classifier(self.features(x))
+
+
+def resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first conv, no max-pool."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    model = tv_resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[[int, int, int], nn.Module]  # (in_channels, image_size, num_classes)
+    image_sizes: tuple[int, ...] | None  # the sizes it is made for; None: any of at least min_size
+    min_size: int = 8
+
+
+MODELS: dict[str, ModelSpec] = {
+    "small-cnn": ModelSpec(SmallCNN, image_sizes=(28, 32)),
+    "resnet18": ModelSpec(resnet18, image_sizes=None, min_size=16),
+}
+
+
+def check_fits(name: str, shape: tuple[int, int, int], num_classes: int) -> None:
+    """Raise ValueError unless model `name` takes images of `shape` and has a class to learn."""
+    from fedcycle.config import ConfigError
+
+    spec = MODELS[name]
+    channels, height, width = shape
+    if height != width:
+        raise ConfigError(f"model={name!r} needs square images; the dataset's are {height}x{width}")
+    if spec.image_sizes is not None and height not in spec.image_sizes:
+        raise ConfigError(
+            f"model={name!r} takes images of size {list(spec.image_sizes)}; the dataset's are {height}x{width}"
+        )
+    if height < spec.min_size:
+        raise ConfigError(f"model={name!r} needs images of at least {spec.min_size}x{spec.min_size}; got {height}")
+    if num_classes < 2:
+        raise ConfigError(f"model={name!r} needs at least 2 classes; the dataset has {num_classes}")
+
+
+def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"model={name!r} is unknown; choose one of {sorted(MODELS)}")
+    check_fits(name, shape, num_classes)
+    return MODELS[name].build(shape[0], shape[1], num_classes)

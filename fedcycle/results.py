@@ -1,0 +1,151 @@
+"""A run's files under `<results-dir>/<run-name>/`, written so that a crash loses nothing.
+
+- `config.json`: the full run config, seed, versions and machine;
+- `metrics.jsonl`: one JSON object per round (round 0 = the initial model), appended and
+  flushed to disk as each round ends;
+- `global-final.safetensors` (the latest global model, replaced each round) and
+  `global-best.safetensors`;
+- `accuracy.png`: test accuracy per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedcycle.config import RunSettings
+
+PACKAGES = ("flwr", "torch", "torchvision", "numpy", "ray", "safetensors")
+
+
+def resolve_run_dir(settings: RunSettings, run_id: int) -> Path:
+    """`results-dir` (relative to this process's working directory) / `run-name`.
+
+    An empty run-name becomes `<dataset>-<strategy>-<lr-schedule>-<time>-run<id>`; a
+    name whose folder already holds a run gets a numeric suffix, so no run is overwritten.
+    """
+    name = settings.run_name or (
+        f"{settings.dataset}-{settings.strategy.replace(':', '.')}-{settings.lr_schedule}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
+    )
+    base = Path(settings.results_dir).expanduser().resolve() / name
+    path, n = base, 1
+    while (path / "metrics.jsonl").exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def machine() -> dict[str, Any]:
+    info = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+class RunResults:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.metrics_path = path / "metrics.jsonl"
+
+    def write_config(self, settings: RunSettings, run_config: dict, **extra: Any) -> None:
+        record = {
+            "run_config": dict(run_config),
+            "settings": settings.as_dict(),
+            "seed": settings.seed,
+            "versions": versions(),
+            "machine": machine(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        }
+        _atomic_write(self.path / "config.json", json.dumps(record, indent=2, default=str).encode())
+
+    def append_round(self, line: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=_jsonable) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_model(self, name: str, state_dict: dict[str, torch.Tensor]) -> Path:
+        path = self.path / f"{name}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
+        os.replace(tmp, path)
+        return path
+
+    def plot(self) -> Path:
+        rounds = read_metrics(self.metrics_path)
+        return plot_accuracy({self.path.name: rounds}, self.path / "accuracy.png")
+
+
+def load_model(path: str | Path) -> dict[str, torch.Tensor]:
+    """A saved global model, as a state_dict (safetensors: no code is unpickled)."""
+    return load_file(str(path))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_accuracy(runs: dict[str, Iterable[dict]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, rounds in runs.items():
+        rows = [r for r in rounds if r.get("accuracy") is not None]
+        ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)

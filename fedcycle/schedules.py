@@ -1,0 +1,169 @@
+"""Learning-rate schedules that the server sets and every site follows.
+
+The server describes a schedule with a few plain numbers (`LRSchedule`), sends them in
+each round's train config, and the site turns them into one of PyTorch's own
+`torch.optim.lr_scheduler` objects, stepped once per optimizer step. The paper's
+schedules are Smith's cyclical learning rates (`CyclicLR`: triangular, triangular2,
+exp_range) and SGDR (`CosineAnnealingWarmRestarts`).
+
+Where a cycle sits in time is set by `cycle_unit` and `cycle_length`:
+- `round`: one cycle spans `cycle_length` rounds of local training (default 1: every
+  round trains one whole cycle, so the server averages end-of-cycle snapshots);
+- `epochs`: one cycle spans `cycle_length` local epochs;
+- `steps`: one cycle spans `cycle_length` optimizer steps.
+The schedule runs on across rounds: a site starts round r at the step it would have
+reached had it trained every earlier round without stopping.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingWarmRestarts,
+    CyclicLR,
+    LRScheduler,
+)
+
+CYCLE_UNITS = ("round", "epochs", "steps")
+
+
+def _constant(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int) -> LRScheduler:
+    return ConstantLR(opt, factor=1.0, total_iters=0)
+
+
+def _cyclic(mode: str) -> Callable[[torch.optim.Optimizer, "LRSchedule", int], LRScheduler]:
+    def build(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int) -> LRScheduler:
+        half = cycle_steps / 2
+        return CyclicLR(
+            opt,
+            base_lr=s.lr_min,
+            max_lr=s.lr_max,
+            step_size_up=max(1, math.floor(half)),
+            step_size_down=max(1, math.ceil(half)),
+            mode=mode,
+            gamma=s.gamma,
+            cycle_momentum=False,
+        )
+
+    return build
+
+
+def _cosine(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int) -> LRScheduler:
+    return CosineAnnealingWarmRestarts(opt, T_0=cycle_steps, eta_min=s.lr_min)
+
+
+# name -> builder(optimizer, schedule, steps per cycle). Adding a schedule is one entry.
+SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, "LRSchedule", int], LRScheduler]] = {
+    "constant": _constant,
+    "triangular": _cyclic("triangular"),
+    "triangular2": _cyclic("triangular2"),
+    "exp_range": _cyclic("exp_range"),
+    "cosine": _cosine,
+}
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """A learning-rate schedule as the server sends it (plain numbers only)."""
+
+    name: str = "triangular"
+    lr_min: float = 0.005
+    lr_max: float = 0.05
+    cycle_unit: str = "round"
+    cycle_length: float = 1.0
+    gamma: float = 0.999
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(
+                f"lr-schedule={self.name!r} is unknown; choose one of {sorted(SCHEDULES)}"
+            )
+        if not (self.lr_max > 0 and math.isfinite(self.lr_max)):
+            raise ValueError(f"lr-max={self.lr_max} must be a positive number")
+        if self.name != "constant" and not (0 <= self.lr_min <= self.lr_max):
+            raise ValueError(
+                f"lr-min={self.lr_min} must be between 0 and lr-max={self.lr_max}"
+            )
+        if self.cycle_unit not in CYCLE_UNITS:
+            raise ValueError(
+                f"lr-cycle-unit={self.cycle_unit!r} is unknown; choose one of {list(CYCLE_UNITS)}"
+            )
+        if not self.cycle_length > 0:
+            raise ValueError(f"lr-cycle-length={self.cycle_length} must be above 0")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"lr-gamma={self.gamma} must be in (0, 1]")
+
+    def to_config(self) -> dict[str, float | str]:
+        """Flat `lr-*` keys for a Flower ConfigRecord."""
+        return {f"lr-{k.replace('_', '-')}": v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LRSchedule":
+        fields = cls.__dataclass_fields__
+        kwargs = {}
+        for key in fields:
+            wire = f"lr-{key.replace('_', '-')}"
+            if wire in config:
+                kwargs[key] = config[wire]
+        return cls(**kwargs)
+
+    def cycle_steps(self, steps_per_epoch: int, epochs_this_round: int) -> int:
+        """Optimizer steps in one cycle, for a site with this many steps per epoch."""
+        if self.cycle_unit == "round":
+            steps = self.cycle_length * epochs_this_round * steps_per_epoch
+        elif self.cycle_unit == "epochs":
+            steps = self.cycle_length * steps_per_epoch
+        else:
+            steps = self.cycle_length
+        return max(1, round(steps))
+
+    def start_step(
+        self, steps_per_epoch: int, epochs_this_round: int, server_round: int, epochs_before: int
+    ) -> int:
+        """The step at which round `server_round` begins, on this site's clock."""
+        if self.cycle_unit == "round":
+            return (server_round - 1) * epochs_this_round * steps_per_epoch
+        return epochs_before * steps_per_epoch
+
+    def build(
+        self, optimizer: torch.optim.Optimizer, cycle_steps: int, start_step: int = 0
+    ) -> LRScheduler:
+        """A PyTorch scheduler, advanced to `start_step`; call `.step()` after each batch."""
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr_max if self.name in ("constant", "cosine") else self.lr_min
+            group.pop("initial_lr", None)
+        scheduler = SCHEDULES[self.name](optimizer, self, cycle_steps)
+        # The cycle's position is a pure function of the step count, so replaying the
+        # steps is exact; PyTorch warns when a scheduler steps before the optimizer.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_step % self._period(cycle_steps)):
+                scheduler.step()
+        return scheduler
+
+    def _period(self, cycle_steps: int) -> int:
+        """Steps after which the schedule repeats exactly (triangular2/exp_range never do)."""
+        if self.name in ("triangular", "cosine"):
+            return cycle_steps
+        if self.name == "constant":
+            return 1
+        return 2**62
+
+    def lr_at(self, step: int, cycle_steps: int) -> float:
+        """The learning rate at a step, computed by the same PyTorch scheduler."""
+        param = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([param], lr=self.lr_max)
+        self.build(opt, cycle_steps, start_step=step)
+        return opt.param_groups[0]["lr"]
+
+
+def local_epochs_for_round(base: int, growth: float, maximum: int, server_round: int) -> int:
+    """Local epochs in a round: `base`, plus `growth` more per round, capped at `maximum` (0 = no cap)."""
+    epochs = base + math.floor(growth * (server_round - 1))
+    return min(epochs, maximum) if maximum > 0 else epochs

@@ -1,0 +1,85 @@
+"""Strategies by name: fedcycle's CyclicalFedAvg, Flower's own, or a user's `package.module:Class`.
+
+Each one gets the cyclical schedule and the reply checks through `make_cyclical`.
+Options come from the run-config table named after the chosen strategy (`fedprox.proximal-mu`
+becomes `proximal_mu=`); each strategy receives the ones its constructor takes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+
+from fedcycle.config import ConfigError, RunSettings
+from fedcycle.strategies.cyclical import CyclicalFedAvg, CyclicalMixin, make_cyclical
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "cyclical-fedavg": CyclicalFedAvg,
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
+
+__all__ = ["STRATEGIES", "CyclicalFedAvg", "CyclicalMixin", "make_cyclical", "make_strategy", "check_strategy_name"]
+
+
+def check_strategy_name(name: str) -> None:
+    """Raise ConfigError unless `name` is registered or looks like `package.module:Class`."""
+    if name in STRATEGIES:
+        return
+    module, _, attr = name.partition(":")
+    if not (module and attr and all(part.isidentifier() for part in module.split("."))):
+        raise ConfigError(
+            f"strategy={name!r} is unknown; choose one of {sorted(STRATEGIES)} or give 'package.module:Class'"
+        )
+
+
+def resolve_strategy(name: str) -> type[Strategy]:
+    check_strategy_name(name)
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    module_name, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"strategy={name!r} cannot be imported: {err}") from None
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+        raise ConfigError(f"strategy={name!r} is not a subclass of flwr.serverapp.strategy.Strategy")
+    return cls
+
+
+def make_strategy(settings: RunSettings, num_sites: int) -> CyclicalMixin:
+    """The run's strategy, with the cyclical mechanism, sampling and options from the settings."""
+    cls = make_cyclical(resolve_strategy(settings.strategy))
+    evaluate_on_sites = settings.evaluates_on_sites
+    wanted: dict[str, Any] = {
+        "fraction_train": settings.fraction_train,
+        "fraction_evaluate": 1.0 if evaluate_on_sites else 0.0,
+        "min_train_nodes": min(settings.min_sites, num_sites),
+        "min_evaluate_nodes": min(settings.min_sites, num_sites) if evaluate_on_sites else 0,
+        "min_available_nodes": settings.min_sites,
+        **{k.replace("-", "_"): v for k, v in settings.strategy_options.items()},
+    }
+    flower_base = cls.__mro__[cls.__mro__.index(CyclicalMixin) + 1]
+    params = inspect.signature(flower_base.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in wanted.items() if takes_any or k in params}
+    return cls(settings=settings, **kwargs)
