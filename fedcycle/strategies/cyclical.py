@@ -34,7 +34,7 @@ class CyclicalMixin:
         self.site_metrics: dict[int, list[dict]] = defaultdict(list)  # round -> accepted replies
         self.evaluate_metrics: dict[int, MetricRecord | None] = {}
         self.sampled: dict[int, list[int]] = {}
-        self._global: ArrayRecord | None = None
+        self.global_arrays: ArrayRecord | None = None  # the model sent out this round
 
     def round_train_config(self, server_round: int) -> dict[str, Any]:
         """What every site needs to train round `server_round` exactly as the server means."""
@@ -51,7 +51,7 @@ class CyclicalMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._global = arrays
+        self.global_arrays = arrays
         config = ConfigRecord({**dict(config), **self.round_train_config(server_round)})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
@@ -70,8 +70,8 @@ class CyclicalMixin:
             log(WARNING, "Round %d: no reply could be averaged; the global model stays as it was", server_round)
             return None, None
         arrays, metrics = super().aggregate_train(server_round, accepted)
-        if arrays is not None and self._global is not None:
-            arrays = keep_dtypes(arrays, self._global, accepted)
+        if arrays is not None and self.global_arrays is not None:
+            arrays = keep_dtypes(arrays, self.global_arrays, accepted)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -117,11 +117,11 @@ class CyclicalMixin:
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             return "reply must hold exactly one ArrayRecord and one MetricRecord"
         arrays = next(iter(content.array_records.values()))
-        if self._global is not None:
-            if list(arrays.keys()) != list(self._global.keys()):
-                missing = sorted(set(self._global.keys()) ^ set(arrays.keys()))
+        if self.global_arrays is not None:
+            if list(arrays.keys()) != list(self.global_arrays.keys()):
+                missing = sorted(set(self.global_arrays.keys()) ^ set(arrays.keys()))
                 return f"arrays do not match the global model's ({missing[:3]} ...)"
-            for key, ref in self._global.items():
+            for key, ref in self.global_arrays.items():
                 got = arrays[key]
                 if list(got.shape) != list(ref.shape) or got.dtype != ref.dtype:
                     return (
@@ -157,10 +157,10 @@ def keep_dtypes(aggregate: ArrayRecord, reference: ArrayRecord, replies: list[Me
         dtype = np.dtype(ref.dtype)
         if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
             sent = [next(iter(m.content.array_records.values()))[key].numpy() for m in replies]
-            out[key] = Array(np.max(np.stack(sent), axis=0).astype(dtype))
+            out[key] = Array(np.asarray(np.max(np.stack(sent), axis=0), dtype=dtype))
         else:
             value = aggregate[key]
-            out[key] = value if value.dtype == ref.dtype else Array(value.numpy().astype(dtype))
+            out[key] = value if value.dtype == ref.dtype else Array(np.asarray(value.numpy(), dtype=dtype))
     return ArrayRecord(out)
 
 

@@ -1,0 +1,99 @@
+"""Every bad run-config or node-config value gives a one-line error naming key, value and what is allowed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fedcycle.config import ConfigError, RunSettings
+from fedcycle.models import build_model, check_fits
+from fedcycle.site import check_node_config, load_site
+
+
+def test_defaults_are_valid_and_match_pyproject():
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    flat = {}
+    for key, value in declared.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    settings = RunSettings.from_run_config(flat)
+    # The dataclass defaults and pyproject.toml's declared defaults agree.
+    assert settings == RunSettings(options=settings.options)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"dataset": "mnist"}, "dataset='mnist' is unknown; choose one of ['cifar10', 'fashion-mnist', 'image-folder']"),
+        ({"model": "vgg"}, "model='vgg' is unknown; choose one of ['resnet18', 'small-cnn']"),
+        ({"strategy": "fedsomething"}, "strategy='fedsomething' is unknown; choose one of"),
+        ({"lr-schedule": "step"}, "lr-schedule='step' is unknown; choose one of ['constant', 'cosine', 'exp_range', 'triangular', 'triangular2']"),
+        ({"partitioner": "random"}, "partitioner='random' is unknown; choose one of"),
+        ({"lr-min": 0.5, "lr-max": 0.1}, "lr-min=0.5 must be between 0 and lr-max=0.1"),
+        ({"local-epochs": 0}, "local-epochs=0 must be above 0"),
+        ({"local-epochs": -2}, "local-epochs=-2 must be above 0"),
+        ({"num-server-rounds": 0}, "num-server-rounds=0 must be above 0"),
+        ({"partitioner": "dirichlet", "dirichlet.alpha": 0.0}, "dirichlet.alpha=0.0 must be a number above 0"),
+        ({"partitioner": "dirichlet", "dirichlet.alpha": -1.0}, "dirichlet.alpha=-1.0 must be a number above 0"),
+        ({"site-eval": "sometimes"}, "site-eval='sometimes' is unknown"),
+        ({"num-server-rounds": 2.5}, "num-server-rounds=2.5 must be an integer"),
+        ({"dataset": "image-folder"}, "classes='': the image-folder dataset needs the class list"),
+        ({"colour": "red"}, "run config key 'colour' is unknown"),
+    ],
+)
+def test_bad_run_config(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        RunSettings.from_run_config(override)
+
+
+@pytest.mark.parametrize(
+    "node_config, message",
+    [
+        ({"partition-id": 4, "num-partitions": 4}, "partition-id=4 must be in 0..3 (num-partitions=4)"),
+        ({"partition-id": -1, "num-partitions": 2}, "partition-id=-1 must be in 0..1"),
+        ({"num-partitions": 2}, "partition-id=None in the node config must be an integer"),
+        ({"partition-id": 0, "num-partitions": 0}, "num-partitions=0 must be at least 1"),
+    ],
+)
+def test_bad_node_config(node_config, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_node_config(node_config, RunSettings())
+
+
+def test_missing_data_dir_and_empty_data_dir(tmp_path):
+    run_config = {"dataset": "image-folder", "classes": "a,b", "data-root": str(tmp_path / "cache")}
+    with pytest.raises(ConfigError, match=re.escape(f"data-dir='{tmp_path / 'nope'}' does not exist")):
+        load_site(run_config, {"data-dir": str(tmp_path / "nope")})
+    for name in ("a", "b"):
+        (tmp_path / "empty" / name).mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds no images"):
+        load_site(run_config, {"data-dir": str(tmp_path / "empty")})
+    with pytest.raises(ConfigError, match="data-dir is missing from the node config"):
+        check_node_config({"partition-id": 0, "num-partitions": 1}, RunSettings.from_run_config(run_config))
+
+
+def test_missing_gpu_is_refused():
+    with pytest.raises(ConfigError, match=r"device='cuda:7' is not available"):
+        load_site({}, {"partition-id": 0, "num-partitions": 1, "device": "cuda:7"})
+
+
+def test_model_must_fit_the_images():
+    with pytest.raises(ConfigError, match=re.escape("model='small-cnn' takes images of size [28, 32]; the dataset's are 64x64")):
+        check_fits("small-cnn", (3, 64, 64), 10)
+    with pytest.raises(ConfigError, match=re.escape("model='resnet18' needs images of at least 16x16; got 8")):
+        build_model("resnet18", (3, 8, 8), 10)
+    with pytest.raises(ConfigError, match="needs at least 2 classes"):
+        build_model("small-cnn", (1, 28, 28), 1)
+
+
+def test_every_error_is_one_line():
+    for bad in ({"lr-min": 1.0}, {"dataset": "x"}, {"local-epochs": 0}):
+        with pytest.raises(ConfigError) as err:
+            RunSettings.from_run_config(bad)
+        assert "\n" not in str(err.value)

@@ -1,0 +1,97 @@
+"""Every schedule against hand-computed values: start, middle and end of a cycle, restarts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fedcycle.schedules import LRSchedule, local_epochs_for_round
+
+LO, HI, CYCLE = 0.01, 0.11, 10  # a 10-step cycle between 0.01 and 0.11
+
+
+def lrs(name: str, steps: range, **kw) -> list[float]:
+    schedule = LRSchedule(name=name, lr_min=LO, lr_max=HI, **kw)
+    return [schedule.lr_at(step, CYCLE) for step in steps]
+
+
+@pytest.mark.parametrize(
+    "name, step, expected",
+    [
+        ("constant", 0, HI), ("constant", 7, HI), ("constant", 123, HI),
+        # triangular: up for 5 steps, down for 5, restart
+        ("triangular", 0, 0.01), ("triangular", 2, 0.05), ("triangular", 5, 0.11),
+        ("triangular", 7, 0.07), ("triangular", 10, 0.01), ("triangular", 15, 0.11),
+        # triangular2: the amplitude halves every cycle
+        ("triangular2", 5, 0.11), ("triangular2", 10, 0.01), ("triangular2", 15, 0.06), ("triangular2", 25, 0.035),
+        # exp_range (gamma 0.9): amplitude times gamma**step
+        ("exp_range", 0, 0.01), ("exp_range", 2, 0.01 + 0.1 * 0.4 * 0.81), ("exp_range", 5, 0.01 + 0.1 * 0.9**5),
+        # cosine with warm restarts (SGDR): from lr-max down to lr-min, then restart
+        ("cosine", 0, 0.11), ("cosine", 5, 0.06), ("cosine", 10, 0.11),
+        ("cosine", 12, 0.01 + 0.05 * (1 + math.cos(math.pi * 2 / 10))),
+        ("cosine", 9, 0.01 + 0.05 * (1 + math.cos(math.pi * 9 / 10))),
+    ],
+)
+def test_schedule_values(name, step, expected):
+    got = lrs(name, range(step, step + 1), gamma=0.9)[0]
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_triangular_is_periodic_and_symmetric():
+    values = lrs("triangular", range(0, 30))
+    assert values[:10] == pytest.approx(values[10:20])
+    assert values[:10] == pytest.approx(values[20:30])
+    assert values[1:5] == pytest.approx(values[9:5:-1])
+
+
+def test_cycle_units_set_cycle_length_in_steps():
+    s = LRSchedule(cycle_unit="round", cycle_length=1)
+    assert s.cycle_steps(steps_per_epoch=50, epochs_this_round=3) == 150
+    assert LRSchedule(cycle_unit="round", cycle_length=2).cycle_steps(50, 3) == 300
+    assert LRSchedule(cycle_unit="epochs", cycle_length=1.5).cycle_steps(50, 3) == 75
+    assert LRSchedule(cycle_unit="steps", cycle_length=40).cycle_steps(50, 3) == 40
+
+
+def test_a_cycle_of_two_rounds_continues_across_rounds():
+    s = LRSchedule(name="triangular", lr_min=LO, lr_max=HI, cycle_unit="round", cycle_length=2)
+    cycle = s.cycle_steps(steps_per_epoch=5, epochs_this_round=1)
+    assert cycle == 10
+    assert s.start_step(5, 1, server_round=1, epochs_before=0) == 0
+    round2 = s.start_step(5, 1, server_round=2, epochs_before=1)
+    assert s.lr_at(round2, cycle) == pytest.approx(HI)  # round 2 starts at the peak
+    assert s.lr_at(s.start_step(5, 1, server_round=3, epochs_before=2), cycle) == pytest.approx(LO)
+
+
+def test_epoch_cycles_start_where_the_last_round_stopped():
+    s = LRSchedule(name="cosine", lr_min=LO, lr_max=HI, cycle_unit="epochs", cycle_length=4)
+    assert s.start_step(steps_per_epoch=10, epochs_this_round=2, server_round=2, epochs_before=2) == 20
+    assert s.lr_at(20, s.cycle_steps(10, 2)) == pytest.approx(0.06)  # half-way down the 40-step cycle
+
+
+def test_config_round_trip():
+    s = LRSchedule(name="exp_range", lr_min=0.001, lr_max=0.2, cycle_unit="epochs", cycle_length=3, gamma=0.95)
+    wire = s.to_config()
+    assert wire["lr-name"] == "exp_range" and wire["lr-cycle-unit"] == "epochs"
+    assert LRSchedule.from_config(wire) == s
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"name": "sawtooth"}, "lr-schedule='sawtooth' is unknown; choose one of"),
+        ({"lr_min": 0.2, "lr_max": 0.1}, "lr-min=0.2 must be between 0 and lr-max=0.1"),
+        ({"lr_max": 0.0}, "lr-max=0.0 must be a positive number"),
+        ({"cycle_unit": "hours"}, "lr-cycle-unit='hours' is unknown"),
+        ({"cycle_length": 0}, "lr-cycle-length=0 must be above 0"),
+    ],
+)
+def test_bad_schedules_name_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        LRSchedule(**kwargs)
+
+
+def test_local_epochs_grow_with_the_round_up_to_the_cap():
+    assert [local_epochs_for_round(2, 0.0, 0, r) for r in (1, 5, 50)] == [2, 2, 2]
+    assert [local_epochs_for_round(1, 0.5, 3, r) for r in (1, 2, 3, 4, 5, 9)] == [1, 1, 2, 2, 3, 3]
+    assert local_epochs_for_round(1, 1.0, 0, 10) == 10

@@ -1,0 +1,196 @@
+"""The strategy's aggregate, its reply checks and dtype keeping, on real Flower Messages."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedcycle import client_app
+from fedcycle.config import ConfigError, RunSettings
+from fedcycle.strategies import STRATEGIES, make_strategy, resolve_strategy
+from fedcycle.strategies.cyclical import CyclicalMixin
+
+SHAPES = {"conv.weight": (4, 3), "conv.bias": (4,)}
+
+
+def arrays(rng, scale=1.0, shapes=SHAPES) -> dict[str, np.ndarray]:
+    return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
+
+
+def reply(node: int, weights: dict[str, np.ndarray], n: float, **metrics: float) -> Message:
+    instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+            "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **metrics}),
+        }
+    )
+    return Message(content, reply_to=instruction)
+
+
+@pytest.fixture
+def strategy(task_identity) -> CyclicalMixin:
+    s = make_strategy(RunSettings(), num_sites=4)
+    s.global_arrays = ArrayRecord({k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()})
+    return s
+
+
+def weighted_mean(sent: list[dict], weights: list[float]) -> dict[str, np.ndarray]:
+    w = np.asarray(weights, dtype=np.float64)
+    return {k: np.tensordot(w / w.sum(), np.stack([s[k].astype(np.float64) for s in sent]), axes=1) for k in SHAPES}
+
+
+def test_aggregate_is_the_example_weighted_mean(strategy):
+    rng = np.random.default_rng(0)
+    sent = [arrays(rng) for _ in range(3)]
+    weights = [10, 30, 60]
+    agg, metrics = strategy.aggregate_train(1, [reply(i + 1, a, n) for i, (a, n) in enumerate(zip(sent, weights))])
+    expected = weighted_mean(sent, weights)
+    for key in SHAPES:
+        assert agg[key].dtype == "float32"
+        np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-6, atol=1e-7)
+    assert metrics["train-loss"] == pytest.approx(1.0)
+    assert not strategy.events[1]
+
+
+def test_nan_and_wrong_shape_replies_are_left_out_and_recorded(strategy):
+    rng = np.random.default_rng(1)
+    good = [arrays(rng), arrays(rng)]
+    nan = arrays(rng)
+    nan["conv.bias"][2] = np.nan
+    inf = arrays(rng)
+    inf["conv.weight"][0, 0] = np.inf
+    wrong = arrays(rng, shapes={"conv.weight": (4, 2), "conv.bias": (4,)})
+    replies = [reply(1, good[0], 20), reply(2, nan, 20), reply(3, wrong, 20), reply(4, good[1], 60), reply(5, inf, 5)]
+    agg, _ = strategy.aggregate_train(2, replies)
+    expected = weighted_mean(good, [20, 60])
+    for key in SHAPES:
+        np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-6, atol=1e-7)
+    reasons = {e["node_id"]: e["reason"] for e in strategy.events[2]}
+    assert set(reasons) == {2, 3, 5}
+    assert "'conv.bias' holds NaN or Inf" in reasons[2]
+    assert "'conv.weight' holds NaN or Inf" in reasons[5]
+    assert "float32[4, 2], the global model's is float32[4, 3]" in reasons[3]
+    assert [m["node_id"] for m in strategy.site_metrics[2]] == [1, 4]
+
+
+@pytest.mark.parametrize("n", [0, -3, math.nan, math.inf, 1e9])
+def test_bad_num_examples_are_left_out(strategy, n):
+    strategy.declared_examples = {1: 100, 2: 100, 3: 100}
+    rng = np.random.default_rng(2)
+    agg, _ = strategy.aggregate_train(1, [reply(1, arrays(rng), 50), reply(2, arrays(rng), n), reply(3, arrays(rng), 100)])
+    assert agg is not None
+    (event,) = strategy.events[1]
+    assert event["node_id"] == 2 and "num-examples" in event["reason"]
+
+
+def test_replies_with_other_metric_keys_are_left_out_not_fatal(strategy):
+    rng = np.random.default_rng(3)
+    replies = [reply(1, arrays(rng), 10), reply(2, arrays(rng), 10), reply(3, arrays(rng), 10, extra=1.0)]
+    with pytest.raises(Exception):  # Flower's own FedAvg ends the run here
+        FedAvg().aggregate_train(1, replies)
+    agg, _ = strategy.aggregate_train(1, replies)
+    assert agg is not None
+    (event,) = strategy.events[1]
+    assert event["node_id"] == 3 and "metric keys differ" in event["reason"] and "extra" in event["reason"]
+
+
+def test_all_replies_bad_keeps_the_model(strategy):
+    rng = np.random.default_rng(4)
+    bad = arrays(rng)
+    bad["conv.bias"][:] = np.nan
+    assert strategy.aggregate_train(1, [reply(1, bad, 10)]) == (None, None)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_registered_strategy_gets_the_cyclical_mechanism(name):
+    settings = RunSettings(strategy=name, options={"fedprox": {"proximal-mu": 0.5}, "fedtrimmedavg": {"beta": 0.1}})
+    s = make_strategy(settings, num_sites=4)
+    assert isinstance(s, CyclicalMixin) and isinstance(s, STRATEGIES[name])
+    config = s.round_train_config(3)
+    assert config["lr-name"] == settings.lr_schedule and config["local-epochs"] == settings.local_epochs
+    assert config["epochs-before"] == 2 * settings.local_epochs
+    if name == "fedprox":
+        assert s.proximal_mu == 0.5
+    if name == "fedtrimmedavg":
+        assert s.beta == 0.1
+
+
+def test_user_strategy_by_dotted_path():
+    s = make_strategy(RunSettings(strategy="flwr.serverapp.strategy:FedMedian"), num_sites=2)
+    assert type(s).__name__ == "CyclicalFedMedian" and isinstance(s, CyclicalMixin)
+    with pytest.raises(ConfigError, match="is not a subclass of flwr.serverapp.strategy.Strategy"):
+        resolve_strategy("os.path:join")
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        resolve_strategy("no_such_module.sub:Thing")
+
+
+def context(run_config: dict, node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def train_message(settings: RunSettings, weights: ArrayRecord, server_round: int) -> Message:
+    strategy = make_strategy(settings, num_sites=2)
+    config = ConfigRecord({**strategy.round_train_config(server_round), "server-round": server_round})
+    return Message(RecordDict({"arrays": weights, "config": config}), dst_node_id=1, message_type="train")
+
+
+def test_round_schedule_and_epochs_reach_the_trainer_unchanged(task_identity, data_root):
+    run_config = {
+        "data-root": data_root, "train-subset": 96, "batch-size": 16, "local-epochs": 2,
+        "lr-schedule": "cosine", "lr-min": 0.001, "lr-max": 0.08, "lr-cycle-unit": "epochs", "lr-cycle-length": 3.0,
+    }
+    settings = RunSettings.from_run_config(run_config)
+    from fedcycle.site import load_site
+
+    node = {"partition-id": 1, "num-partitions": 2}
+    model = load_site(run_config, node).new_model()
+    out = client_app.train_round(train_message(settings, ArrayRecord(model.state_dict()), 2), context(run_config, node))
+    m = out.content["metrics"]
+    spe = 96 // 16
+    assert m["local-epochs"] == 2 and m["steps"] == 2 * spe and m["num-examples"] == 96
+    schedule, cycle = settings.schedule, 3 * spe
+    start = 2 * spe  # round 2 begins after round 1's two epochs
+    assert m["lr-first"] == pytest.approx(schedule.lr_at(start, cycle))
+    assert m["lr-last"] == pytest.approx(schedule.lr_at(start + 2 * spe - 1, cycle))
+    assert m["lr-peak"] == pytest.approx(0.08)  # the warm restart at step 18 is inside this round
+    assert 0 <= m["received-accuracy"] <= 1 and m["val-examples"] > 0
+
+
+def test_resnet18_integer_buffers_keep_their_dtype_across_a_round(task_identity, data_root):
+    run_config = {"data-root": data_root, "model": "resnet18", "train-subset": 8, "batch-size": 4, "local-epochs": 1}
+    settings = RunSettings.from_run_config(run_config)
+    from fedcycle.site import load_site
+
+    model = load_site(run_config, {"partition-id": 0, "num-partitions": 2}).new_model()
+    start = ArrayRecord(model.state_dict())
+    replies = [
+        client_app.train_round(train_message(settings, start, 1), context(run_config, {"partition-id": p, "num-partitions": 2}))
+        for p in (0, 1)
+    ]
+    strategy = make_strategy(settings, num_sites=2)
+    strategy.global_arrays = start
+    agg, _ = strategy.aggregate_train(1, replies)
+    assert not strategy.events[1]
+    counters = [k for k in start.keys() if k.endswith("num_batches_tracked")]
+    assert counters
+    for key in start.keys():
+        assert agg[key].dtype == start[key].dtype, key
+    assert all(int(agg[k].numpy()) == 2 for k in counters)  # two steps, not averaged to a float
+    stock, _ = FedAvg().aggregate_train(1, replies)
+    assert stock[counters[0]].dtype == "float64"  # why fedcycle keeps the dtypes itself
+
+
+def test_preflight_reports_a_bad_node_config(task_identity, data_root):
+    query = Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=1, message_type="query")
+    out = client_app.preflight(query, context({"data-root": data_root}, {"partition-id": 5, "num-partitions": 2}))
+    report = out.content["report"]
+    assert report["ok"] is False and "partition-id=5 must be in 0..1" in report["error"]
+    good = client_app.preflight(query, context({"data-root": data_root}, {"partition-id": 1, "num-partitions": 2}))
+    report = good.content["report"]
+    assert report["ok"] is True and report["num-train"] == 27000 and report["image-shape"] == [1, 28, 28]
+    assert report["device"] == "cpu" and report["flwr"] == "1.42.0"
