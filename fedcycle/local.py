@@ -151,17 +151,21 @@ class LocalSimulation:
         if run_config:
             args += ["--run-config", run_config]
         done = self.flwr(*args, stream=stream)
-        found = re.search(r"Successfully started run (\d+)", done.stdout)
+        output = done.stdout + done.stderr
+        found = re.search(r"Successfully started run (\d+)", output)
         if not found:
-            return RunOutcome(None, f"not started (flwr run exited {done.returncode})", None, done.stdout)
+            status = f"not started (flwr run exited {done.returncode})"
+            if "Invalid run configuration" in output:
+                status += ": Flower refused the run config; every key must be declared in pyproject.toml (README lists them)"
+            return RunOutcome(None, status, None, output)
         run_id = int(found.group(1))
         status = self.status(run_id)
         deadline = time.monotonic() + 60
         while not status.startswith("finished") and time.monotonic() < deadline:
             time.sleep(1)
             status = self.status(run_id)
-        match = re.search(r"results go to (\S+)", done.stdout)
-        return RunOutcome(run_id, status, Path(match.group(1)) if match else None, done.stdout)
+        match = re.search(r"results go to (\S+)", output)
+        return RunOutcome(run_id, status, Path(match.group(1)) if match else None, output)
 
     def status(self, run_id: int) -> str:
         listed = self.flwr("ls", "--run-id", str(run_id), "--format", "json", timeout=60)

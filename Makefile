@@ -1,0 +1,39 @@
+# fedcycle: `make demo` runs the default simulation, `make test` the whole test suite.
+# Both set up .venv (pinned dependencies) and the Fashion-MNIST data first.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedcycle-installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+RESULTS := $(CURDIR)/results
+
+.PHONY: setup data demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "fedcycle needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	@touch $@
+
+# Fashion-MNIST, complete and offline, from Debian's package; else torchvision downloads it.
+data: setup
+	@if [ ! -d $(FASHION_MNIST) ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+	$(BIN)/python -m fedcycle.local prepare-data
+
+demo: data
+	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "results-dir='$(RESULTS)'"
+
+test: data
+	$(BIN)/python -m pytest -q -ra
+
+clean:
+	rm -rf .flwr-home .pytest_cache

@@ -1,0 +1,83 @@
+"""Real `flwr run` simulations on real Fashion-MNIST subsets, through fedcycle's own SuperLink."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from fedcycle.local import LocalSimulation
+from fedcycle.results import load_model, read_metrics
+
+SMALL = "train-subset=500 test-subset=1000 batch-size=32"
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    link = LocalSimulation(tmp_path_factory.mktemp("flwr-home"))
+    link.start()
+    yield link
+    pid = link.process.pid
+    link.stop()
+    with pytest.raises(ProcessLookupError):  # nothing of its session is left behind
+        os.killpg(pid, 0)
+
+
+def run(superlink, tmp_path, data_root, overrides: str, sites: int = 2):
+    config = f"{SMALL} data-root='{data_root}' results-dir='{tmp_path}' {overrides}"
+    return superlink.run(sites, config, stream=False)
+
+
+def test_cyclical_fedavg_run_completes_and_learns(superlink, tmp_path, data_root):
+    out = run(superlink, tmp_path, data_root, "num-server-rounds=2 local-epochs=2 run-name='e2e'")
+    assert out.completed, out.log[-3000:]
+    assert out.results_dir == tmp_path / "e2e"
+    rounds = read_metrics(out.results_dir / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["accuracy_source"] == "server-test" for r in rounds)
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    for r in rounds[1:]:
+        assert len(r["sites"]) == 2 and r["events"] == []
+        for site in r["sites"]:  # what the server set is what the sites trained with
+            assert site["local-epochs"] == 2 and site["lr-peak"] == pytest.approx(0.05)
+            assert site["lr-first"] == pytest.approx(0.005) and site["num-examples"] == 500
+    config = json.loads((out.results_dir / "config.json").read_text())
+    assert config["seed"] == 42 and config["versions"]["flwr"] == "1.42.0"
+    assert config["run_config"]["num-server-rounds"] == 2 and len(config["sites"]) == 2
+    assert "cpu_count" in config["machine"]
+    final = load_model(out.results_dir / "global-final.safetensors")
+    assert "classifier.3.weight" in final and final["classifier.3.weight"].shape == (10, 128)
+    assert (out.results_dir / "global-best.safetensors").exists()
+    assert (out.results_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fedprox_with_site_evaluation_on_a_dirichlet_split(superlink, tmp_path, data_root):
+    out = run(
+        superlink, tmp_path, data_root,
+        "num-server-rounds=2 local-epochs=1 strategy='fedprox' fedprox.proximal-mu=0.1 "
+        "partitioner='dirichlet' dirichlet.alpha=0.5 site-eval='evaluate-round' lr-schedule='cosine' run-name='prox'",
+        sites=3,
+    )
+    assert out.completed, out.log[-3000:]
+    rounds = read_metrics(out.results_dir / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
+    assert {len(r["sites"]) for r in rounds[1:]} == {3}
+    assert "received-accuracy" not in rounds[1]["sites"][0]  # evaluated in its own round instead
+    assert "CyclicalFedProx" in out.log and "Aggregated ClientApp-side Evaluate Metrics" in out.log
+
+
+def test_bad_run_config_fails_the_run_before_training(superlink, tmp_path, data_root):
+    out = run(superlink, tmp_path, data_root, "lr-min=0.5 lr-max=0.1 run-name='bad'")
+    assert out.run_id is not None
+    assert out.status == "finished:failed"
+    assert "lr-min=0.5 must be between 0 and lr-max=0.1" in out.log
+    assert not (tmp_path / "bad").exists()
+
+
+def test_undeclared_key_is_refused_by_flower(superlink, tmp_path, data_root):
+    out = run(superlink, tmp_path, data_root, "learning-rate=0.1")
+    assert out.run_id is None and not out.completed
+    assert "Invalid run configuration" in out.log
