@@ -418,11 +418,6 @@ def test_image_folder_cache_written_and_refreshed_when_files_change(tmp_path, im
     np.testing.assert_array_equal(np.bincount(second.labels, minlength=3), [3, 4, 3])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sources.image_folder: the cache key (file count + newest mtime) does not change "
-    "when an image is moved to another class folder, so stale labels are served",
-)
 def test_image_folder_cache_notices_an_image_moved_to_another_class(tmp_path, image_tree):
     root = tmp_path / "root"
     load_folder(root, image_tree)
@@ -431,11 +426,6 @@ def test_image_folder_cache_notices_an_image_moved_to_another_class(tmp_path, im
     np.testing.assert_array_equal(np.bincount(data.labels, minlength=3), [3, 2, 4])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG sources.image_folder: hidden folders are skipped by the class check but not by "
-    "torchvision's ImageFolder, so a hidden folder with an image gives a bare ValueError",
-)
 def test_image_folder_ignores_hidden_folders(tmp_path, image_tree):
     from PIL import Image
 

@@ -107,29 +107,39 @@ def image_folder(
         raise ConfigError(
             f"data-dir={data_dir!r} has class folders {found}, but the run config's classes are {list(classes)}"
         )
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
     if not files:
         raise ConfigError(f"data-dir={data_dir!r} holds no images")
-    stamp = f"{folder.resolve()}|{image_size}|{classes}|{len(files)}|{max(p.stat().st_mtime_ns for p in files)}"
+    # Every file's place, size and time: moving an image to another class changes the key.
+    listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamp = json.dumps([str(folder.resolve()), image_size, list(classes), listing])
     key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
     def build() -> ImageData:
         from torchvision import transforms
         from torchvision.datasets import ImageFolder
 
+        class RunClassesFolder(ImageFolder):
+            """ImageFolder that numbers classes in the run config's order and skips other folders."""
+
+            def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+                return list(classes), {name: i for i, name in enumerate(classes)}
+
         tf = transforms.Compose(
             [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
         )
         try:
-            ds = ImageFolder(str(folder), transform=tf)
+            ds = RunClassesFolder(str(folder), transform=tf)
         except FileNotFoundError as err:
             raise ConfigError(f"data-dir={data_dir!r} holds no images ({err})") from None
-        to_run_label = np.array([classes.index(name) for name in ds.classes], dtype=np.int64)
         images = np.stack([img.numpy() for img, _ in ds]).astype(np.uint8)
-        labels = to_run_label[np.asarray(ds.targets, dtype=np.int64)]
-        return ImageData(images, labels, tuple(classes))
+        return ImageData(images, np.asarray(ds.targets, dtype=np.int64), tuple(classes))
 
     return _npy_cache(root / "image-folder" / key, split, build)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _has_files(folder: Path, count: int) -> bool:
