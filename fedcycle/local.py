@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -55,81 +56,79 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-class LocalSimulation:
-    """A simulation SuperLink on loopback, owned by this object; use as a context manager."""
+class ProcessGroup:
+    """Processes started here, each in its own session with its own log file, stopped by PID.
 
-    def __init__(self, flwr_home: Path, app_dir: Path = REPO) -> None:
-        self.flwr_home = Path(flwr_home).resolve()
-        self.app_dir = Path(app_dir).resolve()
-        self.port, self.control_port = free_port(), free_port()
-        self.process: subprocess.Popen | None = None
-        self.env = {
-            **os.environ,
-            "FLWR_HOME": str(self.flwr_home),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.port),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
+    A process's session id is its PID, so stopping the session also stops what it spawned
+    (the ServerApp, ClientApps, Ray), even after the leader has exited.
+    """
 
-    def __enter__(self) -> "LocalSimulation":
-        self.start()
-        return self
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.procs: dict[str, subprocess.Popen] = {}
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def start(self, name: str, command: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log(name), "ab") as log:
+            proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
 
-    @property
-    def log_file(self) -> Path:
-        return self.flwr_home / "local-superlink" / "superlink.log"
+    def log(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
 
-    def start(self, timeout: float = 60) -> None:
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--control-api-address", f"127.0.0.1:{self.control_port}",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.flwr_home / "local-superlink" / "state.db"),
-        ]
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                command, env=self.env, cwd=self.app_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+    def tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_until(self, name: str, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll `ready` until true; raise with the log's tail if the process exits or time runs out."""
+        proc = self.procs[name]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with code {self.process.returncode}; see {self.log_file}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=0.5).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} before {what}:\n{self.tail(name)}")
+            if ready():
+                return
             time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"flower-superlink did not answer on 127.0.0.1:{self.port} within {timeout:.0f}s")
+        raise RuntimeError(f"{name}: not {what} within {timeout:.0f}s; see {self.log(name)}:\n{self.tail(name)}")
 
-    def stop(self) -> None:
-        """Stop the SuperLink and everything in its session (ServerApp, Ray, ClientApps)."""
-        if self.process is None:
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
             return
         for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
             try:
-                os.killpg(self.process.pid, sig)
+                os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 break
             try:
-                self.process.wait(timeout=wait)
+                proc.wait(timeout=wait)
                 time.sleep(0.5)
             except subprocess.TimeoutExpired:
                 continue
         try:  # children that outlived the leader still carry its session id
-            os.killpg(self.process.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.process = None
 
-    def flwr(self, *args: str, timeout: float | None = None, stream: bool = False) -> subprocess.CompletedProcess:
+    def stop_all(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+
+class FlwrCli:
+    """The `flwr` command with a given FLWR_HOME, against one SuperLink connection."""
+
+    def __init__(self, env: dict, app_dir: Path, connection: str | None = None) -> None:
+        self.env, self.app_dir, self.connection = env, app_dir, connection
+
+    def __call__(self, *args: str, timeout: float | None = None, stream: bool = False) -> subprocess.CompletedProcess:
         command = [_bin("flwr"), *args]
         if not stream:
             return subprocess.run(command, env=self.env, cwd=self.app_dir, capture_output=True, text=True, timeout=timeout)
@@ -144,13 +143,17 @@ class LocalSimulation:
                 lines.append(line)
         return subprocess.CompletedProcess(command, proc.returncode, "".join(lines), "")
 
-    def run(self, sites: int, run_config: str = "", cpus_per_site: float = 1, stream: bool = True) -> RunOutcome:
+    def _target(self) -> list[str]:
+        return [self.connection] if self.connection else []
+
+    def run(self, run_config: str = "", federation_config: str = "", stream: bool = True) -> RunOutcome:
         """`flwr run` one job to the end; its status comes from `flwr ls`, not the exit code."""
-        args = ["run", str(self.app_dir), "--stream",
-                "--federation-config", f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}"]
+        args = ["run", str(self.app_dir), *self._target(), "--stream"]
+        if federation_config:
+            args += ["--federation-config", federation_config]
         if run_config:
             args += ["--run-config", run_config]
-        done = self.flwr(*args, stream=stream)
+        done = self(*args, stream=stream)
         output = done.stdout + done.stderr
         found = re.search(r"Successfully started run (\d+)", output)
         if not found:
@@ -168,12 +171,77 @@ class LocalSimulation:
         return RunOutcome(run_id, status, Path(match.group(1)) if match else None, output)
 
     def status(self, run_id: int) -> str:
-        listed = self.flwr("ls", "--run-id", str(run_id), "--format", "json", timeout=60)
+        listed = self("ls", *self._target(), "--run-id", str(run_id), "--format", "json", timeout=60)
         try:
-            runs = json.loads(listed.stdout)["runs"]
-            return str(runs[0]["status"])
+            return str(json.loads(listed.stdout)["runs"][0]["status"])
         except (ValueError, KeyError, IndexError):
             return f"unknown ({listed.stdout.strip() or listed.stderr.strip()})"
+
+
+def flwr_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    """The environment for Flower's commands: this FLWR_HOME, no runtime installs, this venv first."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **extra,
+    }
+
+
+class LocalSimulation:
+    """A simulation SuperLink on loopback, owned by this object; use as a context manager."""
+
+    def __init__(self, flwr_home: Path, app_dir: Path = REPO) -> None:
+        self.flwr_home = Path(flwr_home).resolve()
+        self.app_dir = Path(app_dir).resolve()
+        self.port, self.control_port = free_port(), free_port()
+        self.env = flwr_env(
+            self.flwr_home,
+            FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(self.port),
+            FLWR_LOCAL_CONTROL_API_PORT=str(self.control_port),
+        )
+        self.processes = ProcessGroup(self.flwr_home / "local-superlink")
+        self.flwr = FlwrCli(self.env, self.app_dir)
+
+    def __enter__(self) -> "LocalSimulation":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the SuperLink `flwr run` would start, but owned here (so `flwr run` reuses it)."""
+        command = [
+            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--control-api-address", f"127.0.0.1:{self.control_port}",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.flwr_home / "local-superlink" / "state.db"),
+        ]
+        self.processes.start("superlink", command, self.env, self.app_dir)
+        url = f"http://127.0.0.1:{self.port}/health"
+        try:
+            self.processes.wait_until("superlink", lambda: http_ok(url), timeout, f"answering on {url}")
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything in its session (ServerApp, Ray, ClientApps)."""
+        self.processes.stop_all()
+
+    def run(self, sites: int, run_config: str = "", cpus_per_site: float = 1, stream: bool = True) -> RunOutcome:
+        federation = f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}"
+        return self.flwr.run(run_config, federation, stream=stream)
+
+
+def http_ok(url: str, verify: str | bool = True) -> bool:
+    try:
+        return httpx.get(url, timeout=0.5, verify=verify).is_success
+    except httpx.HTTPError:
+        return False
 
 
 def print_results(outcome: RunOutcome) -> None:

@@ -19,10 +19,11 @@ def superlink(tmp_path_factory):
     link = LocalSimulation(tmp_path_factory.mktemp("flwr-home"))
     link.start()
     yield link
-    pid = link.process.pid
+    pids = link.processes.pids()
     link.stop()
-    with pytest.raises(ProcessLookupError):  # nothing of its session is left behind
-        os.killpg(pid, 0)
+    for pid in pids:  # nothing of its session is left behind
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
 
 
 def run(superlink, tmp_path, data_root, overrides: str, sites: int = 2):
