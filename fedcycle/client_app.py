@@ -19,6 +19,16 @@ from fedcycle.trainer import TrainConfig, evaluate, train
 
 app = ClientApp()
 
+# What a train reply's MetricRecord holds; the server leaves out a reply with other keys.
+TRAIN_METRICS = frozenset(
+    {"num-examples", "train-loss", "train-accuracy", "train-seconds", "local-epochs", "steps", "lr-first", "lr-peak", "lr-last"}
+)
+RECEIVED_MODEL_METRICS = frozenset({"received-loss", "received-accuracy", "val-examples"})
+
+
+def train_metric_keys(site_eval: str) -> frozenset[str]:
+    return TRAIN_METRICS | RECEIVED_MODEL_METRICS if site_eval == "train-reply" else TRAIN_METRICS
+
 
 @app.query()
 def preflight(msg: Message, context: Context) -> Message:
@@ -38,8 +48,8 @@ def train_round(msg: Message, context: Context) -> Message:
     mean, std = site.norm
 
     metrics: dict[str, float] = {}
-    if site.settings.site_eval == "train-reply" and len(site.val):
-        loss, accuracy = evaluate(model, site.val, site.device, mean, std)
+    if site.settings.site_eval == "train-reply":  # a site without held-out data reports 0 examples
+        loss, accuracy = evaluate(model, site.val, site.device, mean, std) if len(site.val) else (0.0, 0.0)
         metrics.update({"received-loss": loss, "received-accuracy": accuracy, "val-examples": len(site.val)})
 
     server_round = int(config["server-round"])
@@ -56,7 +66,7 @@ def train_round(msg: Message, context: Context) -> Message:
             weight_decay=float(config["weight-decay"]),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             mixed_precision=site.settings.mixed_precision,
-            seed=site.settings.seed * 100_003 + server_round * 1_009 + int(site.node_config.get("partition-id", 0)),
+            seed=site.seed(server_round),
         ),
         site.device,
         mean,

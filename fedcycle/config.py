@@ -143,6 +143,11 @@ class RunSettings:
             raise ConfigError(f"fraction-train={self.fraction_train} must be in (0, 1]")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val-fraction={self.val_fraction} must be in [0, 1)")
+        if self.evaluates_on_sites and self.val_fraction == 0:
+            raise ConfigError(
+                f"val-fraction=0 leaves the sites nothing to evaluate on, but site-eval={self.site_eval!r} "
+                f"and dataset={self.dataset!r} need it; use a val-fraction above 0"
+            )
         if self.local_epochs_max and self.local_epochs_max < self.local_epochs:
             raise ConfigError(
                 f"local-epochs-max={self.local_epochs_max} must be 0 (no cap) or at least local-epochs={self.local_epochs}"

@@ -98,28 +98,36 @@ class ProcessGroup:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values()]
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, grace: float = 15) -> None:
+        """SIGTERM the process's whole session, wait up to `grace` seconds, then SIGKILL what is left."""
         proc = self.procs.pop(name, None)
         if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                time.sleep(0.5)
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # children that outlived the leader still carry its session id
-            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
-            pass
+            proc.wait()
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
+            time.sleep(0.2)
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):
             self.stop(name)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 class FlwrCli:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -68,6 +68,17 @@ SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, "LRSchedule", int], LRSche
 }
 
 
+# LRSchedule field -> its key in the run config and in every round's train config
+WIRE_KEYS = {
+    "name": "lr-schedule",
+    "lr_min": "lr-min",
+    "lr_max": "lr-max",
+    "cycle_unit": "lr-cycle-unit",
+    "cycle_length": "lr-cycle-length",
+    "gamma": "lr-gamma",
+}
+
+
 @dataclass(frozen=True)
 class LRSchedule:
     """A learning-rate schedule as the server sends it (plain numbers only)."""
@@ -86,7 +97,7 @@ class LRSchedule:
             )
         if not (self.lr_max > 0 and math.isfinite(self.lr_max)):
             raise ValueError(f"lr-max={self.lr_max} must be a positive number")
-        if self.name != "constant" and not (0 <= self.lr_min <= self.lr_max):
+        if not 0 <= self.lr_min <= self.lr_max:
             raise ValueError(
                 f"lr-min={self.lr_min} must be between 0 and lr-max={self.lr_max}"
             )
@@ -100,18 +111,12 @@ class LRSchedule:
             raise ValueError(f"lr-gamma={self.gamma} must be in (0, 1]")
 
     def to_config(self) -> dict[str, float | str]:
-        """Flat `lr-*` keys for a Flower ConfigRecord."""
-        return {f"lr-{k.replace('_', '-')}": v for k, v in asdict(self).items()}
+        """The schedule under the run config's own key names, for a Flower ConfigRecord."""
+        return {wire: getattr(self, field) for field, wire in WIRE_KEYS.items()}
 
     @classmethod
     def from_config(cls, config: dict) -> "LRSchedule":
-        fields = cls.__dataclass_fields__
-        kwargs = {}
-        for key in fields:
-            wire = f"lr-{key.replace('_', '-')}"
-            if wire in config:
-                kwargs[key] = config[wire]
-        return cls(**kwargs)
+        return cls(**{field: config[wire] for field, wire in WIRE_KEYS.items() if wire in config})
 
     def cycle_steps(self, steps_per_epoch: int, epochs_this_round: int) -> int:
         """Optimizer steps in one cycle, for a site with this many steps per epoch."""

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from logging import INFO
 from typing import Any
@@ -105,7 +106,7 @@ class RoundRecorder:
             "loss": loss,
             "seconds": round(now - self.last, 3),
             "elapsed": round(now - self.started, 3),
-            "train_config": s.round_train_config(server_round) if server_round else None,
+            "train_config": s.sent_config.get(server_round),
             "sites": s.site_metrics.get(server_round, []),
             "events": s.events.get(server_round, []),
         }
@@ -144,6 +145,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
     spec = DATASETS[settings.dataset]
     torch.manual_seed(settings.seed)
+    random.seed(settings.seed)  # Flower samples the round's sites with the random module
     model = build_model(settings.model, spec.shape(settings), len(spec.classes(settings)))  # checks the fit
 
     results = RunResults(resolve_run_dir(settings, context.run_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -35,6 +36,10 @@ class Site:
         if "data-dir" in self.node_config:
             return f"data-dir:{self.node_config['data-dir']}"
         return f"partition {self.node_config['partition-id']}/{self.node_config['num-partitions']}"
+
+    def seed(self, server_round: int) -> int:
+        """This site's training seed for a round: the run's seed, the round and the site's name."""
+        return (self.settings.seed * 100_003 + server_round * 1_009 + zlib.crc32(self.label.encode())) % 2**63
 
     @property
     def norm(self) -> tuple[tuple, tuple]:

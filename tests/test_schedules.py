@@ -72,7 +72,8 @@ def test_epoch_cycles_start_where_the_last_round_stopped():
 def test_config_round_trip():
     s = LRSchedule(name="exp_range", lr_min=0.001, lr_max=0.2, cycle_unit="epochs", cycle_length=3, gamma=0.95)
     wire = s.to_config()
-    assert wire["lr-name"] == "exp_range" and wire["lr-cycle-unit"] == "epochs"
+    assert wire == {"lr-schedule": "exp_range", "lr-min": 0.001, "lr-max": 0.2, "lr-cycle-unit": "epochs",
+                    "lr-cycle-length": 3, "lr-gamma": 0.95}
     assert LRSchedule.from_config(wire) == s
 
 
@@ -82,6 +83,7 @@ def test_config_round_trip():
         ({"name": "sawtooth"}, "lr-schedule='sawtooth' is unknown; choose one of"),
         ({"lr_min": 0.2, "lr_max": 0.1}, "lr-min=0.2 must be between 0 and lr-max=0.1"),
         ({"lr_max": 0.0}, "lr-max=0.0 must be a positive number"),
+        ({"name": "constant", "lr_min": 0.5, "lr_max": 0.1}, "lr-min=0.5 must be between 0 and lr-max=0.1"),
         ({"cycle_unit": "hours"}, "lr-cycle-unit='hours' is unknown"),
         ({"cycle_length": 0}, "lr-cycle-length=0 must be above 0"),
     ],

@@ -7,6 +7,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from fedcycle.local import LocalSimulation
 from fedcycle.results import load_model, read_metrics
@@ -27,8 +28,8 @@ def superlink(tmp_path_factory):
 
 
 def run(superlink, tmp_path, data_root, overrides: str, sites: int = 2):
-    config = f"{SMALL} data-root='{data_root}' results-dir='{tmp_path}' {overrides}"
-    return superlink.run(sites, config, stream=False)
+    pairs = dict(item.split("=", 1) for item in f"{SMALL} data-root='{data_root}' results-dir='{tmp_path}' {overrides}".split())
+    return superlink.run(sites, " ".join(f"{k}={v}" for k, v in pairs.items()), stream=False)
 
 
 def test_cyclical_fedavg_run_completes_and_learns(superlink, tmp_path, data_root):
@@ -68,6 +69,18 @@ def test_fedprox_with_site_evaluation_on_a_dirichlet_split(superlink, tmp_path, 
     assert {len(r["sites"]) for r in rounds[1:]} == {3}
     assert "received-accuracy" not in rounds[1]["sites"][0]  # evaluated in its own round instead
     assert "CyclicalFedProx" in out.log and "Aggregated ClientApp-side Evaluate Metrics" in out.log
+
+
+def test_server_optimizer_strategy_keeps_resnet18_counters_integer(superlink, tmp_path, data_root):
+    out = run(
+        superlink, tmp_path, data_root,
+        "num-server-rounds=1 local-epochs=1 model='resnet18' strategy='fedyogi' train-subset=64 test-subset=200 run-name='yogi'",
+    )
+    assert out.completed, out.log[-3000:]
+    final = load_model(out.results_dir / "global-final.safetensors")
+    counters = [k for k in final if k.endswith("num_batches_tracked")]
+    assert counters and all(final[k].dtype == torch.int64 and int(final[k]) == 2 for k in counters)
+    assert final["conv1.weight"].dtype == torch.float32
 
 
 def test_bad_run_config_fails_the_run_before_training(superlink, tmp_path, data_root):

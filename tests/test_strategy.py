@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp.strategy import FedAvg
 
 from fedcycle import client_app
+from fedcycle.client_app import train_metric_keys
 from fedcycle.config import ConfigError, RunSettings
 from fedcycle.strategies import STRATEGIES, make_strategy, resolve_strategy
 from fedcycle.strategies.cyclical import CyclicalMixin
@@ -22,11 +23,13 @@ def arrays(rng, scale=1.0, shapes=SHAPES) -> dict[str, np.ndarray]:
 
 
 def reply(node: int, weights: dict[str, np.ndarray], n: float, **metrics: float) -> Message:
+    """A train reply as fedcycle's ClientApp sends it (every metric 1.0 unless given)."""
     instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+    values = {key: 1.0 for key in train_metric_keys("train-reply")}
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-            "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0, **metrics}),
+            "metrics": MetricRecord({**values, "num-examples": n, **metrics}),
         }
     )
     return Message(content, reply_to=instruction)
@@ -90,13 +93,27 @@ def test_bad_num_examples_are_left_out(strategy, n):
 
 def test_replies_with_other_metric_keys_are_left_out_not_fatal(strategy):
     rng = np.random.default_rng(3)
-    replies = [reply(1, arrays(rng), 10), reply(2, arrays(rng), 10), reply(3, arrays(rng), 10, extra=1.0)]
+    # The odd one arrives first and there are only two: no vote decides, the ClientApp's schema does.
+    replies = [reply(3, arrays(rng), 10, extra=1.0), reply(1, arrays(rng), 10)]
     with pytest.raises(Exception):  # Flower's own FedAvg ends the run here
         FedAvg().aggregate_train(1, replies)
     agg, _ = strategy.aggregate_train(1, replies)
     assert agg is not None
     (event,) = strategy.events[1]
     assert event["node_id"] == 3 and "metric keys differ" in event["reason"] and "extra" in event["reason"]
+
+
+def test_replies_under_other_record_names_or_from_unknown_sites_are_left_out(strategy):
+    rng = np.random.default_rng(5)
+    renamed = reply(2, arrays(rng), 10)
+    renamed.content["m"] = renamed.content["metrics"]
+    del renamed.content["metrics"]
+    strategy.declared_examples = {1: 100, 2: 100}
+    agg, _ = strategy.aggregate_train(1, [reply(1, arrays(rng), 10), renamed, reply(9, arrays(rng), 10)])
+    assert agg is not None
+    reasons = {e["node_id"]: e["reason"] for e in strategy.events[1]}
+    assert "MetricRecord 'metrics'" in reasons[2]
+    assert "did not take part in the pre-flight round" in reasons[9]
 
 
 def test_all_replies_bad_keeps_the_model(strategy):
@@ -112,7 +129,7 @@ def test_every_registered_strategy_gets_the_cyclical_mechanism(name):
     s = make_strategy(settings, num_sites=4)
     assert isinstance(s, CyclicalMixin) and isinstance(s, STRATEGIES[name])
     config = s.round_train_config(3)
-    assert config["lr-name"] == settings.lr_schedule and config["local-epochs"] == settings.local_epochs
+    assert config["lr-schedule"] == settings.lr_schedule and config["local-epochs"] == settings.local_epochs
     assert config["epochs-before"] == 2 * settings.local_epochs
     if name == "fedprox":
         assert s.proximal_mu == 0.5
@@ -194,3 +211,23 @@ def test_preflight_reports_a_bad_node_config(task_identity, data_root):
     report = good.content["report"]
     assert report["ok"] is True and report["num-train"] == 27000 and report["image-shape"] == [1, 28, 28]
     assert report["device"] == "cpu" and report["flwr"] == "1.42.0"
+
+
+@pytest.mark.parametrize("name", ["cyclical-fedavg", "fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum"])
+def test_integer_buffers_survive_every_aggregation_rule(task_identity, name):
+    # FedMedian and FedTrimmedAvg empty the replies' records while aggregating.
+    shapes = {**SHAPES, "bn.num_batches_tracked": ()}
+    s = make_strategy(RunSettings(strategy=name), num_sites=5)
+    s.global_arrays = ArrayRecord(
+        {**{k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()}, "bn.num_batches_tracked": Array(np.asarray(3, np.int64))}
+    )
+    rng = np.random.default_rng(6)
+    replies = []
+    for node, count in enumerate([7, 9, 8, 7, 9], start=1):
+        weights = {k: (rng.standard_normal(v)).astype(np.float32) for k, v in SHAPES.items()}
+        weights["bn.num_batches_tracked"] = np.asarray(count, np.int64)
+        replies.append(reply(node, weights, 10))
+    agg, _ = s.aggregate_train(1, replies)
+    assert agg is not None and set(agg.keys()) == set(shapes)
+    assert agg["bn.num_batches_tracked"].dtype == "int64" and int(agg["bn.num_batches_tracked"].numpy()) == 9
+    assert agg["conv.weight"].dtype == "float32"

@@ -10,7 +10,7 @@ BatchNorm's `num_batches_tracked` are not averaged).
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from logging import WARNING
 from typing import Any, Iterable
 
@@ -20,6 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedcycle.client_app import train_metric_keys
 from fedcycle.config import RunSettings
 
 
@@ -29,9 +30,11 @@ class CyclicalMixin:
     def __init__(self, *args: Any, settings: RunSettings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = settings
-        self.declared_examples: dict[int, int] = {}  # node id -> train examples from pre-flight
-        self.events: dict[int, list[dict]] = defaultdict(list)  # round -> rejected/missing sites
-        self.site_metrics: dict[int, list[dict]] = defaultdict(list)  # round -> accepted replies
+        self.expected_metrics = train_metric_keys(settings.site_eval)
+        self.declared_examples: dict[int, int] = {}  # node id -> train examples, from pre-flight
+        self.events: dict[int, list[dict]] = defaultdict(list)  # round -> replies left out, sites missing
+        self.site_metrics: dict[int, list[dict]] = defaultdict(list)  # round -> accepted replies' metrics
+        self.sent_config: dict[int, dict] = {}  # round -> the train config the sites received
         self.evaluate_metrics: dict[int, MetricRecord | None] = {}
         self.sampled: dict[int, list[int]] = {}
         self.global_arrays: ArrayRecord | None = None  # the model sent out this round
@@ -54,6 +57,7 @@ class CyclicalMixin:
         self.global_arrays = arrays
         config = ConfigRecord({**dict(config), **self.round_train_config(server_round)})
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sent_config[server_round] = dict(config)  # with what the strategy added (server-round, proximal-mu)
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
 
@@ -65,22 +69,27 @@ class CyclicalMixin:
         replied = {m.metadata.src_node_id for m in replies}
         for node in self.sampled.get(server_round, []):
             if node not in replied:
-                self._reject(server_round, node, "missing: no reply within the round timeout")
+                self._record(server_round, node, "missing", "no reply within round-timeout")
         if not accepted:
             log(WARNING, "Round %d: no reply could be averaged; the global model stays as it was", server_round)
             return None, None
+        # Some strategies (FedMedian, FedTrimmedAvg) empty the replies' records while
+        # aggregating: take the integer counters out first.
+        counters = integer_arrays(self.global_arrays, accepted) if self.global_arrays is not None else {}
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.global_arrays is not None:
-            arrays = keep_dtypes(arrays, self.global_arrays, accepted)
+            arrays = keep_dtypes(arrays, self.global_arrays, counters)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = [m for m in replies if not m.has_error()]
-        keys = Counter(frozenset(_metrics(m).keys()) for m in replies)
-        if keys:
-            common = keys.most_common(1)[0][0]
-            replies = [m for m in replies if frozenset(_metrics(m).keys()) == common]
-        result = super().aggregate_evaluate(server_round, replies) if replies else None
+        usable = []
+        for msg in replies:
+            problem = self._evaluate_problem(msg)
+            if problem:
+                self._record(server_round, msg.metadata.src_node_id, "rejected-evaluation", problem)
+            else:
+                usable.append(msg)
+        result = super().aggregate_evaluate(server_round, usable) if usable else None
         self.evaluate_metrics[server_round] = result
         return result
 
@@ -88,39 +97,34 @@ class CyclicalMixin:
 
     def screen_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
         """The replies fit to average; each other one is logged and recorded with its reason."""
-        candidates = []
+        accepted = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            reason = self._reply_problem(msg)
-            if reason:
-                self._reject(server_round, node, reason)
-            else:
-                candidates.append(msg)
-        # Flower's FedAvg ends the run on metric keys that differ; keep the common set.
-        keys = Counter(frozenset(_metrics(m).keys()) for m in candidates)
-        common = keys.most_common(1)[0][0] if keys else frozenset()
-        accepted = []
-        for msg in candidates:
-            got = frozenset(_metrics(msg).keys())
-            if got != common:
-                diff = sorted(got ^ common)
-                self._reject(server_round, msg.metadata.src_node_id, f"metric keys differ from the other sites' ({diff})")
+            problem = self._reply_problem(msg)
+            if problem:
+                self._record(server_round, node, "rejected", problem)
             else:
                 accepted.append(msg)
-                self.site_metrics[server_round].append({"node_id": msg.metadata.src_node_id, **dict(_metrics(msg))})
+                self.site_metrics[server_round].append({"node_id": node, **dict(msg.content["metrics"])})
         return accepted
 
     def _reply_problem(self, msg: Message) -> str | None:
         if msg.has_error():
             return f"failed: {msg.error.reason}"
+        node = msg.metadata.src_node_id
+        if self.declared_examples and node not in self.declared_examples:
+            return "the site did not take part in the pre-flight round"
         content = msg.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return "reply must hold exactly one ArrayRecord and one MetricRecord"
-        arrays = next(iter(content.array_records.values()))
+        if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+            return (
+                f"reply must hold one ArrayRecord 'arrays' and one MetricRecord 'metrics', "
+                f"not {sorted(content.array_records)} and {sorted(content.metric_records)}"
+            )
+        arrays, metrics = content["arrays"], content["metrics"]
         if self.global_arrays is not None:
             if list(arrays.keys()) != list(self.global_arrays.keys()):
-                missing = sorted(set(self.global_arrays.keys()) ^ set(arrays.keys()))
-                return f"arrays do not match the global model's ({missing[:3]} ...)"
+                diff = sorted(set(self.global_arrays.keys()) ^ set(arrays.keys()))
+                return f"array names differ from the global model's ({diff[:3]}{' ...' if len(diff) > 3 else ''})"
             for key, ref in self.global_arrays.items():
                 got = arrays[key]
                 if list(got.shape) != list(ref.shape) or got.dtype != ref.dtype:
@@ -128,39 +132,65 @@ class CyclicalMixin:
                         f"array {key!r} is {got.dtype}{list(got.shape)}, "
                         f"the global model's is {ref.dtype}{list(ref.shape)}"
                     )
+        if set(metrics.keys()) != self.expected_metrics:
+            got = set(metrics.keys())
+            return f"metric keys differ: missing {sorted(self.expected_metrics - got)}, unexpected {sorted(got - self.expected_metrics)}"
+        n = metrics["num-examples"]
+        if not _positive_finite(n):
+            return f"num-examples={n!r} must be a positive finite number"
+        declared = self.declared_examples.get(node)
+        if declared is not None and n > declared:
+            return f"num-examples={n} is larger than the {declared} the site declared in the pre-flight round"
         for key, array in arrays.items():
             values = array.numpy()
             if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                 return f"array {key!r} holds NaN or Inf"
-        n = _metrics(msg).get("num-examples")
-        declared = self.declared_examples.get(msg.metadata.src_node_id)
-        if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
-            return f"num-examples={n!r} must be a positive finite number"
-        if declared is not None and n > declared:
-            return f"num-examples={n} is larger than the {declared} the site declared in the pre-flight round"
         return None
 
-    def _reject(self, server_round: int, node: int, reason: str) -> None:
-        log(WARNING, "Round %d: reply of node %d left out of the average: %s", server_round, node, reason)
-        self.events[server_round].append({"node_id": node, "event": "rejected", "reason": reason})
+    def _evaluate_problem(self, msg: Message) -> str | None:
+        if msg.has_error():
+            return f"failed: {msg.error.reason}"
+        if set(msg.content.metric_records) != {"metrics"}:
+            return "evaluate reply must hold one MetricRecord 'metrics'"
+        metrics = msg.content["metrics"]
+        if set(metrics.keys()) != {"loss", "accuracy", "num-examples"}:
+            return f"evaluate metric keys are {sorted(metrics.keys())}, not ['accuracy', 'loss', 'num-examples']"
+        if not all(_positive_finite(metrics[k]) or metrics[k] == 0 for k in ("loss", "accuracy")):
+            return "loss or accuracy is not a finite number of at least 0"
+        if not _positive_finite(metrics["num-examples"]):
+            return f"num-examples={metrics['num-examples']!r} must be a positive finite number"
+        return None
+
+    def _record(self, server_round: int, node: int, event: str, reason: str) -> None:
+        log(WARNING, "Round %d: node %d %s: %s", server_round, node, event, reason)
+        self.events[server_round].append({"node_id": node, "event": event, "reason": reason})
 
 
-def _metrics(msg: Message) -> MetricRecord:
-    return next(iter(msg.content.metric_records.values()))
+def _positive_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def keep_dtypes(aggregate: ArrayRecord, reference: ArrayRecord, replies: list[Message]) -> ArrayRecord:
-    """Cast the aggregate back to `reference`'s dtypes; integer arrays (counters such as
-    `num_batches_tracked`) take the largest value any site sent rather than an average."""
+def integer_arrays(reference: ArrayRecord, replies: list[Message]) -> dict[str, np.ndarray]:
+    """For each integer array of the model (counters such as `num_batches_tracked`): the
+    largest value any accepted site sent. Counters are not averaged."""
     out = {}
     for key, ref in reference.items():
         dtype = np.dtype(ref.dtype)
         if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-            sent = [next(iter(m.content.array_records.values()))[key].numpy() for m in replies]
-            out[key] = Array(np.asarray(np.max(np.stack(sent), axis=0), dtype=dtype))
+            sent = np.stack([m.content["arrays"][key].numpy() for m in replies])
+            out[key] = np.asarray(sent.max(axis=0), dtype=dtype)
+    return out
+
+
+def keep_dtypes(aggregate: ArrayRecord, reference: ArrayRecord, counters: dict[str, np.ndarray]) -> ArrayRecord:
+    """The aggregate in `reference`'s dtypes, with the integer arrays taken from `counters`."""
+    out = {}
+    for key, ref in reference.items():
+        if key in counters:
+            out[key] = Array(counters[key])
         else:
             value = aggregate[key]
-            out[key] = value if value.dtype == ref.dtype else Array(np.asarray(value.numpy(), dtype=dtype))
+            out[key] = value if value.dtype == ref.dtype else Array(np.asarray(value.numpy(), dtype=ref.dtype))
     return ArrayRecord(out)
 
 
