@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fedcycle-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 RESULTS := $(CURDIR)/results
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test clean deploy-demo deploy-tools
 
 setup: $(STAMP)
 
@@ -32,8 +32,19 @@ data: setup
 demo: data
 	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "results-dir='$(RESULTS)'"
 
-test: data
+test: data deploy-tools
 	$(BIN)/python -m pytest -q -ra
 
 clean:
 	rm -rf .flwr-home .pytest_cache
+
+# The deployment topology on loopback: SuperLink (TLS, node auth), fleet-only proxy, 2 SuperNodes.
+deploy-demo: data deploy-tools
+	$(BIN)/python -m fedcycle.deploy demo --results-dir "$(RESULTS)/deploy-demo"
+
+# nginx (the fleet-only proxy) and docker-compose (to validate docker-compose.yml), from Debian.
+deploy-tools:
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] || ! command -v docker-compose >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx-light docker-compose; \
+	fi

@@ -186,11 +186,11 @@ class FlwrCli:
             return f"unknown ({listed.stdout.strip() or listed.stderr.strip()})"
 
 
-def flwr_env(flwr_home: Path, **extra: str) -> dict[str, str]:
-    """The environment for Flower's commands: this FLWR_HOME, no runtime installs, this venv first."""
+def flwr_env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment for Flower's commands: this FLWR_HOME (if given), no runtime installs, this venv first."""
     return {
         **os.environ,
-        "FLWR_HOME": str(flwr_home),
+        **({"FLWR_HOME": str(flwr_home)} if flwr_home else {}),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

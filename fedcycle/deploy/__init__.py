@@ -1,0 +1,1 @@
+"""Deploying fedcycle across data centers: certificates and keys, the loopback topology."""
