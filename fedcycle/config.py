@@ -160,6 +160,11 @@ class RunSettings:
         shards = self.partitioner_options.get("shards-per-site", 2)
         if self.partitioner == "label-shards" and not (isinstance(shards, int) and shards >= 1):
             raise ConfigError(f"label-shards.shards-per-site={shards} must be an integer of at least 1")
+        builtin = DATASETS[self.dataset].classes(RunSettings(dataset=self.dataset))
+        if self.class_list and builtin and len(self.class_list) != len(builtin):
+            raise ConfigError(
+                f"classes has {len(self.class_list)} names, but dataset={self.dataset!r} has {len(builtin)} classes"
+            )
         if self.dataset == "image-folder" and len(self.class_list) < 2:
             raise ConfigError(
                 f"classes={self.classes!r}: the image-folder dataset needs the class list, "

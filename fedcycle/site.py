@@ -72,19 +72,18 @@ class Site:
 
 
 def check_node_config(node_config: Mapping[str, Any], settings: RunSettings) -> None:
-    """Raise ConfigError naming the node-config key that cannot work."""
+    """Raise ConfigError naming the node-config key that cannot work.
+
+    A site trains either on its own folder (`data-dir`) or on a simulated part of the
+    dataset (`partition-id` of `num-partitions`).
+    """
+    if node_config.get("data-dir"):
+        return  # the folder itself is checked when it is read
     if DATASETS[settings.dataset].site_local:
-        if not node_config.get("data-dir"):
-            raise ConfigError(f"data-dir is missing from the node config; dataset={settings.dataset!r} reads each site's own folder")
-        return
-    if "data-dir" in node_config:
-        raise ConfigError(
-            f"data-dir={node_config['data-dir']!r} is set, but dataset={settings.dataset!r} is split "
-            "by partition-id; use dataset='image-folder' to train on the site's own files"
-        )
+        raise ConfigError(f"data-dir is missing from the node config; dataset={settings.dataset!r} reads each site's own folder")
     for key in ("partition-id", "num-partitions"):
         if not isinstance(node_config.get(key), int) or isinstance(node_config.get(key), bool):
-            raise ConfigError(f"{key}={node_config.get(key)!r} in the node config must be an integer")
+            raise ConfigError(f"{key}={node_config.get(key)!r} in the node config must be an integer (or set data-dir)")
     parts, pid = node_config["num-partitions"], node_config["partition-id"]
     if parts < 1:
         raise ConfigError(f"num-partitions={parts} must be at least 1")

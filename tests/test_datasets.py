@@ -8,6 +8,8 @@ import os
 import pickle
 from pathlib import Path
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -93,7 +95,8 @@ def test_fashion_mnist_real_train_and_test(datasets_fmnist_root):
 
 def test_load_is_memory_cached(datasets_fmnist_root):
     settings = RunSettings(data_root=datasets_fmnist_root)
-    assert ds.load(settings, "train") is ds.load(RunSettings(data_root=datasets_fmnist_root), "train")
+    first, again = ds.load(settings, "train"), ds.load(RunSettings(data_root=datasets_fmnist_root), "train")
+    assert first.images is again.images and first.labels is again.labels
 
 
 def test_fashion_mnist_npy_cache_is_written_and_reused(datasets_fmnist_root, monkeypatch):
@@ -365,7 +368,7 @@ def image_tree(tmp_path) -> Path:
 
 
 def load_folder(root: Path, folder: Path, classes=RUN_CLASSES, size: int = 32) -> ImageData:
-    return sources.image_folder("train", root, data_dir=str(folder), image_size=size, classes=tuple(classes))
+    return sources.image_folder(str(folder), root, channels=3, image_size=size, classes=tuple(classes))
 
 
 def test_image_folder_labels_follow_run_class_order(tmp_path, image_tree):
@@ -450,7 +453,7 @@ def test_image_folder_missing_data_dir(tmp_path):
     with pytest.raises(ConfigError, match="data-dir"):
         load_folder(tmp_path / "root", tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="data-dir"):
-        sources.image_folder("train", tmp_path / "root", data_dir="", image_size=32, classes=RUN_CLASSES)
+        sources.image_folder("", tmp_path / "root", channels=3, image_size=32, classes=RUN_CLASSES)
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(ConfigError, match="data-dir"):
         load_folder(tmp_path / "root", tmp_path / "a-file")
@@ -473,10 +476,25 @@ def test_image_folder_without_images(tmp_path):
 
 
 def test_image_folder_has_no_test_split(tmp_path, image_tree):
-    with pytest.raises(ConfigError, match="site-local"):
-        sources.image_folder("test", tmp_path, data_dir=str(image_tree), image_size=32, classes=RUN_CLASSES)
     settings = RunSettings(dataset="image-folder", classes="zebra,cat,dog", data_root=str(tmp_path / "root"))
+    with pytest.raises(ConfigError, match="has no shared 'test' split"):
+        ds.load(settings, "test", {"data-dir": str(image_tree)})
+    with pytest.raises(ConfigError, match="data-dir is not set"):
+        ds.load(settings, "train")
     assert ds.test_split(settings) is None
+
+
+def test_a_site_folder_beside_a_public_dataset_takes_its_classes_and_shape(tmp_path, image_tree, datasets_fmnist_root):
+    """A real site with its own files in a run on Fashion-MNIST: grayscale, 28x28, the run's labels."""
+    names = ("zebra", "cat", "dog", "d3", "d4", "d5", "d6", "d7", "d8", "d9")
+    for extra in names[3:]:
+        (image_tree / extra).mkdir()
+        shutil.copy(next((image_tree / "cat").iterdir()), image_tree / extra / "x.png")
+    settings = RunSettings(classes=",".join(names), data_root=datasets_fmnist_root)
+    train, val = ds.site_split(settings, {"data-dir": str(image_tree)})
+    assert train.images.shape[1:] == (1, 28, 28) and train.classes == names
+    assert sorted(np.concatenate([train.labels, val.labels]).tolist()) == [0] * 3 + [1] * 3 + [2] * 3 + list(range(3, 10))
+    assert ds.load(settings, "test").classes == names  # the public test split carries the same names
 
 
 def test_image_folder_site_split(tmp_path, image_tree):

@@ -45,10 +45,14 @@ class DatasetSpec:
     """What the rest of fedcycle needs to know about a dataset."""
 
     name: str
-    load: Callable[..., ImageData]  # (split, root, data_dir=, image_size=, classes=)
+    load: Callable[[str, Path], ImageData] | None  # (split, data root); None: only sites' own folders
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    site_local: bool = False  # True: each site reads its own files; no server test split
+
+    @property
+    def site_local(self) -> bool:
+        """Each site reads its own files, and the server has no test split."""
+        return self.load is None
 
     def shape(self, settings: "RunSettings") -> tuple[int, int, int]:
         from fedcycle.datasets import sources
@@ -56,9 +60,11 @@ class DatasetSpec:
         return sources.SHAPES.get(self.name) or (3, settings.image_size, settings.image_size)
 
     def classes(self, settings: "RunSettings") -> tuple[str, ...]:
+        """The class names in label order: the run config's `classes` if given (they name a
+        site's folders), else the dataset's own."""
         from fedcycle.datasets import sources
 
-        return sources.CLASSES.get(self.name) or tuple(settings.class_list)
+        return tuple(settings.class_list) or sources.CLASSES.get(self.name, ())
 
 
 def _registry() -> dict[str, DatasetSpec]:
@@ -66,12 +72,8 @@ def _registry() -> dict[str, DatasetSpec]:
 
     return {
         "fashion-mnist": DatasetSpec("fashion-mnist", sources.fashion_mnist, (0.2860,), (0.3530,)),
-        "cifar10": DatasetSpec(
-            "cifar10", sources.cifar10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-        ),
-        "image-folder": DatasetSpec(
-            "image-folder", sources.image_folder, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), site_local=True
-        ),
+        "cifar10": DatasetSpec("cifar10", sources.cifar10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        "image-folder": DatasetSpec("image-folder", None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     }
 
 
@@ -84,23 +86,35 @@ def data_root(settings: "RunSettings", node_config: dict | None = None) -> Path:
     return Path(value or os.path.expanduser("~/.cache/fedcycle")).resolve()
 
 
-@functools.lru_cache(maxsize=8)
-def _load_cached(
-    name: str, split: str, root: Path, data_dir: str, image_size: int, classes: tuple[str, ...]
-) -> ImageData:
-    return DATASETS[name].load(split, root, data_dir=data_dir, image_size=image_size, classes=classes)
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str, split: str, root: Path) -> ImageData:
+    return DATASETS[name].load(split, root)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_folder(data_dir: str, root: Path, shape: tuple[int, int, int], classes: tuple[str, ...]) -> ImageData:
+    from fedcycle.datasets import sources
+
+    return sources.image_folder(data_dir, root, channels=shape[0], image_size=shape[1], classes=classes)
 
 
 def load(settings: "RunSettings", split: str, node_config: dict | None = None) -> ImageData:
-    """The whole `split` ('train' or 'test') of the run's dataset, memory-cached."""
-    return _load_cached(
-        settings.dataset,
-        split,
-        data_root(settings, node_config),
-        str((node_config or {}).get("data-dir", "")),
-        settings.image_size,
-        tuple(settings.class_list),
-    )
+    """The whole `split` ('train' or 'test') of the run's dataset, memory-cached, labelled
+    with the run's class names. A node config with `data-dir` means the site's own folder,
+    read in the run's classes and image shape."""
+    from fedcycle.config import ConfigError
+
+    node_config = node_config or {}
+    spec = DATASETS[settings.dataset]
+    root = data_root(settings, node_config)
+    if node_config.get("data-dir"):
+        if split != "train":
+            raise ConfigError(f"a site's data-dir has no shared {split!r} split")
+        return _load_folder(str(node_config["data-dir"]), root, spec.shape(settings), spec.classes(settings))
+    if spec.site_local:
+        raise ConfigError(f"data-dir is not set in this node config; dataset={settings.dataset!r} reads each site's own folder")
+    data = _load_cached(settings.dataset, split, root)
+    return ImageData(data.images, data.labels, spec.classes(settings))
 
 
 def _train_val(data: ImageData, settings: "RunSettings", seed: int) -> tuple[ImageData, ImageData]:
@@ -120,7 +134,7 @@ def site_split(settings: "RunSettings", node_config: dict) -> tuple[ImageData, I
     A site with `data-dir` reads its own folder; otherwise `partition-id` of
     `num-partitions` picks its part of the dataset's train split.
     """
-    if DATASETS[settings.dataset].site_local:
+    if node_config.get("data-dir"):
         return _train_val(load(settings, "train", node_config), settings, settings.seed)
     pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
     full = load(settings, "train", node_config)

@@ -87,16 +87,13 @@ def cifar10(split: str, root: Path, **_: object) -> ImageData:
     return _npy_cache(root / "cifar10", split, build)
 
 
-def image_folder(
-    split: str, root: Path, *, data_dir: str, image_size: int, classes: tuple[str, ...], **_: object
-) -> ImageData:
-    """A site's own files: `data-dir/<class name>/<image>`, as torchvision's ImageFolder reads them.
+def image_folder(data_dir: str, root: Path, *, channels: int, image_size: int, classes: tuple[str, ...]) -> ImageData:
+    """A site's own files: `data-dir/<class name>/<image>`, as torchvision's ImageFolder reads them,
+    resized and center-cropped to `image_size`, with `channels` (1: grayscale, 3: RGB).
 
-    Labels follow the order of the run config's `classes`, not the folders' sort order,
-    so every site numbers the classes alike.
+    Labels follow the order of the run's `classes`, not the folders' sort order, so every
+    site numbers the classes alike. Decoded once into `root/image-folder/<key>/`.
     """
-    if split != "train":
-        raise ConfigError("dataset='image-folder' is site-local: it has no shared test split")
     if not data_dir:
         raise ConfigError("data-dir is not set in this SuperNode's node config; image-folder needs it")
     folder = Path(data_dir)
@@ -112,7 +109,7 @@ def image_folder(
         raise ConfigError(f"data-dir={data_dir!r} holds no images")
     # Every file's place, size and time: moving an image to another class changes the key.
     listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    stamp = json.dumps([str(folder.resolve()), image_size, list(classes), listing])
+    stamp = json.dumps([str(folder.resolve()), channels, image_size, list(classes), listing])
     key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
     def build() -> ImageData:
@@ -125,9 +122,9 @@ def image_folder(
             def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
                 return list(classes), {name: i for i, name in enumerate(classes)}
 
-        tf = transforms.Compose(
-            [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]
-        )
+        steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+        steps += [transforms.Grayscale(num_output_channels=1)] if channels == 1 else []
+        tf = transforms.Compose([*steps, transforms.PILToTensor()])
         try:
             ds = RunClassesFolder(str(folder), transform=tf)
         except FileNotFoundError as err:
@@ -135,7 +132,7 @@ def image_folder(
         images = np.stack([img.numpy() for img, _ in ds]).astype(np.uint8)
         return ImageData(images, np.asarray(ds.targets, dtype=np.int64), tuple(classes))
 
-    return _npy_cache(root / "image-folder" / key, split, build)
+    return _npy_cache(root / "image-folder" / key, "train", build)
 
 
 def _hidden(relative: Path) -> bool:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcycle.deploy.pki import Pki, make_pki, make_site_keys, write_secret
+from fedcycle.deploy.pki import Pki, make_pki, make_site_keys
 from fedcycle.local import REPO, FlwrCli, ProcessGroup, RunOutcome, _bin, flwr_env, free_port, http_ok
 
 CONNECTION = "fedcycle-deploy"
@@ -71,12 +71,8 @@ class LoopbackDeployment:
 
     # -- coordinator -----------------------------------------------------------------
 
-    def secret(self, owner: str) -> Path:
-        """The shared secret between a SuperLink or SuperNode and its SuperExec (one per owner)."""
-        return write_secret(self.pki.root / "superexec" / f"{owner}.secret")
-
     def start_superlink(self, timeout: float = 60) -> None:
-        secret = str(self.secret("superlink"))
+        secret = str(self.pki.superexec_secret("superlink"))
         command = [
             _bin("flower-superlink"),
             "--ssl-ca-certfile", str(self.pki.ca_cert),
@@ -145,7 +141,7 @@ class LoopbackDeployment:
     ) -> None:
         """The site's SuperNode (dialing the proxy) and the SuperExec that runs its ClientApps."""
         site = self.sites[name]
-        secret = str(self.secret(name))
+        secret = str(self.pki.superexec_secret(name))
         command = [
             _bin("flower-supernode"),
             "--superlink", superlink or self.fleet_address,

@@ -9,6 +9,7 @@ writes
     superlink.crt, superlink.key   the SuperLink's certificate, with every --host as subjectAltName
     sites/<site>.key, <site>.pub   a site's ECDSA P-384 key pair in OpenSSH format; the site keeps
                                    the .key, the coordinator registers the .pub
+    superexec/<owner>.secret       the secret a SuperLink or SuperNode shares with its SuperExec
 
 Private keys are written with mode 0600 and are never to be committed (.gitignore covers them).
 """
@@ -53,6 +54,10 @@ class Pki:
     def site_pub(self, site: str) -> Path:
         return self.root / "sites" / f"{site}.pub"
 
+    def superexec_secret(self, owner: str) -> Path:
+        """Shared by the SuperLink (owner 'superlink') or a site's SuperNode and its SuperExec."""
+        return write_secret(self.root / "superexec" / f"{owner}.secret")
+
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +96,7 @@ def make_pki(out: Path, hosts: list[str], sites: list[str], days: int = 365) -> 
     pki = Pki(Path(out))
     ca_key, ca_cert = _ensure_ca(pki, days)
     _superlink_cert(pki, ca_key, ca_cert, hosts, days)
+    pki.superexec_secret("superlink")
     make_site_keys(pki, sites)
     return pki
 
@@ -153,3 +159,4 @@ def make_site_keys(pki: Pki, sites: list[str]) -> None:
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         _write(pki.site_key(site), private, private=True)
         _write(pki.site_pub(site), public + f" {site}\n".encode())
+        pki.superexec_secret(site)
