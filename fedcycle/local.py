@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -168,6 +169,8 @@ class FlwrCli:
             status = f"not started (flwr run exited {done.returncode})"
             if "Invalid run configuration" in output:
                 status += ": Flower refused the run config; every key must be declared in pyproject.toml (README lists them)"
+            elif "Connection to the SuperLink is unavailable" in output:
+                status += ": no SuperLink answers at the connection's address; start it, or fix 'address' in config.toml"
             return RunOutcome(None, status, None, output)
         run_id = int(found.group(1))
         status = self.status(run_id)
@@ -245,9 +248,14 @@ class LocalSimulation:
         return self.flwr.run(run_config, federation, stream=stream)
 
 
-def http_ok(url: str, verify: str | bool = True) -> bool:
+def trusting(ca: Path) -> ssl.SSLContext:
+    """A TLS context that trusts only this CA."""
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def http_ok(url: str, ca: Path | None = None) -> bool:
     try:
-        return httpx.get(url, timeout=0.5, verify=verify).is_success
+        return httpx.get(url, timeout=0.5, verify=trusting(ca) if ca else True).is_success
     except httpx.HTTPError:
         return False
 

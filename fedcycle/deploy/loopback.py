@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcycle.deploy.pki import Pki, make_pki, make_site_keys
-from fedcycle.local import REPO, FlwrCli, ProcessGroup, RunOutcome, _bin, flwr_env, free_port, http_ok
+from fedcycle.local import REPO, FlwrCli, ProcessGroup, RunOutcome, _bin, flwr_env, free_port, http_ok, trusting
 
 CONNECTION = "fedcycle-deploy"
 PROXY_TEMPLATE = REPO / "deploy" / "fleet-proxy.conf.template"
@@ -87,7 +87,7 @@ class LoopbackDeployment:
         ]
         self.processes.start("superlink", command, self.env, self.app_dir)
         url = f"https://{self.control_address}/health"
-        self.processes.wait_until("superlink", lambda: http_ok(url, str(self.pki.ca_cert)), timeout, f"serving {url}")
+        self.processes.wait_until("superlink", lambda: http_ok(url, self.pki.ca_cert), timeout, f"serving {url}")
         serverapp_exec = [
             _bin("flower-superexec"),
             "--runtime-api-address", self.control_address,
@@ -121,7 +121,7 @@ class LoopbackDeployment:
         self.processes.start("proxy", [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
                              self.env, self.app_dir)
         url = f"https://{self.fleet_address}/"
-        self.processes.wait_until("proxy", lambda: _answers(url, str(self.pki.ca_cert)), timeout, f"serving {url}")
+        self.processes.wait_until("proxy", lambda: _answers(url, self.pki.ca_cert), timeout, f"serving {url}")
 
     # -- sites -------------------------------------------------------------------------
 
@@ -162,6 +162,12 @@ class LoopbackDeployment:
         ]
         self.processes.start(f"superexec-{name}", clientapp_exec, self.env, self.app_dir)
 
+    def stop_site(self, name: str) -> None:
+        """Stop a site's SuperNode and SuperExec and forget it."""
+        self.processes.stop(f"supernode-{name}")
+        self.processes.stop(f"superexec-{name}")
+        self.sites.pop(name, None)
+
     def online_sites(self) -> int:
         done = self.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=60)
         try:
@@ -188,12 +194,12 @@ class LoopbackDeployment:
         self.processes.stop_all()
 
 
-def _answers(url: str, ca: str) -> bool:
+def _answers(url: str, ca: Path) -> bool:
     """True once the server completes a TLS handshake and answers anything over HTTP."""
     import httpx
 
     try:
-        httpx.get(url, timeout=0.5, verify=ca)
+        httpx.get(url, timeout=0.5, verify=trusting(ca))
         return True
     except httpx.HTTPError:
         return False

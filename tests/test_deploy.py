@@ -1,0 +1,159 @@
+"""The deployment topology for real, on loopback: a SuperLink with TLS and SuperNode
+authentication, the fleet-only proxy, SuperExecs, and SuperNodes with their own keys."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedcycle.config import RunSettings
+from fedcycle.datasets import load
+from fedcycle.deploy.loopback import LoopbackDeployment
+from fedcycle.deploy.pki import make_pki
+from fedcycle.local import FlwrCli, flwr_env, trusting
+from fedcycle.results import read_metrics
+
+FOLDERS = tuple(f"class-{i}" for i in range(10))  # a site's folder names for Fashion-MNIST's 10 classes
+
+
+def run_config(data_root: str, results: Path, extra: str = "") -> str:
+    return (
+        f"num-server-rounds=2 local-epochs=1 train-subset=400 test-subset=1000 batch-size=32 "
+        f"classes='{','.join(FOLDERS)}' data-root='{data_root}' results-dir='{results}' {extra}"
+    )
+
+
+@pytest.fixture(scope="module")
+def site_folder(tmp_path_factory, data_root) -> Path:
+    """A data center's own files: 40 real Fashion-MNIST images per class as PNGs in class folders."""
+    folder = tmp_path_factory.mktemp("hospital-b") / "images"
+    train = load(RunSettings(data_root=data_root), "train")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(FOLDERS):
+        (folder / name).mkdir(parents=True)
+        for i in rng.choice(np.flatnonzero(train.labels == label), 40, replace=False):
+            Image.fromarray(train.images[i, 0]).save(folder / name / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    d = LoopbackDeployment(tmp_path_factory.mktemp("deployment"))
+    try:
+        d.start_superlink()
+        d.start_proxy()
+        yield d
+    finally:
+        pids = d.processes.pids()
+        d.stop()
+        for pid in pids:  # every process it started is gone, with its children
+            with pytest.raises(ProcessLookupError):
+                __import__("os").killpg(pid, 0)
+
+
+@pytest.fixture(scope="module")
+def two_site_run(deployment, site_folder, data_root, tmp_path_factory):
+    """Site A trains on a partition of Fashion-MNIST, site B on its own ImageFolder: 2 rounds."""
+    deployment.add_site("site-a", "partition-id=0 num-partitions=2")
+    deployment.add_site("site-b", f"data-dir='{site_folder}'")
+    deployment.start_site("site-a")
+    deployment.start_site("site-b")
+    deployment.wait_for_sites(2)
+    results = tmp_path_factory.mktemp("results")
+    return deployment.run(run_config(data_root, results, "run-name='deployed'"), stream=False)
+
+
+def test_run_over_tls_with_node_auth_completes_and_learns(two_site_run):
+    assert two_site_run.completed, two_site_run.log[-4000:]
+    rounds = read_metrics(two_site_run.results_dir / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    assert (two_site_run.results_dir / "global-final.safetensors").exists()
+    assert (two_site_run.results_dir / "config.json").exists()
+
+
+def test_a_site_on_its_own_folder_trains_beside_a_partition(two_site_run, site_folder):
+    import json
+
+    config = json.loads((two_site_run.results_dir / "config.json").read_text())
+    sites = {report["site"]: report for report in config["sites"].values()}
+    assert sites[f"data-dir:{site_folder}"]["num-train"] == 360  # 400 images, 10% held out
+    assert sites["partition 0/2"]["num-train"] == 400  # train-subset
+    for r in read_metrics(two_site_run.results_dir / "metrics.jsonl")[1:]:
+        assert sorted(s["num-examples"] for s in r["sites"]) == [360, 400] and r["events"] == []
+
+
+def test_control_api_is_not_reachable_through_the_sites_address(deployment):
+    ca = trusting(deployment.pki.ca_cert)
+    for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/pull-task-input"):
+        refused = httpx.post(f"https://{deployment.fleet_address}{path}", content=b"", verify=ca, timeout=10)
+        assert refused.status_code == 403 and "only the Fleet API" in refused.text
+        direct = httpx.post(f"https://{deployment.control_address}{path}", content=b"", verify=ca, timeout=10)
+        assert direct.status_code != 403  # the same request reaches the SuperLink on its own address
+    # `flwr` pointed at the sites' address cannot list runs
+    home = deployment.workdir / "sites-view"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fleet"\n[superlink.fleet]\naddress = "{deployment.fleet_address}"\n'
+        f'root-certificates = "{deployment.pki.ca_cert}"\n'
+    )
+    listed = FlwrCli(flwr_env(home), deployment.app_dir, "fleet")("ls", "fleet", "--format", "json", timeout=60)
+    assert listed.returncode != 0 or '"runs"' not in listed.stdout
+
+
+def wait_for_exit(deployment, name: str, timeout: float = 90) -> str:
+    proc = deployment.processes.procs[f"supernode-{name}"]
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is not None, f"supernode-{name} still running after {timeout}s"
+    from fedcycle.deploy.loopback import explain_supernode_exit
+
+    message = explain_supernode_exit(name, proc.returncode, deployment.processes.tail(f"supernode-{name}", 30))
+    deployment.stop_site(name)
+    return message
+
+
+def test_a_site_whose_key_is_not_registered_is_refused(deployment, two_site_run):
+    deployment.add_site("intruder", "partition-id=1 num-partitions=2", register=False)
+    deployment.start_site("intruder", max_retries=1)
+    message = wait_for_exit(deployment, "intruder")
+    assert "refused its key" in message and "register" in message
+    assert deployment.online_sites() == 2
+
+
+def test_a_site_without_the_ca_cannot_connect(deployment, two_site_run):
+    other = make_pki(deployment.workdir / "other-ca", ["localhost", "127.0.0.1"], [])
+    deployment.add_site("no-ca", "partition-id=1 num-partitions=2")
+    deployment.start_site("no-ca", root_certificates=other.ca_cert, max_retries=1)
+    message = wait_for_exit(deployment, "no-ca")
+    assert "does not trust the SuperLink's certificate" in message and "ca.crt" in message
+
+
+def test_a_missing_data_dir_fails_the_preflight_round(deployment, two_site_run, data_root, tmp_path):
+    deployment.add_site("site-c", f"data-dir='{tmp_path / 'not-there'}'")
+    deployment.start_site("site-c")
+    deployment.wait_for_sites(3)
+    try:
+        outcome = deployment.run(run_config(data_root, tmp_path / "results", "run-name='preflight'"), stream=False)
+    finally:
+        deployment.stop_site("site-c")
+    assert outcome.status == "finished:failed"
+    assert "pre-flight failed, no training started" in outcome.log
+    assert f"data-dir='{tmp_path / 'not-there'}' does not exist" in outcome.log
+    assert not (tmp_path / "results" / "preflight" / "metrics.jsonl").exists()
+
+
+def test_a_dead_superlink_fails_flwr_run_at_once(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "gone"\n[superlink.gone]\naddress = "127.0.0.1:9"\ninsecure = true\n')
+    started = time.monotonic()
+    outcome = FlwrCli(flwr_env(home), Path(__file__).parent.parent, "gone").run("", stream=False)
+    assert outcome.run_id is None and time.monotonic() - started < 60
+    assert "no SuperLink answers" in outcome.status
