@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedcycle.deploy.loopback import LoopbackDeployment, explain_supernode_exit
+from fedcycle.deploy.loopback import LoopbackDeployment, explain_supernode_exit, register_key
 from fedcycle.deploy.pki import make_pki, write_secret
 from fedcycle.local import REPO, FlwrCli, ProcessGroup, _bin, flwr_env, print_results
 from fedcycle.results import read_metrics
@@ -36,17 +36,11 @@ def register(args: argparse.Namespace) -> int:
     cli = FlwrCli(flwr_env(Path(args.flwr_home).expanduser() if args.flwr_home else None), REPO)
     failed = 0
     for pub in args.public_keys:
-        done = cli("supernode", "register", pub, args.connection, timeout=60)
-        text = (done.stdout + done.stderr).strip()
-        if done.returncode == 0:
-            print(f"registered {pub}: {text.splitlines()[-1] if text else 'ok'}")
-        else:
+        try:
+            print(f"registered {pub}: {register_key(cli, args.connection, Path(pub))}")
+        except RuntimeError as err:
             failed += 1
-            print(f"could not register {pub} with connection {args.connection!r}:\n{text}\n"
-                  "Check that the SuperLink runs with --enable-supernode-auth, that this connection in "
-                  "$FLWR_HOME/config.toml points at its Control address (loopback or VPN) with "
-                  "root-certificates = the deployment's ca.crt, and that the key is not registered already.",
-                  file=sys.stderr)
+            print(err, file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -129,9 +129,7 @@ class LoopbackDeployment:
         """Make the site's key pair and, unless told not to, register its public key."""
         make_site_keys(self.pki, [name])
         if register:
-            done = self.flwr("supernode", "register", str(self.pki.site_pub(name)), CONNECTION, timeout=60)
-            if done.returncode != 0:
-                raise RuntimeError(f"registering {name}'s key failed: {done.stdout}{done.stderr}")
+            register_key(self.flwr, CONNECTION, self.pki.site_pub(name))
         site = SiteProcess(name, node_config)
         self.sites[name] = site
         return site
@@ -203,6 +201,20 @@ def _answers(url: str, ca: Path) -> bool:
         return True
     except httpx.HTTPError:
         return False
+
+
+def register_key(cli: FlwrCli, connection: str, public_key: Path) -> str:
+    """Register a site's public key with the SuperLink behind `connection`; what Flower answered."""
+    done = cli("supernode", "register", str(public_key), connection, timeout=60)
+    text = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"could not register {public_key} with connection {connection!r}:\n{text}\n"
+            "Check that the SuperLink runs with --enable-supernode-auth, that this connection in "
+            "$FLWR_HOME/config.toml points at its Control address (loopback or VPN) with "
+            "root-certificates = the deployment's ca.crt, and that the key is not registered already."
+        )
+    return text.splitlines()[-1] if text else "ok"
 
 
 def explain_supernode_exit(name: str, code: int | None, log_tail: str) -> str:

@@ -93,6 +93,8 @@ def make_pki(out: Path, hosts: list[str], sites: list[str], days: int = 365) -> 
     """The CA (reused if `out` has one), a SuperLink certificate for `hosts`, a key pair per site."""
     if not hosts:
         raise ValueError("--host: give at least one host name or address that the sites dial")
+    for site in sites:
+        _check_site_name(site)
     pki = Pki(Path(out))
     ca_key, ca_cert = _ensure_ca(pki, days)
     _superlink_cert(pki, ca_key, ca_cert, hosts, days)
@@ -147,11 +149,15 @@ def _superlink_cert(pki: Pki, ca_key, ca_cert: x509.Certificate, hosts: list[str
     _write(pki.superlink_cert, cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _check_site_name(site: str) -> None:
+    if not SITE_NAME.match(site):
+        raise ValueError(f"--site {site!r}: use letters, digits, '.', '_' or '-' (at most 63)")
+
+
 def make_site_keys(pki: Pki, sites: list[str]) -> None:
     """An ECDSA P-384 key pair per site, in OpenSSH format; an existing key is kept (it is the site's identity)."""
     for site in sites:
-        if not SITE_NAME.match(site):
-            raise ValueError(f"--site {site!r}: use letters, digits, '.', '_' or '-' (at most 63)")
+        _check_site_name(site)
         if pki.site_key(site).exists():
             continue
         key = ec.generate_private_key(ec.SECP384R1())
