@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fedcycle-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 RESULTS := $(CURDIR)/results
 
-.PHONY: setup data demo test clean deploy-demo deploy-tools
+.PHONY: setup data demo test clean deploy-demo deploy-tools reproduce
 
 setup: $(STAMP)
 
@@ -48,3 +48,9 @@ deploy-tools:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx-light docker-compose; \
 	fi
+
+# The reproduction study (studies/$(PROFILE).yaml). The default profile writes docs/results/,
+# the others results/reproduce/<profile>/. Interrupt it at will: the same command continues.
+PROFILE ?= default
+reproduce: data
+	$(BIN)/python -m fedcycle.study studies/$(PROFILE).yaml

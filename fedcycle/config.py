@@ -50,6 +50,7 @@ class RunSettings:
     resume_from: str = ""
     data_root: str = ""
     train_subset: int = 0
+    train_pool: int = 0
     test_subset: int = 0
     val_fraction: float = 0.1
     site_eval: str = "train-reply"
@@ -136,6 +137,7 @@ class RunSettings:
         _at_least("local-epochs-growth", self.local_epochs_growth, 0)
         _at_least("local-epochs-max", self.local_epochs_max, 0)
         _at_least("train-subset", self.train_subset, 0)
+        _at_least("train-pool", self.train_pool, 0)
         _at_least("test-subset", self.test_subset, 0)
         _at_least("momentum", self.momentum, 0)
         _at_least("weight-decay", self.weight_decay, 0)

@@ -107,6 +107,7 @@ class RoundRecorder:
             "seconds": round(now - self.last, 3),
             "elapsed": round(now - self.started, 3),
             "train_config": s.sent_config.get(server_round),
+            "sites_evaluation": _plain(s.evaluate_metrics.get(server_round)),
             "sites": s.site_metrics.get(server_round, []),
             "events": s.events.get(server_round, []),
         }
@@ -138,6 +139,10 @@ class RoundRecorder:
         if metrics is None:
             return None, None, "sites-weighted"
         return float(metrics["loss"]), float(metrics["accuracy"]), "sites-weighted"
+
+
+def _plain(metrics: MetricRecord | None) -> dict | None:
+    return None if metrics is None else {k: float(v) for k, v in metrics.items()}
 
 
 @app.main()

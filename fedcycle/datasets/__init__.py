@@ -114,7 +114,10 @@ def load(settings: "RunSettings", split: str, node_config: dict | None = None) -
     if spec.site_local:
         raise ConfigError(f"data-dir is not set in this node config; dataset={settings.dataset!r} reads each site's own folder")
     data = _load_cached(settings.dataset, split, root)
-    return ImageData(data.images, data.labels, spec.classes(settings))
+    data = ImageData(data.images, data.labels, spec.classes(settings))
+    if split == "train" and settings.train_pool:  # the same pool for every seed: a fixed draw
+        return data.subset(np.sort(np.random.default_rng(0).permutation(len(data))[: settings.train_pool]))
+    return data
 
 
 def _train_val(data: ImageData, settings: "RunSettings", seed: int) -> tuple[ImageData, ImageData]:
