@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fedcycle-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 RESULTS := $(CURDIR)/results
 
-.PHONY: setup data demo test clean deploy-demo deploy-tools reproduce
+.PHONY: setup data demo test clean deploy-demo deploy-tools reproduce bench
 
 setup: $(STAMP)
 
@@ -54,3 +54,7 @@ deploy-tools:
 PROFILE ?= default
 reproduce: data
 	$(BIN)/python -m fedcycle.study studies/$(PROFILE).yaml
+
+# Where every second of a round goes (a benchmark, not a test): results/bench/bench.{json,md}.
+bench: data
+	$(BIN)/python -m fedcycle.bench

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -21,7 +23,8 @@ app = ClientApp()
 
 # What a train reply's MetricRecord holds; the server leaves out a reply with other keys.
 TRAIN_METRICS = frozenset(
-    {"num-examples", "train-loss", "train-accuracy", "train-seconds", "local-epochs", "steps", "lr-first", "lr-peak", "lr-last"}
+    {"num-examples", "train-loss", "train-accuracy", "train-seconds", "setup-seconds", "local-epochs", "steps",
+     "lr-first", "lr-peak", "lr-last"}
 )
 RECEIVED_MODEL_METRICS = frozenset({"received-loss", "received-accuracy", "val-examples"})
 
@@ -41,11 +44,14 @@ def preflight(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
+    entered = time.perf_counter()
     site = load_site(context.run_config, context.node_config)
     config = msg.content["config"]
     model = site.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(site.device)
     mean, std = site.norm
+    setup_seconds = time.perf_counter() - entered  # data, model, weights, device: before any step
 
     metrics: dict[str, float] = {}
     if site.settings.site_eval == "train-reply":  # a site without held-out data reports 0 examples
@@ -78,6 +84,7 @@ def train_round(msg: Message, context: Context) -> Message:
             "train-loss": result.loss,
             "train-accuracy": result.accuracy,
             "train-seconds": result.seconds,
+            "setup-seconds": setup_seconds,
             "local-epochs": int(config["local-epochs"]),
             "steps": result.steps,
             "lr-first": result.lr_first,

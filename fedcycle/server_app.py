@@ -94,6 +94,7 @@ class RoundRecorder:
         self.started = self.last = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        started = time.perf_counter()
         state = arrays.to_torch_state_dict()
         self.model.load_state_dict(state)
         loss, accuracy, source = self._evaluate(server_round, arrays)
@@ -108,6 +109,7 @@ class RoundRecorder:
             "elapsed": round(now - self.started, 3),
             "train_config": s.sent_config.get(server_round),
             "sites_evaluation": _plain(s.evaluate_metrics.get(server_round)),
+            "timing": {"aggregate_seconds": s.aggregate_seconds.get(server_round), "evaluate_seconds": now - started},
             "sites": s.site_metrics.get(server_round, []),
             "events": s.events.get(server_round, []),
         }

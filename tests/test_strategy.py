@@ -231,3 +231,18 @@ def test_integer_buffers_survive_every_aggregation_rule(task_identity, name):
     assert agg is not None and set(agg.keys()) == set(shapes)
     assert agg["bn.num_batches_tracked"].dtype == "int64" and int(agg["bn.num_batches_tracked"].numpy()) == 9
     assert agg["conv.weight"].dtype == "float32"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.arange(12, dtype=np.float32).reshape(3, 4), np.asarray(5, np.int64), np.zeros((2, 0)), np.ones((4, 3, 3, 3)),
+     np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))],
+)
+def test_fast_array_io_matches_flowers_own(values):
+    from fedcycle.strategies.cyclical import array_view, to_array
+
+    ours, flowers = to_array(values), Array(values)
+    np.testing.assert_array_equal(array_view(flowers), values)  # reading Flower's bytes in place
+    np.testing.assert_array_equal(ours.numpy(), values)  # Flower reads ours
+    if values.flags.c_contiguous:
+        assert ours.data == flowers.data  # byte for byte what Flower writes
