@@ -202,7 +202,10 @@ def flwr_env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
 
 
 class LocalSimulation:
-    """A simulation SuperLink on loopback, owned by this object; use as a context manager."""
+    """A simulation SuperLink on loopback, owned by this object; use as a context manager.
+
+    Stopping it stops its session: the ServerApp and Ray. (The SuperExec it starts detaches
+    into its own session and exits by itself when the SuperLink is gone.)"""
 
     def __init__(self, flwr_home: Path, app_dir: Path = REPO) -> None:
         self.flwr_home = Path(flwr_home).resolve()
@@ -244,13 +247,24 @@ class LocalSimulation:
         self.processes.stop_all()
 
     def run(self, sites: int, run_config: str = "", cpus_per_site: float = 1, stream: bool = True) -> RunOutcome:
+        """One job with `sites` simulated data centers. With CUDA, the sites share the GPUs
+        (Ray hides the GPUs from ClientApps that ask for none)."""
         federation = f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site}"
+        gpus = cuda_devices()
+        if gpus:
+            federation += f" client-resources-num-gpus={min(1.0, round(gpus / sites, 3))}"
         return self.flwr.run(run_config, federation, stream=stream)
 
 
 def trusting(ca: Path) -> ssl.SSLContext:
     """A TLS context that trusts only this CA."""
     return ssl.create_default_context(cafile=str(ca))
+
+
+def cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def http_ok(url: str, ca: Path | None = None) -> bool:
@@ -280,6 +294,16 @@ def print_results(outcome: RunOutcome) -> None:
     console.print(f"status: {outcome.status}")
 
 
+def exit_on_termination() -> None:
+    """SIGTERM and SIGHUP (a CI timeout, a closed terminal) unwind like Ctrl-C, so every
+    `with` block stops the processes it started."""
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGHUP, leave)
+
+
 def prepare_data(run_config: dict | None = None) -> None:
     """Decode the dataset's train and test splits into the data root's .npy cache."""
     from fedcycle.config import RunSettings
@@ -301,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--flwr-home", default=str(REPO / ".flwr-home"), help="FLWR_HOME for this job")
     sub.add_parser("prepare-data", help="decode Fashion-MNIST into the data cache")
     args = parser.parse_args(argv)
+    exit_on_termination()
 
     if args.command == "prepare-data":
         prepare_data()

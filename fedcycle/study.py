@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from fedcycle.local import REPO
+from fedcycle.local import REPO, exit_on_termination
 
 METHODS = ("centralized-constant", "centralized-cyclical", "fedavg-constant", "fedavg-cyclical")
 
@@ -311,7 +311,8 @@ def summarize(study: Study, run: PlannedRun, measured: dict, bytes_per_model: in
         "final_accuracy": measured["accuracy"][-1], "best_accuracy": max(measured["accuracy"]),
         "final_val_accuracy": val[-1] if val else None,
         "wall_seconds": measured["wall_seconds"],
-        # each round a site receives the global model and sends its own back
+        # training traffic: each round a site receives the global model and sends its own back
+        # (the study's per-round evaluation message adds one more download, not counted here)
         "bytes_per_site_per_round": 2 * bytes_per_model if run.federated else 0,
         "run_config": measured["run_config"], "versions": versions(), "machine": machine(),
     }
@@ -336,6 +337,7 @@ def run_study(study: Study, data_root: str = "", max_runs: int | None = None, lo
             task = bar.add_task(f"{study.profile} {phase}", total=len(plan), completed=sum(r.key in done for r in plan))
             for run in plan:
                 if run.key in done:
+                    check_same_config(study, run, done[run.key], data_root)
                     continue
                 if budget <= 0:
                     return _missing(study, done)
@@ -348,6 +350,21 @@ def run_study(study: Study, data_root: str = "", max_runs: int | None = None, lo
                 bar.advance(task)
                 log(f"{run.key}: final accuracy {done[run.key]['final_accuracy']:.4f} in {measured['wall_seconds']:.0f} s")
     return _missing(study, done)
+
+
+VOLATILE_KEYS = ("results-dir", "run-name", "data-root")  # where a run ran, not what it computed
+
+
+def check_same_config(study: Study, run: PlannedRun, summary: dict, data_root: str) -> None:
+    """Refuse to reuse a finished run that was made with another study file (budget, data, model)."""
+    planned = {k: v for k, v in run_config_for(study, run, data_root).items() if k not in VOLATILE_KEYS}
+    saved = {k: v for k, v in summary.get("run_config", {}).items() if k not in VOLATILE_KEYS}
+    if planned != saved:
+        differ = sorted(k for k in planned.keys() | saved.keys() if planned.get(k) != saved.get(k))
+        raise StudyError(
+            f"runs/{run.key}.json was made with another run config (differs in {differ}); the study file changed "
+            f"since. Move {study.output_dir() / 'runs'} away to start over, or restore the study file."
+        )
 
 
 def load_done(runs_dir: Path) -> dict[str, dict]:
@@ -369,12 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (run a study in parts)")
     parser.add_argument("--report-only", action="store_true", help="only write the report from the runs done")
     args = parser.parse_args(argv)
+    exit_on_termination()
     try:
         study = Study.load(args.study)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    missing = 0 if args.report_only else run_study(study, args.data_root, args.max_runs)
+    try:
+        missing = 0 if args.report_only else run_study(study, args.data_root, args.max_runs)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from fedcycle.report import write_report
 
     report = write_report(study, command=" ".join(["python -m fedcycle.study", *(argv or sys.argv[1:])]))

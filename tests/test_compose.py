@@ -31,7 +31,7 @@ def project(tmp_path_factory) -> Path:
     for name in ("docker-compose.yml", "docker-compose.gpu.yml", ".env"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "deploy", root / "deploy", ignore=shutil.ignore_patterns("secrets"))
-    make_pki(root / "deploy" / "secrets", ["superlink", "localhost"], ["site-1", "site-2"])
+    make_pki(root / "deploy" / "secrets", ["superlink", "fleet-proxy", "localhost"], ["site-1", "site-2"])
     return root
 
 

@@ -33,12 +33,15 @@ def test_certs_command_writes_a_working_pki(tmp_path, capsys):
     assert "register on the coordinator" in capsys.readouterr().out
 
 
-def test_adding_a_site_keeps_the_ca_and_the_other_sites_keys(tmp_path):
+def test_adding_a_site_keeps_the_ca_the_certificate_and_the_other_sites_keys(tmp_path):
     make_pki(tmp_path, ["localhost"], ["a"])
     ca, key_a = (tmp_path / "ca.crt").read_bytes(), (tmp_path / "sites" / "a.key").read_bytes()
-    make_pki(tmp_path, ["localhost", "new.example.org"], ["a", "b"])
+    cert = (tmp_path / "superlink.crt").read_bytes()
+    assert main(["certs", "--out", str(tmp_path), "--site", "b"]) == 0  # no --host: the certificate stays
+    assert (tmp_path / "superlink.crt").read_bytes() == cert and (tmp_path / "sites" / "b.key").exists()
+    make_pki(tmp_path, ["localhost", "new.example.org"], ["a", "c"])
     assert (tmp_path / "ca.crt").read_bytes() == ca and (tmp_path / "sites" / "a.key").read_bytes() == key_a
-    assert (tmp_path / "sites" / "b.key").exists()
+    assert (tmp_path / "superlink.crt").read_bytes() != cert
 
 
 def test_bad_names_are_refused_before_anything_is_written(tmp_path, capsys):
@@ -46,4 +49,4 @@ def test_bad_names_are_refused_before_anything_is_written(tmp_path, capsys):
     assert "--site 'bad/name'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="--host"):
-        make_pki(tmp_path, [], ["a"])
+        make_pki(tmp_path / "fresh", [], ["a"])

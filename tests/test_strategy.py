@@ -246,3 +246,20 @@ def test_fast_array_io_matches_flowers_own(values):
     np.testing.assert_array_equal(ours.numpy(), values)  # Flower reads ours
     if values.flags.c_contiguous:
         assert ours.data == flowers.data  # byte for byte what Flower writes
+
+
+def test_a_reply_whose_bytes_lie_about_their_dtype_is_left_out(strategy):
+    """The declared dtype says float32; the .npy bytes hold int32 NaN bit patterns."""
+    rng = np.random.default_rng(7)
+    good = arrays(rng)
+    liar = reply(2, arrays(rng), 10)
+    fake = Array(np.full((4,), 0x7FC00000, dtype=np.int32))  # float32 NaN bits, as int32
+    liar.content["arrays"]["conv.bias"] = Array(dtype="float32", shape=(4,), stype=fake.stype, data=fake.data)
+    truncated = reply(3, arrays(rng), 10)
+    whole = truncated.content["arrays"]["conv.weight"]
+    truncated.content["arrays"]["conv.weight"] = Array(dtype=whole.dtype, shape=tuple(whole.shape), stype=whole.stype, data=whole.data[:-8])
+    agg, _ = strategy.aggregate_train(1, [reply(1, good, 10), liar, truncated])
+    assert agg is not None and np.isfinite(agg["conv.bias"].numpy()).all()
+    reasons = {e["node_id"]: e["reason"] for e in strategy.events[1]}
+    assert "holds int32[4] but declares float32[4]" in reasons[2]
+    assert "'conv.weight' cannot be read" in reasons[3]

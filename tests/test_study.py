@@ -94,3 +94,17 @@ def test_bad_study_files_name_the_key(tmp_path):
     bad.write_text("profile: x\n")
     with pytest.raises(StudyError, match="'splits' is missing"):
         Study.load(bad)
+
+
+def test_a_finished_run_made_with_another_study_file_is_not_reused(tmp_path):
+    from fedcycle.study import check_same_config, run_config_for
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(output=tmp_path / "out"))
+    study = Study.load(path)
+    run = tuning_plan(study)[0]
+    saved = {"run_config": {**run_config_for(study, run, "/data"), "results-dir": "/elsewhere"}}
+    check_same_config(study, run, saved, "/other-data")  # where it ran does not matter
+    saved["run_config"]["train-pool"] = 60000
+    with pytest.raises(StudyError, match=r"differs in \['train-pool'\]"):
+        check_same_config(study, run, saved, "/data")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedcycle.deploy.loopback import LoopbackDeployment, explain_supernode_exit, register_key
 from fedcycle.deploy.pki import make_pki, write_secret
-from fedcycle.local import REPO, FlwrCli, ProcessGroup, _bin, flwr_env, print_results
+from fedcycle.local import REPO, FlwrCli, ProcessGroup, _bin, exit_on_termination, flwr_env, print_results
 from fedcycle.results import read_metrics
 
 DEMO_RUN_CONFIG = "num-server-rounds=2 local-epochs=1 train-subset=2000 test-subset=2000"
@@ -26,7 +26,8 @@ DEMO_RUN_CONFIG = "num-server-rounds=2 local-epochs=1 train-subset=2000 test-sub
 def certs(args: argparse.Namespace) -> int:
     pki = make_pki(Path(args.out), args.host, args.site, days=args.days)
     print(f"CA:        {pki.ca_cert}  (every site and every flwr user gets this; keep {pki.root / 'ca.key'} offline)")
-    print(f"SuperLink: {pki.superlink_cert}, {pki.superlink_key}  (subjectAltName: {', '.join(args.host)})")
+    if args.host:
+        print(f"SuperLink: {pki.superlink_cert}, {pki.superlink_key}  (subjectAltName: {', '.join(args.host)})")
     for site in args.site:
         print(f"site {site}: {pki.site_key(site)} (to the site only), {pki.site_pub(site)} (register on the coordinator)")
     return 0
@@ -78,6 +79,7 @@ def demo(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fedcycle-deploy-"))
     results = Path(args.results_dir).resolve()
     outcome = None
+    failed = True
     try:
         with LoopbackDeployment(workdir) as deployment:
             print(f"throw-away CA, certificates and site keys in {deployment.pki.root}", flush=True)
@@ -92,11 +94,16 @@ def demo(args: argparse.Namespace) -> int:
             deployment.wait_for_sites(2)
             print("2 SuperNodes registered and online; submitting the run", flush=True)
             outcome = deployment.run(f"{DEMO_RUN_CONFIG} results-dir='{results}'")
+            failed = not outcome.completed
     except RuntimeError as err:
         print(f"deploy-demo failed: {err}", file=sys.stderr)
         return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    finally:  # the throw-away keys go; the logs stay when something failed
+        if failed:
+            print(f"logs kept in {workdir / 'logs'}", file=sys.stderr)
+            shutil.rmtree(workdir / "secrets", ignore_errors=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     print_results(outcome)
     if outcome.results_dir and (outcome.results_dir / "metrics.jsonl").exists():
         final = read_metrics(outcome.results_dir / "metrics.jsonl")[-1]
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("certs", help="make the CA, the SuperLink certificate and site key pairs")
     p.add_argument("--out", required=True, help="folder for the files (never commit it)")
-    p.add_argument("--host", action="append", required=True, help="a name or address the sites dial; repeat")
+    p.add_argument("--host", action="append", default=[],
+                   help="a name or address the sites dial; repeat (omit to keep the SuperLink certificate, e.g. to add a site)")
     p.add_argument("--site", action="append", default=[], help="a site name; repeat")
     p.add_argument("--days", type=int, default=365, help="certificate validity (default 365)")
     p.set_defaults(func=certs)
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default=str(REPO / "results" / "deploy-demo"))
     p.set_defaults(func=demo)
     args = parser.parse_args(argv)
+    exit_on_termination()
     try:
         return args.func(args)
     except ValueError as err:

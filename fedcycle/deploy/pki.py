@@ -90,14 +90,17 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def make_pki(out: Path, hosts: list[str], sites: list[str], days: int = 365) -> Pki:
-    """The CA (reused if `out` has one), a SuperLink certificate for `hosts`, a key pair per site."""
-    if not hosts:
+    """The CA (reused if `out` has one), a SuperLink certificate for `hosts`, a key pair per site.
+
+    Without `hosts`, an existing SuperLink certificate is kept (adding a site changes nothing else)."""
+    pki = Pki(Path(out))
+    if not hosts and not pki.superlink_cert.exists():
         raise ValueError("--host: give at least one host name or address that the sites dial")
     for site in sites:
         _check_site_name(site)
-    pki = Pki(Path(out))
     ca_key, ca_cert = _ensure_ca(pki, days)
-    _superlink_cert(pki, ca_key, ca_cert, hosts, days)
+    if hosts:
+        _superlink_cert(pki, ca_key, ca_cert, hosts, days)
     pki.superexec_secret("superlink")
     make_site_keys(pki, sites)
     return pki

@@ -9,6 +9,7 @@ BatchNorm's `num_batches_tracked` are not averaged).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import time
@@ -148,7 +149,12 @@ class CyclicalMixin:
         if declared is not None and n > declared:
             return f"num-examples={n} is larger than the {declared} the site declared in the pre-flight round"
         for key, array in arrays.items():
-            values = array.numpy()
+            try:
+                values = array_view(array)
+            except (ValueError, TypeError, OSError) as err:
+                return f"array {key!r} cannot be read: {err}"
+            if values.dtype != np.dtype(array.dtype) or values.shape != tuple(array.shape):
+                return f"array {key!r} holds {values.dtype}{list(values.shape)} but declares {array.dtype}{list(array.shape)}"
             if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                 return f"array {key!r} holds NaN or Inf"
         return None
@@ -207,21 +213,26 @@ def make_cyclical(strategy_class: type) -> type:
     return type(f"Cyclical{strategy_class.__name__}", (CyclicalMixin, strategy_class), {})
 
 
-def array_view(array: Array) -> np.ndarray:
-    """A read-only view of a Flower Array's data, without the copy `Array.numpy()` makes.
+@functools.lru_cache(maxsize=1024)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The .npy header NumPy (and so Flower) writes for a C-ordered array of this dtype and shape."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
+    return buffer.getvalue()
 
-    The data is NumPy's .npy format: a header, then the raw values, so the values are the
-    last `nbytes` bytes. Arrays that are not plain C-ordered numbers take Flower's own path."""
-    dtype = np.dtype(array.dtype)
-    count = math.prod(array.shape)
-    offset = len(array.data) - count * dtype.itemsize
-    header = array.data[: max(offset, 0)]
-    if (
-        array.stype != "numpy.ndarray" or dtype.hasobject or offset <= 0
-        or not header.startswith(b"\x93NUMPY") or b"'fortran_order': False" not in header
-    ):
-        return array.numpy()
-    return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset).reshape(array.shape)
+
+def array_view(array: Array) -> np.ndarray:
+    """The values of a Flower Array, read in place when its bytes are the canonical .npy of its
+    declared dtype and shape (header, then exactly the values); otherwise through Flower's own
+    `Array.numpy()` (a copy; never pickle), whose dtype and shape the caller then checks."""
+    dtype, shape = np.dtype(array.dtype), tuple(array.shape)
+    if array.stype == "numpy.ndarray" and not dtype.hasobject:
+        header = _npy_header(dtype.str, shape)
+        if len(array.data) == len(header) + math.prod(shape) * dtype.itemsize and array.data.startswith(header):
+            return np.frombuffer(array.data, dtype=dtype, offset=len(header)).reshape(shape)
+    return array.numpy()
 
 
 CHUNK = 1 << 18  # elements per block: the running sum of a block stays in cache
