@@ -71,7 +71,7 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
     return records
 
 
-def claim_verdict(records: list[dict]) -> tuple[bool | None, list[str]]:
+def claim_verdict(records: list[dict], local_epochs: tuple[int, ...] | None = None) -> tuple[bool | None, list[str]]:
     """Per (split, sites): does FedAvg + cyclical LR with the most local epochs come within
     CLAIM_POINTS of centralized, and beat plain FedAvg (constant LR, fewest local epochs)?
     The local epochs are fixed in advance (the most), not picked by test accuracy."""
@@ -79,6 +79,10 @@ def claim_verdict(records: list[dict]) -> tuple[bool | None, list[str]]:
     cells = sorted({(r["split"], r["sites"]) for r in records if r["method"].startswith("fedavg")}, key=str)
     for split, sites in cells:
         cell = [r for r in records if (r["split"], r["sites"]) == (split, sites)]
+        if local_epochs and any(
+            {r["local_epochs"] for r in cell if r["method"] == m} != set(local_epochs) for m in ("fedavg-constant", "fedavg-cyclical")
+        ):
+            continue  # a cell is judged once all its runs are in
         cyclical = [r for r in cell if r["method"] == "fedavg-cyclical"]
         plain = [r for r in cell if r["method"] == "fedavg-constant" and r["local_epochs"] == min(x["local_epochs"] for x in cell)]
         if not cyclical or not plain or cyclical[0]["centralized_accuracy_mean"] is None:
@@ -171,7 +175,7 @@ def write_report(study: "Study", command: str) -> Path:
         json.dumps([{k: v for k, v in r.items() if not k.endswith("_curve")} for r in records], indent=1)
     )
     plots = plot(records, out, study.tuning_sites) if records else []
-    verdict, lines = claim_verdict(records)
+    verdict, lines = claim_verdict(records, study.local_epochs)
     planned = len(tuning_plan(study))
 
     text = [f"# fedcycle reproduction: profile `{study.profile}`", ""]
@@ -181,7 +185,7 @@ def write_report(study: "Study", command: str) -> Path:
     planned_comparison = len(comparison_plan(study, chosen)) if len(chosen) == 4 else None
     if verdict is None or len(compared) != planned_comparison:
         text += [f"Not yet known: {len(compared)} of {planned_comparison or 'the'} comparison runs are finished "
-                 "(run the same command to continue). Cells finished so far:", ""]
+                 "(run the same command to continue). Cells whose runs are all in:", ""]
     else:
         text += [f"Claim (Xu et al. 2018): FedAvg with a server-set cyclical learning rate and more local epochs comes "
                  f"within {CLAIM_POINTS:g} point of centralized training and beats plain FedAvg. "

@@ -60,13 +60,14 @@ def test_an_interrupted_study_continues_without_redoing_finished_runs(tmp_path, 
     first = summaries(out)
     assert len(first) == 1 and "runs still to do" in part.stdout
 
-    # 2. Interrupt it for real (Ctrl-C) while a federated run is going.
+    # 2. Interrupt it for real while a federated run is going: SIGTERM, as a CI timeout or `kill`
+    #    sends (SIGINT is ignored by jobs a non-interactive shell starts in the background).
     proc = subprocess.Popen(study_command(path, data_root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while len(summaries(out)) < 3 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
     time.sleep(3)  # into the next run, a federated one
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     after_interrupt = summaries(out)
     assert 2 <= len(after_interrupt) <= 4
