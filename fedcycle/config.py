@@ -44,6 +44,11 @@ class RunSettings:
     fraction_train: float = 1.0
     min_sites: int = 2
     round_timeout: float = 3600.0
+    min_replies: int = 1
+    min_reply_fraction: float = 0.5
+    round_retries: int = 1
+    max_update_ratio: float = 10.0
+    checkpoints_keep: int = 3
     seed: int = 42
     run_name: str = ""
     results_dir: str = "results"
@@ -133,6 +138,10 @@ class RunSettings:
         _positive("batch-size", self.batch_size)
         _positive("min-sites", self.min_sites)
         _positive("round-timeout", self.round_timeout)
+        _positive("min-replies", self.min_replies)
+        _positive("checkpoints-keep", self.checkpoints_keep)
+        _at_least("round-retries", self.round_retries, 0)
+        _at_least("max-update-ratio", self.max_update_ratio, 0)
         _positive("image-size", self.image_size)
         _at_least("local-epochs-growth", self.local_epochs_growth, 0)
         _at_least("local-epochs-max", self.local_epochs_max, 0)
@@ -143,6 +152,8 @@ class RunSettings:
         _at_least("weight-decay", self.weight_decay, 0)
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train={self.fraction_train} must be in (0, 1]")
+        if not 0 <= self.min_reply_fraction <= 1:
+            raise ConfigError(f"min-reply-fraction={self.min_reply_fraction} must be in [0, 1]")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val-fraction={self.val_fraction} must be in [0, 1)")
         if self.evaluates_on_sites and self.val_fraction == 0:

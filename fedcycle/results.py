@@ -89,9 +89,14 @@ class RunResults:
 
     def append_round(self, line: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, default=_jsonable) + "\n")
+            f.write(json.dumps(line, default=jsonable) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def rewrite_rounds(self, lines: list[dict[str, Any]]) -> None:
+        """metrics.jsonl holding exactly these lines (a resumed run's rounds so far)."""
+        data = "".join(json.dumps(line, default=jsonable) + "\n" for line in lines)
+        _atomic_write(self.metrics_path, data.encode())
 
     def save_model(self, name: str, state_dict: dict[str, torch.Tensor]) -> Path:
         path = self.path / f"{name}.safetensors"
@@ -143,7 +148,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     if isinstance(value, (set, tuple)):

@@ -1,18 +1,21 @@
 """fedcycle's ServerApp: check everything, ask the sites, then run the strategy's rounds.
 
-1. Read and check the run config (a bad value fails the run before any training).
+1. Read and check the run config (a bad value fails the run before any training); with
+   `resume-from`, load the run's newest readable checkpoint and check that it fits.
 2. Pre-flight: ask every connected site for its data, classes, image shape, device and
    versions; stop with each site's reason if one cannot take part.
-3. Run the strategy (CyclicalFedAvg by default) for `num-server-rounds`, evaluating the
-   global model on the test split before training and after every round, and write the
-   results (`fedcycle.results`) round by round.
+3. Run the strategy (CyclicalFedAvg by default) in fedcycle's round loop up to
+   `num-server-rounds`, evaluating the global model on the test split before training and
+   after every round, and write the results (`fedcycle.results`) and a checkpoint
+   (`fedcycle.checkpoint`) round by round.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from logging import INFO
+from logging import ERROR, INFO
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,10 +23,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedcycle.config import RunSettings
+from fedcycle.checkpoint import Checkpoint, check_identity, latest_checkpoint, save_checkpoint
+from fedcycle.config import ConfigError, RunSettings
 from fedcycle.datasets import DATASETS, test_split
 from fedcycle.models import build_model
 from fedcycle.results import RunResults, resolve_run_dir
+from fedcycle.round_loop import RoundFailed, run_rounds
 from fedcycle.strategies import make_strategy
 from fedcycle.strategies.cyclical import CyclicalMixin
 from fedcycle.trainer import evaluate, pick_device
@@ -80,8 +85,35 @@ def preflight(grid: Grid, settings: RunSettings) -> dict[int, dict[str, Any]]:
     return reports
 
 
+def run_identity(settings: RunSettings) -> dict[str, Any]:
+    """What a run trains; a run resumes only from a checkpoint of the same."""
+    spec = DATASETS[settings.dataset]
+    return {
+        "dataset": settings.dataset,
+        "model": settings.model,
+        "strategy": settings.strategy,
+        "classes": list(spec.classes(settings)),
+        "image-shape": list(spec.shape(settings)),
+    }
+
+
+def load_resume_point(settings: RunSettings, model: torch.nn.Module) -> tuple[Path, Checkpoint]:
+    """The run folder named by resume-from and its newest checkpoint that loads and fits."""
+    run_dir = Path(settings.resume_from).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise ConfigError(f"resume-from={settings.resume_from!r}: {run_dir} is not a folder; give <results-dir>/<run-name>")
+    ckpt = latest_checkpoint(run_dir)
+    order = model.state_dict()
+    check_identity(ckpt, run_identity(settings), order)
+    # in the model's own order: replies are checked against the global model's array names in order
+    ckpt.model = {k: ckpt.model[k] for k in order}
+    ckpt.best_model = {k: ckpt.best_model[k] for k in order} if ckpt.best_model else {}
+    return run_dir, ckpt
+
+
 class RoundRecorder:
-    """Strategy.start's evaluate_fn: evaluates the global model, writes the round's line."""
+    """Called after every round: evaluates the global model, writes the round's line, the
+    models and a checkpoint."""
 
     def __init__(self, settings: RunSettings, strategy: CyclicalMixin, results: RunResults, grid: Grid) -> None:
         spec = DATASETS[settings.dataset]
@@ -91,7 +123,23 @@ class RoundRecorder:
         self.model = build_model(settings.model, spec.shape(settings), len(spec.classes(settings)))
         self.device = pick_device("auto")
         self.best = -1.0
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.lines: list[dict[str, Any]] = []
         self.started = self.last = time.perf_counter()
+
+    def resume(self, ckpt: Checkpoint) -> float | None:
+        """Continue from a checkpoint: its metrics lines replace metrics.jsonl (a round that
+        was under way when the run stopped is dropped); returns the loaded model's accuracy,
+        evaluated again."""
+        self.lines = list(ckpt.metrics)
+        self.best, self.best_state = ckpt.best_accuracy, ckpt.best_model
+        self.results.rewrite_rounds(self.lines)
+        self.last = time.perf_counter()
+        self.started = self.last - float(self.lines[-1].get("elapsed", 0.0) if self.lines else 0.0)
+        if self.test is None:
+            return None
+        self.model.load_state_dict(ckpt.model)
+        return evaluate(self.model, self.test, self.device, *self.norm)[1]
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         started = time.perf_counter()
@@ -114,10 +162,27 @@ class RoundRecorder:
             "events": s.events.get(server_round, []),
         }
         self.last = now
+        self.lines.append(line)
+        improved = accuracy is not None and accuracy > self.best
+        if improved:
+            self.best, self.best_state = accuracy, state
+        # the checkpoint first: a line in metrics.jsonl always has its checkpoint
+        save_checkpoint(
+            self.results.path,
+            Checkpoint(
+                round=server_round,
+                model=state,
+                best_model=self.best_state,
+                best_accuracy=self.best,
+                metrics=self.lines,
+                identity=run_identity(self.settings),
+                strategy_arrays=self.strategy.state_arrays(),
+            ),
+            keep=self.settings.checkpoints_keep,
+        )
         self.results.append_round(line)
         self.results.save_model("global-final", state)
-        if accuracy is not None and accuracy > self.best:
-            self.best = accuracy
+        if improved:
             self.results.save_model("global-best", state)
         self.results.plot()
         log(
@@ -154,25 +219,43 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)  # Flower samples the round's sites with the random module
     model = build_model(settings.model, spec.shape(settings), len(spec.classes(settings)))  # checks the fit
+    resume_dir, ckpt = load_resume_point(settings, model) if settings.resume_from else (None, None)
+    if ckpt is not None and ckpt.round >= settings.num_server_rounds:
+        log(INFO, "fedcycle: %s has finished round %d of num-server-rounds=%d; nothing to do (raise "
+            "num-server-rounds to extend it)", resume_dir, ckpt.round, settings.num_server_rounds)
+        return
 
-    results = RunResults(resolve_run_dir(settings, context.run_id))
+    results = RunResults(resume_dir or resolve_run_dir(settings, context.run_id))
     log(INFO, "fedcycle run %s: results go to %s", context.run_id, results.path)
-    results.write_config(settings, dict(context.run_config), run_id=context.run_id)
+    extra: dict[str, Any] = {"run_id": context.run_id}
+    if ckpt is not None:
+        extra.update(resumed_from_round=ckpt.round, resumed_from_checkpoint=str(ckpt.path))
+        log(INFO, "fedcycle: resuming from %s (round %d)", ckpt.path, ckpt.round)
+    results.write_config(settings, dict(context.run_config), **extra)
 
     reports = preflight(grid, settings)
     strategy = make_strategy(settings, num_sites=len(reports))
     strategy.declared_examples = {node: int(r["num-train"]) for node, r in reports.items()}
-    results.write_config(settings, dict(context.run_config), run_id=context.run_id, sites=reports)
+    strategy.site_names = {node: str(r["site"]) for node, r in reports.items()}
+    recorder = RoundRecorder(settings, strategy, results, grid)
+    if ckpt is None:
+        arrays, first_round = ArrayRecord(model.state_dict()), 1
+        recorder(0, arrays)
+    else:
+        arrays, first_round = ArrayRecord(ckpt.model), ckpt.round + 1
+        strategy.restore_state_arrays(ckpt.strategy_arrays)
+        random.setstate(ckpt.python_rng)
+        torch.set_rng_state(ckpt.torch_rng)
+        extra["resumed_accuracy"] = recorder.resume(ckpt)
+        log(INFO, "fedcycle: the resumed model's accuracy, evaluated again: %s", extra["resumed_accuracy"])
+    results.write_config(settings, dict(context.run_config), **extra, sites=reports)
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=settings.num_server_rounds,
-        timeout=settings.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=RoundRecorder(settings, strategy, results, grid),
-    )
-    final = result.evaluate_metrics_serverapp.get(settings.num_server_rounds)
+    try:
+        run_rounds(grid, strategy, settings, arrays, first_round, recorder)
+    except RoundFailed as err:
+        log(ERROR, "fedcycle run %s stopped: %s", context.run_id, err)
+        raise
+    final = recorder.lines[-1]["accuracy"]
     log(INFO, "fedcycle run %s finished: final accuracy %s; results in %s", context.run_id,
-        None if final is None else round(float(final["accuracy"]), 4), results.path)
+        None if final is None else round(float(final), 4), results.path)
 

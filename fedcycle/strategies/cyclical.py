@@ -33,9 +33,11 @@ class CyclicalMixin:
 
     def __init__(self, *args: Any, settings: RunSettings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.flower_attributes = frozenset(vars(self))  # the wrapped strategy's own state
         self.settings = settings
         self.expected_metrics = train_metric_keys(settings.site_eval)
         self.declared_examples: dict[int, int] = {}  # node id -> train examples, from pre-flight
+        self.site_names: dict[int, str] = {}  # node id -> the site's name, from pre-flight
         self.events: dict[int, list[dict]] = defaultdict(list)  # round -> replies left out, sites missing
         self.site_metrics: dict[int, list[dict]] = defaultdict(list)  # round -> accepted replies' metrics
         self.sent_config: dict[int, dict] = {}  # round -> the train config the sites received
@@ -43,6 +45,8 @@ class CyclicalMixin:
         self.sampled: dict[int, list[int]] = {}
         self.aggregate_seconds: dict[int, float] = {}
         self.global_arrays: ArrayRecord | None = None  # the model sent out this round
+        self.global_floats: dict[str, np.ndarray] = {}  # its float arrays, to measure updates against
+        self.global_norm = 0.0
 
     def round_train_config(self, server_round: int) -> dict[str, Any]:
         """What every site needs to train round `server_round` exactly as the server means."""
@@ -59,22 +63,41 @@ class CyclicalMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.global_arrays = arrays
+        self.remember_global(arrays)
+        self.site_metrics[server_round] = []  # a retried round keeps only its last attempt's replies
         config = ConfigRecord({**dict(config), **self.round_train_config(server_round)})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent_config[server_round] = dict(config)  # with what the strategy added (server-round, proximal-mu)
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
 
+    def remember_global(self, arrays: ArrayRecord) -> None:
+        """The model sent out this round: replies are checked and measured against it."""
+        self.global_arrays = arrays
+        self.global_floats = {
+            k: array_view(a) for k, a in arrays.items() if np.issubdtype(np.dtype(a.dtype), np.floating)
+        }
+        self.global_norm = math.sqrt(sum(_squared_distance(v, None) for v in self.global_floats.values()))
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        return self.aggregate_accepted(server_round, self.screen_round(server_round, list(replies)))
+
+    def screen_round(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The round's replies fit to average; the others, and every sampled site that did
+        not reply, are recorded with the reason."""
         accepted = self.screen_replies(server_round, replies)
         replied = {m.metadata.src_node_id for m in replies}
         for node in self.sampled.get(server_round, []):
             if node not in replied:
-                self._record(server_round, node, "missing", "no reply within round-timeout")
+                self._record(server_round, node, "missing", f"no reply within round-timeout={self.settings.round_timeout}s")
+        return accepted
+
+    def aggregate_accepted(
+        self, server_round: int, accepted: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The strategy's aggregate of replies that passed the checks, in the global model's dtypes."""
         if not accepted:
             log(WARNING, "Round %d: no reply could be averaged; the global model stays as it was", server_round)
             return None, None
@@ -108,11 +131,20 @@ class CyclicalMixin:
         for msg in replies:
             node = msg.metadata.src_node_id
             problem = self._reply_problem(msg)
+            ratio = None if problem else self.update_ratio(msg.content["arrays"])
+            bound = self.settings.max_update_ratio
+            if ratio is not None and bound and not ratio <= bound:
+                problem = (
+                    f"its change to the global model has {ratio:.3g} times the model's norm, "
+                    f"above max-update-ratio={bound}"
+                )
             if problem:
                 self._record(server_round, node, "rejected", problem)
             else:
                 accepted.append(msg)
-                self.site_metrics[server_round].append({"node_id": node, **dict(msg.content["metrics"])})
+                self.site_metrics[server_round].append(
+                    {"node_id": node, "site": self.site_names.get(node), **dict(msg.content["metrics"]), "update-ratio": ratio}
+                )
         return accepted
 
     def _reply_problem(self, msg: Message) -> str | None:
@@ -159,6 +191,49 @@ class CyclicalMixin:
                 return f"array {key!r} holds NaN or Inf"
         return None
 
+    def update_ratio(self, arrays: ArrayRecord) -> float | None:
+        """The L2 norm of the reply's change to the global model's float arrays, relative to
+        the global model's norm (None before a model was sent out)."""
+        if not self.global_floats or not self.global_norm:
+            return None
+        total = sum(_squared_distance(array_view(arrays[key]), ref) for key, ref in self.global_floats.items())
+        return math.sqrt(total) / self.global_norm
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def state_arrays(self) -> dict[str, "torch.Tensor"]:
+        """The wrapped strategy's array state (server optimizer moments, momentum), flat, for
+        a checkpoint: every attribute that holds an ArrayRecord, or a dict or list of arrays."""
+        import torch
+
+        out = {}
+        for name in sorted(self.flower_attributes):
+            value = getattr(self, name, None)
+            if isinstance(value, ArrayRecord):
+                kind, items = "record", [(k, a.numpy()) for k, a in value.items()]
+            elif isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+                kind, items = "dict", list(value.items())
+            elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+                kind, items = "list", [(str(i), v) for i, v in enumerate(value)]
+            else:
+                continue
+            out.update({f"{name}/{kind}/{key}": torch.from_numpy(np.array(v, copy=True)) for key, v in items})
+        return out
+
+    def restore_state_arrays(self, flat: dict[str, "torch.Tensor"]) -> None:
+        """Put back what `state_arrays` took out."""
+        grouped: dict[tuple[str, str], dict[str, np.ndarray]] = defaultdict(dict)
+        for path, tensor in flat.items():
+            name, kind, key = path.split("/", 2)
+            grouped[(name, kind)][key] = tensor.numpy()
+        for (name, kind), values in grouped.items():
+            if kind == "record":
+                setattr(self, name, ArrayRecord({k: Array(v) for k, v in values.items()}))
+            elif kind == "dict":
+                setattr(self, name, values)
+            else:
+                setattr(self, name, [values[str(i)] for i in range(len(values))])
+
     def _evaluate_problem(self, msg: Message) -> str | None:
         if msg.has_error():
             return f"failed: {msg.error.reason}"
@@ -174,12 +249,25 @@ class CyclicalMixin:
         return None
 
     def _record(self, server_round: int, node: int, event: str, reason: str) -> None:
-        log(WARNING, "Round %d: node %d %s: %s", server_round, node, event, reason)
-        self.events[server_round].append({"node_id": node, "event": event, "reason": reason})
+        site = self.site_names.get(node)
+        log(WARNING, "Round %d: node %d (%s) %s: %s", server_round, node, site or "site unknown", event, reason)
+        self.events[server_round].append({"node_id": node, "site": site, "event": event, "reason": reason})
 
 
 def _positive_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _squared_distance(a: np.ndarray, b: np.ndarray | None) -> float:
+    """||a - b||^2 (||a||^2 without b), read in place: the views of a reply are read-only."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ta = torch.from_numpy(a.reshape(-1))
+        if b is None:
+            return float(torch.linalg.vector_norm(ta, dtype=torch.float64)) ** 2
+        return float(torch.dist(ta.double(), torch.from_numpy(b.reshape(-1)).double())) ** 2
 
 
 def integer_arrays(reference: ArrayRecord, replies: list[Message]) -> dict[str, np.ndarray]:

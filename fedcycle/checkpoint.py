@@ -1,0 +1,181 @@
+"""Checkpoints: what a run needs to continue after its last finished round.
+
+One file per round, `<run>/checkpoints/round-0003.safetensors`, written atomically (a
+temporary file, fsync, then rename: a crash leaves the previous one whole); the last
+`checkpoints-keep` are kept. Its tensors are the global model (`model/...`), the best model
+so far (`best/...`), the strategy's arrays (`strategy/...`: server optimizer moments,
+momentum) and torch's RNG state; its metadata the round, the metrics lines so far, the best
+accuracy, Python's RNG state (Flower samples sites with it), what the run trains (dataset,
+model, strategy, classes) and a SHA-256 of the tensors, so that a truncated or corrupted
+file is refused with a clear error instead of resuming from garbage. safetensors: loading a
+checkpoint runs no code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.common.logger import log
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from fedcycle.results import jsonable
+
+FORMAT = 1
+PREFIXES = ("model/", "best/", "strategy/")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, unreadable, or from another kind of run."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    model: dict[str, torch.Tensor]
+    best_model: dict[str, torch.Tensor]
+    best_accuracy: float
+    metrics: list[dict[str, Any]]
+    identity: dict[str, Any]  # what the run trains: a resumed run must train the same
+    strategy_arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    python_rng: Any = None
+    torch_rng: torch.Tensor | None = None
+    path: Path | None = None
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep: int) -> Path:
+    """Write `ckpt` atomically as round-NNNN.safetensors; drop all but the newest `keep`."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        **{f"model/{k}": v for k, v in ckpt.model.items()},
+        **{f"best/{k}": v.clone() for k, v in ckpt.best_model.items()},  # often the same tensors as model/
+        **{f"strategy/{k}": v for k, v in ckpt.strategy_arrays.items()},
+        "rng/torch": torch.get_rng_state() if ckpt.torch_rng is None else ckpt.torch_rng,
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    state = {
+        "format": FORMAT,
+        "round": ckpt.round,
+        "best_accuracy": ckpt.best_accuracy,
+        "metrics": ckpt.metrics,
+        "identity": ckpt.identity,
+        "python_rng": _jsonable_rng(random.getstate() if ckpt.python_rng is None else ckpt.python_rng),
+    }
+    metadata = {"fedcycle": json.dumps(state, default=jsonable), "sha256": _digest(tensors)}
+    path = folder / f"round-{ckpt.round:04d}.safetensors"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(save(tensors, metadata=metadata))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in checkpoint_files(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """The run's checkpoint files, oldest round first."""
+    return sorted(checkpoint_dir(run_dir).glob("round-*.safetensors"))
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """One checkpoint file; CheckpointError if it is truncated, corrupted or not fedcycle's."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state = json.loads(metadata["fedcycle"])
+        digest = metadata["sha256"]
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupted?): {err}") from None
+    if _digest(tensors) != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the checksum written with them")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {state.get('format')}; this fedcycle reads format {FORMAT}")
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    rng = state["python_rng"]
+    return Checkpoint(
+        round=int(state["round"]),
+        model=part("model/"),
+        best_model=part("best/"),
+        best_accuracy=float(state["best_accuracy"]),
+        metrics=state["metrics"],
+        identity=state["identity"],
+        strategy_arrays=part("strategy/"),
+        python_rng=(rng[0], tuple(rng[1]), rng[2]),
+        torch_rng=tensors.get("rng/torch"),
+        path=path,
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint:
+    """The newest checkpoint of the run that loads; each unreadable newer one is logged and skipped."""
+    files = checkpoint_files(run_dir)
+    if not files:
+        raise CheckpointError(
+            f"no checkpoint in {checkpoint_dir(run_dir)}: resume-from needs a run folder in which at least "
+            "one round finished"
+        )
+    problems = []
+    for path in reversed(files):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            log(WARNING, "%s; trying the one before", err)
+            continue
+        return ckpt
+    raise CheckpointError("no checkpoint of the run can be read:\n  " + "\n  ".join(problems))
+
+
+def check_identity(ckpt: Checkpoint, identity: dict[str, Any], model: dict[str, torch.Tensor]) -> None:
+    """CheckpointError unless the checkpoint was made by a run that trains the same thing."""
+    where = ckpt.path or "the checkpoint"
+    for key, value in identity.items():
+        if ckpt.identity.get(key) != value:
+            raise CheckpointError(
+                f"cannot resume from {where}: it was made with {key}={ckpt.identity.get(key)!r}, "
+                f"this run has {key}={value!r}; resume with the same {key}, or start a new run"
+            )
+    saved = {k: (str(v.dtype), list(v.shape)) for k, v in ckpt.model.items()}
+    wanted = {k: (str(v.dtype), list(v.shape)) for k, v in model.items()}
+    if saved != wanted:
+        differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+        raise CheckpointError(
+            f"cannot resume from {where}: its model does not fit this run's model "
+            f"({len(differ)} arrays differ, e.g. {differ[:3]})"
+        )
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(list(t.shape)).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _jsonable_rng(state: Any) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]

@@ -1,0 +1,141 @@
+"""Checkpoints: what they hold, how a bad one is refused, and the update-norm bound."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedcycle.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_files,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedcycle.config import ConfigError, RunSettings
+from fedcycle.models import build_model
+from fedcycle.server_app import load_resume_point, run_identity
+from fedcycle.strategies import make_strategy
+from tests.test_strategy import SHAPES, arrays, reply
+
+
+def checkpoint(settings: RunSettings, server_round: int, **extra) -> Checkpoint:
+    model = build_model(settings.model, (1, 28, 28), 10).state_dict()
+    return Checkpoint(
+        round=server_round,
+        model=model,
+        best_model=model,
+        best_accuracy=0.5 + server_round / 100,
+        metrics=[{"round": r, "accuracy": 0.5 + r / 100} for r in range(server_round + 1)],
+        identity=run_identity(settings),
+        **extra,
+    )
+
+
+def test_a_checkpoint_holds_model_metrics_rng_and_the_strategy_state(tmp_path, task_identity):
+    settings = RunSettings(strategy="fedadam")
+    strategy = make_strategy(settings, num_sites=2)
+    rng = np.random.default_rng(0)
+    strategy.m_t = {"w": rng.standard_normal((3, 2)).astype(np.float32)}
+    strategy.v_t = {"w": rng.random((3, 2)).astype(np.float32)}
+    random.seed(5)
+    expected_draw = random.random()
+    random.seed(5)
+    save_checkpoint(tmp_path, checkpoint(settings, 3, strategy_arrays=strategy.state_arrays()), keep=3)
+    random.random()  # the state moves on; the checkpoint keeps the one it saw
+
+    loaded = load_checkpoint(checkpoint_files(tmp_path)[-1])
+    assert loaded.round == 3 and loaded.best_accuracy == pytest.approx(0.53)
+    assert [m["round"] for m in loaded.metrics] == [0, 1, 2, 3]
+    assert loaded.identity == run_identity(settings)
+    fresh = make_strategy(settings, num_sites=2)
+    fresh.restore_state_arrays(loaded.strategy_arrays)
+    np.testing.assert_array_equal(fresh.m_t["w"], strategy.m_t["w"])
+    np.testing.assert_array_equal(fresh.v_t["w"], strategy.v_t["w"])
+    random.setstate(loaded.python_rng)
+    assert random.random() == expected_draw
+    model = build_model("small-cnn", (1, 28, 28), 10).state_dict()
+    assert set(loaded.model) == set(model)
+
+
+def test_fedavgm_momentum_survives_a_checkpoint(tmp_path, task_identity):
+    settings = RunSettings(strategy="fedavgm")
+    strategy = make_strategy(settings, num_sites=2)
+    strategy.momentum_vector = [np.arange(4, dtype=np.float32), np.ones((2, 2))]
+    save_checkpoint(tmp_path, checkpoint(settings, 1, strategy_arrays=strategy.state_arrays()), keep=3)
+    fresh = make_strategy(settings, num_sites=2)
+    fresh.restore_state_arrays(load_checkpoint(checkpoint_files(tmp_path)[-1]).strategy_arrays)
+    assert [v.dtype for v in fresh.momentum_vector] == [np.float32, np.float64]
+    np.testing.assert_array_equal(fresh.momentum_vector[0], np.arange(4))
+
+
+def test_only_the_last_few_are_kept(tmp_path):
+    for r in range(5):
+        save_checkpoint(tmp_path, checkpoint(RunSettings(), r), keep=2)
+    assert [p.name for p in checkpoint_files(tmp_path)] == ["round-0003.safetensors", "round-0004.safetensors"]
+    assert not list((tmp_path / "checkpoints").glob(".*tmp"))
+
+
+def test_a_truncated_checkpoint_is_refused_and_the_previous_one_loads(tmp_path):
+    for r in (1, 2):
+        save_checkpoint(tmp_path, checkpoint(RunSettings(), r), keep=3)
+    newest = checkpoint_files(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="round-0002.safetensors cannot be read \\(truncated or corrupted\\?\\)"):
+        load_checkpoint(newest)
+    assert latest_checkpoint(tmp_path).round == 1
+
+
+def test_a_corrupted_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path, checkpoint(RunSettings(), 1), keep=3)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # a flipped byte in the weights: the file still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted: its tensors do not match the checksum"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint of the run can be read"):
+        latest_checkpoint(tmp_path)
+
+
+def test_resume_refuses_another_model_or_dataset_and_a_missing_folder(tmp_path):
+    save_checkpoint(tmp_path, checkpoint(RunSettings(), 2), keep=3)
+    settings = RunSettings(resume_from=str(tmp_path))
+    run_dir, ckpt = load_resume_point(settings, build_model("small-cnn", (1, 28, 28), 10))
+    assert run_dir == tmp_path and ckpt.round == 2
+    other = RunSettings(resume_from=str(tmp_path), model="resnet18")
+    with pytest.raises(CheckpointError, match="made with model='small-cnn', this run has model='resnet18'"):
+        load_resume_point(other, build_model("resnet18", (1, 28, 28), 10))
+    cifar = RunSettings(resume_from=str(tmp_path), dataset="cifar10")
+    with pytest.raises(CheckpointError, match="made with dataset='fashion-mnist', this run has dataset='cifar10'"):
+        load_resume_point(cifar, build_model("small-cnn", (3, 32, 32), 10))
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        load_resume_point(RunSettings(resume_from=str(tmp_path / "checkpoints")), build_model("small-cnn", (1, 28, 28), 10))
+    with pytest.raises(ConfigError, match="resume-from='/nowhere': /nowhere is not a folder"):
+        load_resume_point(RunSettings(resume_from="/nowhere"), build_model("small-cnn", (1, 28, 28), 10))
+
+
+def test_an_update_far_from_the_global_model_is_rejected(task_identity):
+    strategy = make_strategy(RunSettings(), num_sites=3)
+    rng = np.random.default_rng(2)
+    global_model = arrays(rng)
+    strategy.remember_global(ArrayRecord({k: Array(v) for k, v in global_model.items()}))
+    near = {k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) for k, v in global_model.items()}
+    scaled = {k: v * 1000 for k, v in global_model.items()}
+    agg, _ = strategy.aggregate_train(1, [reply(1, near, 10), reply(2, scaled, 10)])
+    np.testing.assert_allclose(agg["conv.weight"].numpy(), near["conv.weight"], rtol=1e-6)
+    (event,) = strategy.events[1]
+    assert event["node_id"] == 2 and "999 times the model's norm, above max-update-ratio=10.0" in event["reason"]
+    (site,) = strategy.site_metrics[1]
+    delta = np.sqrt(sum(((near[k] - global_model[k]).astype(np.float64) ** 2).sum() for k in SHAPES))
+    norm = np.sqrt(sum((global_model[k].astype(np.float64) ** 2).sum() for k in SHAPES))
+    assert site["update-ratio"] == pytest.approx(delta / norm, rel=1e-9)
+
+    unbounded = make_strategy(RunSettings(max_update_ratio=0), num_sites=3)
+    unbounded.remember_global(ArrayRecord({k: Array(v) for k, v in global_model.items()}))
+    unbounded.aggregate_train(1, [reply(1, near, 10), reply(2, scaled, 10)])
+    assert not unbounded.events[1] and len(unbounded.site_metrics[1]) == 2
