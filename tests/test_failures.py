@@ -1,0 +1,227 @@
+"""Runs that survive failure, on real processes: a SuperLink with TLS and node authentication,
+the fleet proxy and SuperNodes on loopback, as in tests/test_deploy.py.
+
+The sites run fedcycle's ClientApp through tests/faults/fault_client_app.py, which adds the
+fault a site's node config names (NaN or scaled weights, a sleep); the ServerApp, strategy,
+trainer and data are fedcycle's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fedcycle.deploy.loopback import LoopbackDeployment
+from fedcycle.local import REPO, RunOutcome
+from fedcycle.results import read_metrics
+
+FAULT_APP = Path(__file__).parent / "faults" / "fault_client_app.py"
+
+
+@pytest.fixture(scope="module")
+def fault_app(tmp_path_factory) -> Path:
+    """fedcycle's app with tests/faults/fault_client_app.py as its ClientApp."""
+    app_dir = tmp_path_factory.mktemp("fault-app")
+    pyproject = (REPO / "pyproject.toml").read_text()
+    component = 'clientapp = "fedcycle.client_app:app"'
+    assert component in pyproject
+    (app_dir / "pyproject.toml").write_text(pyproject.replace(component, 'clientapp = "fault_client_app:app"'))
+    shutil.copy(REPO / "README.md", app_dir)
+    shutil.copy(FAULT_APP, app_dir)
+    return app_dir
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, fault_app):
+    d = LoopbackDeployment(tmp_path_factory.mktemp("failures"), app_dir=fault_app)
+    try:
+        d.start_superlink()
+        d.start_proxy()
+        yield d
+    finally:
+        pids = d.processes.pids()
+        d.stop()
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.killpg(pid, 0)
+
+
+def start_sites(deployment: LoopbackDeployment, prefix: str, faults: list[str]) -> list[str]:
+    """One site per entry of `faults` ('' for none), each on its partition of len(faults)."""
+    names = []
+    for i, fault in enumerate(faults):
+        name = f"{prefix}-{i}"
+        extra = f" fault='{fault}'" if fault else ""
+        deployment.add_site(name, f"partition-id={i} num-partitions={len(faults)}{extra}")
+        deployment.start_site(name, max_retries=1000)  # they outlive a SuperLink restart
+        names.append(name)
+    deployment.wait_for_sites(len(names))
+    return names
+
+
+def stop_sites(deployment: LoopbackDeployment, names: list[str]) -> None:
+    for name in names:
+        deployment.stop_site(name)
+    deadline = time.monotonic() + 120  # the SuperLink sees them go within its heartbeat patience
+    while deployment.online_sites() and time.monotonic() < deadline:
+        time.sleep(2)
+
+
+def config(data_root: str, results: Path, extra: str) -> str:
+    return (
+        f"local-epochs=1 train-subset=400 test-subset=1000 batch-size=32 "
+        f"data-root='{data_root}' results-dir='{results}' {extra}"
+    )
+
+
+class Background:
+    """`flwr run` in a thread, so the test can act while the run goes."""
+
+    def __init__(self, deployment: LoopbackDeployment, run_config: str) -> None:
+        self.outcome: RunOutcome | None = None
+        self.thread = threading.Thread(target=self._run, args=(deployment, run_config), daemon=True)
+        self.thread.start()
+
+    def _run(self, deployment: LoopbackDeployment, run_config: str) -> None:
+        self.outcome = deployment.run(run_config, stream=False)
+
+    def join(self, timeout: float = 600) -> RunOutcome:
+        self.thread.join(timeout)
+        assert self.outcome is not None, "flwr run did not return"
+        return self.outcome
+
+
+def wait_for_round(metrics: Path, server_round: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(r["round"] >= server_round for r in read_metrics(metrics)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"round {server_round} did not finish within {timeout}s")
+
+
+def kill(deployment: LoopbackDeployment, name: str) -> None:
+    """SIGKILL a process's whole session: no goodbye to anyone."""
+    proc = deployment.processes.procs[name]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deployment.processes.stop(name)
+
+
+def events(line: dict, site: str, event: str) -> list[dict]:
+    return [e for e in line["events"] if e.get("site") == site and e["event"] == event]
+
+
+def test_a_site_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, data_root, tmp_path):
+    names = start_sites(deployment, "kill", ["", "", ""])
+    try:
+        run = Background(deployment, config(data_root, tmp_path, "num-server-rounds=4 round-timeout=45 run-name='killed'"))
+        metrics = tmp_path / "killed" / "metrics.jsonl"
+        wait_for_round(metrics, 1)
+        time.sleep(2)  # round 2 is under way
+        kill(deployment, "supernode-kill-2")
+        kill(deployment, "superexec-kill-2")
+        outcome = run.join()
+    finally:
+        stop_sites(deployment, names[:2])
+    assert outcome.completed, outcome.log[-4000:]
+    rounds = read_metrics(metrics)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    assert len(rounds[1]["sites"]) == 3
+    dropped = [e for e in rounds[2]["events"] if e.get("site") == "partition 2/3"]
+    assert dropped and dropped[0]["event"] in ("missing", "rejected"), rounds[2]["events"]
+    for r in rounds[2:]:  # the others carry on, without the dead site
+        assert sorted(s["site"] for s in r["sites"]) == ["partition 0/3", "partition 1/3"]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    assert rounds[-1]["accuracy"] >= rounds[1]["accuracy"]
+
+
+def test_a_site_that_sleeps_past_the_timeout_is_dropped_then_takes_part_again(deployment, data_root, tmp_path):
+    names = start_sites(deployment, "slow", ["", "sleep:2:30"])
+    try:
+        outcome = deployment.run(
+            config(data_root, tmp_path, "num-server-rounds=4 round-timeout=20 run-name='straggler'"), stream=False
+        )
+    finally:
+        stop_sites(deployment, names)
+    assert outcome.completed, outcome.log[-4000:]
+    rounds = read_metrics(tmp_path / "straggler" / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    slow = "partition 1/2"
+    assert slow in [s["site"] for s in rounds[1]["sites"]]
+    assert events(rounds[2], slow, "missing"), rounds[2]["events"]
+    assert slow not in [s["site"] for s in rounds[2]["sites"]]
+    assert any(slow in [s["site"] for s in r["sites"]] for r in rounds[3:5]), [r["sites"] for r in rounds]
+    assert f"({slow}) missing" in outcome.log
+
+
+def test_nan_and_scaled_updates_are_rejected_and_a_robust_strategy_survives_them(deployment, data_root, tmp_path):
+    names = start_sites(deployment, "hostile", ["", "", "nan", "scale:1000"])
+    try:
+        default = deployment.run(
+            config(data_root, tmp_path, "num-server-rounds=3 round-timeout=120 run-name='hostile'"), stream=False
+        )
+        # without the norm bound the scaled site is averaged in, unless the strategy is robust
+        robust = deployment.run(
+            config(data_root, tmp_path, "num-server-rounds=3 round-timeout=120 max-update-ratio=0 "
+                   "strategy='fedmedian' run-name='robust'"),
+            stream=False,
+        )
+    finally:
+        stop_sites(deployment, names)
+    assert default.completed, default.log[-4000:]
+    rounds = read_metrics(tmp_path / "hostile" / "metrics.jsonl")
+    for r in rounds[1:]:
+        assert sorted(s["site"] for s in r["sites"]) == ["partition 0/4", "partition 1/4"]
+        assert "NaN or Inf" in events(r, "partition 2/4", "rejected")[0]["reason"]
+        assert "max-update-ratio=10.0" in events(r, "partition 3/4", "rejected")[0]["reason"]
+        assert all(s["update-ratio"] < 10 for s in r["sites"])
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+
+    assert robust.completed, robust.log[-4000:]
+    rounds = read_metrics(tmp_path / "robust" / "metrics.jsonl")
+    for r in rounds[1:]:
+        assert "partition 3/4" in [s["site"] for s in r["sites"]]  # averaged in: the median shrugs it off
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+
+
+def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, data_root, tmp_path):
+    names = start_sites(deployment, "resume", ["", ""])
+    schedule = "lr-cycle-length=3 round-timeout=120 seed=7"  # a cycle over 3 rounds: round 3 has its own rates
+    try:
+        reference = deployment.run(config(data_root, tmp_path, f"num-server-rounds=3 {schedule} run-name='reference'"), stream=False)
+        job = config(data_root, tmp_path, f"num-server-rounds=4 {schedule} run-name='resumable'")
+        run = Background(deployment, job)
+        metrics = tmp_path / "resumable" / "metrics.jsonl"
+        wait_for_round(metrics, 2)
+        kill(deployment, "superlink")  # the ServerApp's SuperExec and the ServerApp go with it
+        deployment.processes.stop("superexec-serverapp")
+        deployment.start_superlink()  # the same --database
+        stopped = run.join()
+        deployment.wait_for_sites(2)
+        assert deployment.flwr.status(stopped.run_id) == "finished:failed"
+        resumed = deployment.run(f"{job} resume-from='{tmp_path / 'resumable'}'", stream=False)
+    finally:
+        stop_sites(deployment, names)
+    assert reference.completed and resumed.completed, resumed.log[-4000:]
+    assert resumed.results_dir == tmp_path / "resumable"
+    rounds = read_metrics(metrics)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    recorded = json.loads((tmp_path / "resumable" / "config.json").read_text())
+    assert recorded["resumed_from_round"] == 2
+    assert recorded["resumed_accuracy"] == pytest.approx(rounds[2]["accuracy"], abs=1e-12)
+    uninterrupted = read_metrics(tmp_path / "reference" / "metrics.jsonl")[3]
+
+    def rates(line: dict) -> dict:
+        return {s["site"]: (s["lr-first"], s["lr-peak"], s["lr-last"], s["steps"]) for s in line["sites"]}
+
+    assert rates(rounds[3]) == rates(uninterrupted) and len(rates(rounds[3])) == 2
+    assert rounds[3]["train_config"] == uninterrupted["train_config"]
+    assert rounds[4]["accuracy"] > rounds[0]["accuracy"] + 0.2
