@@ -66,14 +66,14 @@ def bench_aggregation(repeat: int) -> dict:
     replies = []
     for node in range(1, 9):
         instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
-        arrays = ArrayRecord({k: Array(v + rng.standard_normal(v.shape).astype(v.dtype) if v.dtype == np.float32 else v)
+        arrays = ArrayRecord({k: Array(v + 0.01 * rng.standard_normal(v.shape).astype(v.dtype) if v.dtype == np.float32 else v)
                               for k, v in state.items()})
         metrics = MetricRecord({**{key: 1.0 for key in train_metric_keys("train-reply")}, "num-examples": 100 + node})
         replies.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=instruction))
     size = sum(v.nbytes for v in state.values())
 
     strategy = make_strategy(RunSettings(), num_sites=8)
-    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
+    strategy.remember_global(ArrayRecord({k: Array(v) for k, v in state.items()}))
 
     def fedcycle_round() -> None:  # the production path: reply checks, the mean, dtypes kept
         arrays, _ = strategy.aggregate_train(1, replies)
@@ -90,7 +90,7 @@ def bench_aggregation(repeat: int) -> dict:
     return {
         "parameters": int(sum(v.size for v in state.values())), "replies": len(replies),
         "stock_seconds": spread(stock), "fedcycle_seconds": spread(fast),
-        "fedcycle_includes": "CyclicalFedAvg.aggregate_train: screening every reply (shapes, dtypes, NaN/Inf), the mean, dtypes kept",
+        "fedcycle_includes": "CyclicalFedAvg.aggregate_train: screening every reply (shapes, dtypes, NaN/Inf, the norm of its change), the mean, dtypes kept",
         "mean_only_seconds": spread(mean_only),
         "mean_only_speedup": statistics.median(stock) / statistics.median(mean_only),
         "speedup": statistics.median(stock) / statistics.median(fast),

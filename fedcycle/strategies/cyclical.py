@@ -133,7 +133,9 @@ class CyclicalMixin:
             problem = self._reply_problem(msg)
             ratio = None if problem else self.update_ratio(msg.content["arrays"])
             bound = self.settings.max_update_ratio
-            if ratio is not None and bound and not ratio <= bound:
+            if ratio is not None and not math.isfinite(ratio):
+                problem = _non_finite(msg.content["arrays"]) or "its change to the global model overflows float32"
+            elif ratio is not None and bound and not ratio <= bound:
                 problem = (
                     f"its change to the global model has {ratio:.3g} times the model's norm, "
                     f"above max-update-ratio={bound}"
@@ -187,8 +189,8 @@ class CyclicalMixin:
                 return f"array {key!r} cannot be read: {err}"
             if values.dtype != np.dtype(array.dtype) or values.shape != tuple(array.shape):
                 return f"array {key!r} holds {values.dtype}{list(values.shape)} but declares {array.dtype}{list(array.shape)}"
-            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-                return f"array {key!r} holds NaN or Inf"
+        if not self.global_floats:  # else the update's norm, measured next, finds NaN and Inf in the same pass
+            return _non_finite(arrays)
         return None
 
     def update_ratio(self, arrays: ArrayRecord) -> float | None:
@@ -258,16 +260,32 @@ def _positive_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def _non_finite(arrays: ArrayRecord) -> str | None:
+    for key, array in arrays.items():
+        values = array_view(array)
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"array {key!r} holds NaN or Inf"
+    return None
+
+
 def _squared_distance(a: np.ndarray, b: np.ndarray | None) -> float:
-    """||a - b||^2 (||a||^2 without b), read in place: the views of a reply are read-only."""
+    """||a - b||^2 (||a||^2 without b), reading the arrays in place (a reply's views are
+    read-only) block by block, the difference in a block that stays in cache, the sum in
+    float64. NaN or Inf in either makes it non-finite."""
     import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         ta = torch.from_numpy(a.reshape(-1))
-        if b is None:
-            return float(torch.linalg.vector_norm(ta, dtype=torch.float64)) ** 2
-        return float(torch.dist(ta.double(), torch.from_numpy(b.reshape(-1)).double())) ** 2
+        tb = None if b is None else torch.from_numpy(b.reshape(-1))
+    block = torch.empty(min(CHUNK, ta.numel()), dtype=ta.dtype)
+    total = 0.0
+    for start in range(0, ta.numel(), CHUNK):
+        part = ta[start : start + CHUNK]
+        if tb is not None:
+            part = torch.sub(part, tb[start : start + CHUNK], out=block[: part.numel()])
+        total += float(torch.dot(part, part))
+    return total
 
 
 def integer_arrays(reference: ArrayRecord, replies: list[Message]) -> dict[str, np.ndarray]:
