@@ -87,6 +87,13 @@ class RunResults:
         }
         _atomic_write(self.path / "config.json", json.dumps(record, indent=2, default=str).encode())
 
+    def read_config(self) -> dict[str, Any]:
+        """config.json as written, or {} when there is none that reads."""
+        try:
+            return json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
     def append_round(self, line: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line, default=jsonable) + "\n")

@@ -229,7 +229,12 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedcycle run %s: results go to %s", context.run_id, results.path)
     extra: dict[str, Any] = {"run_id": context.run_id}
     if ckpt is not None:
-        extra.update(resumed_from_round=ckpt.round, resumed_from_checkpoint=str(ckpt.path))
+        earlier = results.read_config()
+        extra.update(
+            resumed_from_round=ckpt.round,
+            resumed_from_checkpoint=str(ckpt.path),
+            earlier_run_ids=[*earlier.get("earlier_run_ids", []), earlier.get("run_id")],
+        )
         log(INFO, "fedcycle: resuming from %s (round %d)", ckpt.path, ckpt.round)
     results.write_config(settings, dict(context.run_config), **extra)
 

@@ -144,7 +144,7 @@ def test_a_site_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, data
 
 
 def test_a_site_that_sleeps_past_the_timeout_is_dropped_then_takes_part_again(deployment, data_root, tmp_path):
-    names = start_sites(deployment, "slow", ["", "sleep:2:30"])
+    names = start_sites(deployment, "slow", ["", "sleep:2:45"])
     try:
         outcome = deployment.run(
             config(data_root, tmp_path, "num-server-rounds=4 round-timeout=20 run-name='straggler'"), stream=False
@@ -215,7 +215,7 @@ def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, d
     rounds = read_metrics(metrics)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
     recorded = json.loads((tmp_path / "resumable" / "config.json").read_text())
-    assert recorded["resumed_from_round"] == 2
+    assert recorded["resumed_from_round"] == 2 and recorded["earlier_run_ids"] == [stopped.run_id]
     assert recorded["resumed_accuracy"] == pytest.approx(rounds[2]["accuracy"], abs=1e-12)
     uninterrupted = read_metrics(tmp_path / "reference" / "metrics.jsonl")[3]
 
