@@ -147,7 +147,7 @@ def test_a_site_that_sleeps_past_the_timeout_is_dropped_then_takes_part_again(de
     names = start_sites(deployment, "slow", ["", "sleep:2:45"])
     try:
         outcome = deployment.run(
-            config(data_root, tmp_path, "num-server-rounds=4 round-timeout=20 run-name='straggler'"), stream=False
+            config(data_root, tmp_path, "num-server-rounds=4 round-timeout=30 run-name='straggler'"), stream=False
         )
     finally:
         stop_sites(deployment, names)
