@@ -26,6 +26,10 @@ from fedcycle.strategies.cyclical import CyclicalMixin
 class RoundFailed(RuntimeError):
     """A round got too few usable replies, also after its retries."""
 
+    def __init__(self, server_round: int, message: str) -> None:
+        super().__init__(message)
+        self.server_round = server_round
+
 
 def run_rounds(
     grid: Grid,
@@ -78,6 +82,7 @@ def train_round(
         strategy.events[server_round].append({"event": "round-attempt-failed", "attempt": attempt, "reason": shortfall})
         log(WARNING, "Round %d, attempt %d of %d: %s", server_round, attempt, attempts, shortfall)
     raise RoundFailed(
+        server_round,
         f"round {server_round} failed {attempts} time(s) (round-retries={settings.round_retries}): {shortfall}. "
         "The checkpoints of the finished rounds are kept: bring the sites back and resume the run with "
         "resume-from, or lower min-replies / min-reply-fraction"

@@ -193,6 +193,17 @@ class RoundRecorder:
         )
         return MetricRecord({"accuracy": accuracy or 0.0, "loss": loss or 0.0})
 
+    def record_failed_round(self, server_round: int, reason: str) -> None:
+        """A line for the round that failed, with what went wrong at each site (a resumed run
+        replaces it with the rounds of its checkpoint)."""
+        s = self.strategy
+        self.results.append_round({
+            "round": server_round, "accuracy": None, "accuracy_source": None, "loss": None,
+            "seconds": round(time.perf_counter() - self.last, 3), "failed": reason,
+            "train_config": s.sent_config.get(server_round), "sites": s.site_metrics.get(server_round, []),
+            "events": s.events.get(server_round, []),
+        })
+
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> tuple[float | None, float | None, str]:
         if self.test is not None:
             loss, accuracy = evaluate(self.model, self.test, self.device, *self.norm)
@@ -259,6 +270,7 @@ def main(grid: Grid, context: Context) -> None:
         run_rounds(grid, strategy, settings, arrays, first_round, recorder)
     except RoundFailed as err:
         log(ERROR, "fedcycle run %s stopped: %s", context.run_id, err)
+        recorder.record_failed_round(err.server_round, str(err))
         raise
     final = recorder.lines[-1]["accuracy"]
     log(INFO, "fedcycle run %s finished: final accuracy %s; results in %s", context.run_id,

@@ -192,6 +192,25 @@ def test_nan_and_scaled_updates_are_rejected_and_a_robust_strategy_survives_them
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
 
 
+def test_a_round_with_too_few_usable_replies_is_retried_then_the_run_stops(deployment, data_root, tmp_path):
+    names = start_sites(deployment, "short", ["", "nan"])
+    try:
+        outcome = deployment.run(
+            config(data_root, tmp_path, "num-server-rounds=2 min-replies=2 round-retries=1 round-timeout=120 run-name='short'"),
+            stream=False,
+        )
+    finally:
+        stop_sites(deployment, names)
+    assert outcome.status == "finished:failed"
+    assert "round 1 failed 2 time(s) (round-retries=1): 1 usable reply of 2 sampled site(s), at least 2 needed" in outcome.log
+    rounds = read_metrics(tmp_path / "short" / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["accuracy"] is None
+    assert rounds[1]["failed"].startswith("round 1 failed 2 time(s)")
+    assert [e["attempt"] for e in rounds[1]["events"] if e["event"] == "round-attempt-failed"] == [1, 2]
+    assert len(events(rounds[1], "partition 1/2", "rejected")) == 2  # NaN, at each attempt
+    assert (tmp_path / "short" / "checkpoints" / "round-0000.safetensors").exists()
+
+
 def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, data_root, tmp_path):
     names = start_sites(deployment, "resume", ["", ""])
     schedule = "lr-cycle-length=3 round-timeout=120 seed=7"  # a cycle over 3 rounds: round 3 has its own rates
