@@ -144,10 +144,12 @@ def test_a_site_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, data
 
 
 def test_a_site_that_sleeps_past_the_timeout_is_dropped_then_takes_part_again(deployment, data_root, tmp_path):
-    names = start_sites(deployment, "slow", ["", "sleep:2:45"])
+    # round 2 gives up on the sleeper after 60 s; once awake it pays a ClientApp process per
+    # message (5-15 s on a loaded 2-core machine), which the 60 s lifetime of round 3's leaves room for
+    names = start_sites(deployment, "slow", ["", "sleep:2:75"])
     try:
         outcome = deployment.run(
-            config(data_root, tmp_path, "num-server-rounds=4 round-timeout=30 run-name='straggler'"), stream=False
+            config(data_root, tmp_path, "num-server-rounds=4 round-timeout=60 run-name='straggler'"), stream=False
         )
     finally:
         stop_sites(deployment, names)
