@@ -5,7 +5,7 @@ temporary file, fsync, then rename: a crash leaves the previous one whole); the 
 `checkpoints-keep` are kept. Its tensors are the global model (`model/...`), the best model
 so far (`best/...`), the strategy's arrays (`strategy/...`: server optimizer moments,
 momentum) and torch's RNG state; its metadata the round, the metrics lines so far, the best
-accuracy, Python's RNG state (Flower samples sites with it), what the run trains (dataset,
+value of the task's primary metric, Python's RNG state (Flower samples sites with it), what the run trains (dataset,
 model, strategy, classes) and a SHA-256 of the tensors, so that a truncated or corrupted
 file is refused with a clear error instead of resuming from garbage. safetensors: loading a
 checkpoint runs no code.
@@ -29,7 +29,7 @@ from safetensors.torch import save
 
 from fedcycle.results import jsonable
 
-FORMAT = 1
+FORMAT = 2  # 2: the best model's primary metric (any task), not its accuracy
 PREFIXES = ("model/", "best/", "strategy/")
 
 
@@ -42,7 +42,7 @@ class Checkpoint:
     round: int
     model: dict[str, torch.Tensor]
     best_model: dict[str, torch.Tensor]
-    best_accuracy: float
+    best_value: float | None  # the best model's primary metric (None: no model evaluated yet)
     metrics: list[dict[str, Any]]
     identity: dict[str, Any]  # what the run trains: a resumed run must train the same
     strategy_arrays: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -69,7 +69,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep: int) -> Path:
     state = {
         "format": FORMAT,
         "round": ckpt.round,
-        "best_accuracy": ckpt.best_accuracy,
+        "best_value": ckpt.best_value,
         "metrics": ckpt.metrics,
         "identity": ckpt.identity,
         "python_rng": _jsonable_rng(random.getstate() if ckpt.python_rng is None else ckpt.python_rng),
@@ -116,7 +116,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         round=int(state["round"]),
         model=part("model/"),
         best_model=part("best/"),
-        best_accuracy=float(state["best_accuracy"]),
+        best_value=None if state["best_value"] is None else float(state["best_value"]),
         metrics=state["metrics"],
         identity=state["identity"],
         strategy_arrays=part("strategy/"),

@@ -1,10 +1,11 @@
-"""fedcycle's ClientApp: wires Flower's messages to the site trainer, nothing more.
+"""fedcycle's ClientApp: wires Flower's messages to the site's task and trainer, nothing more.
 
-- query (pre-flight): the site's data size, classes, image shape, device and versions,
-  or the node-config error that stops the run before training;
-- train: evaluate the received global model on the site's held-out split (unless
-  `site-eval` says otherwise), train it with the round's schedule, reply with the weights;
-- evaluate: the held-out accuracy of the received model (when `site-eval=evaluate-round`).
+- query (pre-flight): the site's data size, the task's metric names, the shape of an example,
+  the model's fingerprint, device and versions, or the error that stops the run before training;
+- train: evaluate the received global model on the site's held-out split (unless `site-eval`
+  says otherwise), train it with the round's schedule, reply with the weights;
+- evaluate: the loss and metrics of the received model on the held-out split (when
+  `site-eval=evaluate-round`, or when the task has no test split).
 """
 
 from __future__ import annotations
@@ -14,23 +15,12 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcycle.config import ConfigError
+from fedcycle.errors import ConfigError, TaskError
 from fedcycle.schedules import LRSchedule
-from fedcycle.site import load_site
+from fedcycle.site import Site, load_site
 from fedcycle.trainer import TrainConfig, evaluate, train
 
 app = ClientApp()
-
-# What a train reply's MetricRecord holds; the server leaves out a reply with other keys.
-TRAIN_METRICS = frozenset(
-    {"num-examples", "train-loss", "train-accuracy", "train-seconds", "setup-seconds", "local-epochs", "steps",
-     "lr-first", "lr-peak", "lr-last"}
-)
-RECEIVED_MODEL_METRICS = frozenset({"received-loss", "received-accuracy", "val-examples"})
-
-
-def train_metric_keys(site_eval: str) -> frozenset[str]:
-    return TRAIN_METRICS | RECEIVED_MODEL_METRICS if site_eval == "train-reply" else TRAIN_METRICS
 
 
 @app.query()
@@ -42,6 +32,14 @@ def preflight(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"report": ConfigRecord(report)}), reply_to=msg)
 
 
+def held_out(site: Site, model) -> dict[str, float]:
+    """Loss and metrics of `model` on the site's held-out split (zeros when it has none)."""
+    if not len(site.val):
+        return {"loss": 0.0, **{name: 0.0 for name in site.metric_names}}
+    loss, metrics = evaluate(site.task, model, site.val, site.device, num_workers=site.num_workers)
+    return {"loss": loss, **metrics}
+
+
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
     entered = time.perf_counter()
@@ -50,16 +48,16 @@ def train_round(msg: Message, context: Context) -> Message:
     model = site.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(site.device)
-    mean, std = site.norm
     setup_seconds = time.perf_counter() - entered  # data, model, weights, device: before any step
 
     metrics: dict[str, float] = {}
     if site.settings.site_eval == "train-reply":  # a site without held-out data reports 0 examples
-        loss, accuracy = evaluate(model, site.val, site.device, mean, std) if len(site.val) else (0.0, 0.0)
-        metrics.update({"received-loss": loss, "received-accuracy": accuracy, "val-examples": len(site.val)})
+        metrics.update({f"received-{k}": v for k, v in held_out(site, model).items()})
+        metrics["val-examples"] = len(site.val)
 
     server_round = int(config["server-round"])
     result = train(
+        site.task,
         model,
         site.train,
         TrainConfig(
@@ -68,21 +66,27 @@ def train_round(msg: Message, context: Context) -> Message:
             server_round=server_round,
             epochs_before=int(config["epochs-before"]),
             batch_size=int(config["batch-size"]),
+            optimizer=str(config["optimizer"]),
             momentum=float(config["momentum"]),
             weight_decay=float(config["weight-decay"]),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             mixed_precision=site.settings.mixed_precision,
             seed=site.seed(server_round),
+            num_workers=site.num_workers,
         ),
         site.device,
-        mean,
-        std,
     )
+    missing = [name for name in site.metric_names if name not in result.metrics]
+    if missing:
+        raise TaskError(
+            f"task={site.task.name!r}: train() returned {sorted(result.metrics)} besides the loss; "
+            f"it must also return the task's metrics {missing}"
+        )
     metrics.update(
         {
             "num-examples": result.num_examples,
             "train-loss": result.loss,
-            "train-accuracy": result.accuracy,
+            **{f"train-{k}": result.metrics[k] for k in site.metric_names},
             "train-seconds": result.seconds,
             "setup-seconds": setup_seconds,
             "local-epochs": int(config["local-epochs"]),
@@ -102,6 +106,5 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     site = load_site(context.run_config, context.node_config)
     model = site.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    loss, accuracy = evaluate(model, site.val, site.device, *site.norm)
-    metrics = {"loss": loss, "accuracy": accuracy, "num-examples": len(site.val)}
+    metrics = {**held_out(site, model), "num-examples": len(site.val)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

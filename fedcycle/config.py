@@ -4,26 +4,29 @@ Flower hands the ServerApp and every ClientApp the same flat run config (hyphena
 keys, nested tables flattened to `table.key`). `RunSettings.from_run_config` turns it
 into one frozen object and raises `ConfigError` with a one-line message that names the
 key, the value and what is allowed.
+
+Only the keys every task shares are checked here; a task checks its own (the built-in image
+task: dataset, model, classes, partitioner) when it is built (`fedcycle.tasks`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+from fedcycle.errors import ConfigError
 from fedcycle.schedules import LRSchedule, local_epochs_for_round
 
 SITE_EVAL_MODES = ("train-reply", "evaluate-round", "off")
+OPTIMIZERS = ("sgd", "adamw")
 
-
-class ConfigError(ValueError):
-    """A run-config or node-config value that cannot work."""
+__all__ = ["ConfigError", "RunSettings", "SITE_EVAL_MODES", "OPTIMIZERS"]
 
 
 @dataclass(frozen=True)
 class RunSettings:
+    task: str = "image-classification"
     dataset: str = "fashion-mnist"
     model: str = "small-cnn"
     strategy: str = "cyclical-fedavg"
@@ -34,6 +37,7 @@ class RunSettings:
     lr_cycle_unit: str = "round"
     lr_cycle_length: float = 1.0
     lr_gamma: float = 0.999
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 64
@@ -62,6 +66,8 @@ class RunSettings:
     mixed_precision: bool = False
     classes: str = ""
     image_size: int = 32
+    augment: str = ""
+    model_weights: str = ""
     # `name.option` keys: the options of the partitioner or strategy called `name`
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -108,12 +114,14 @@ class RunSettings:
         return [c.strip() for c in self.classes.split(",") if c.strip()]
 
     @property
-    def evaluates_on_sites(self) -> bool:
-        """Whether each round ends with an evaluate message to the sites: asked for, or the
-        dataset is site-local and the sites' held-out data is the only test there is."""
-        from fedcycle.datasets import DATASETS
+    def task_options(self) -> dict[str, Any]:
+        """The `task.*` table: a user's task's own run-config keys (declared in pyproject.toml)."""
+        return self.options.get("task", {})
 
-        return self.site_eval == "evaluate-round" or DATASETS[self.dataset].site_local
+    def evaluates_on_sites(self, has_test_data: bool) -> bool:
+        """Whether each round ends with an evaluate message to the sites: asked for, or the
+        task has no test split and the sites' held-out data is the only test there is."""
+        return self.site_eval == "evaluate-round" or not has_test_data
 
     def epochs_for_round(self, server_round: int) -> int:
         return local_epochs_for_round(
@@ -121,17 +129,11 @@ class RunSettings:
         )
 
     def validate(self) -> None:
-        """Check every value that does not need a dataset or a site; raise ConfigError."""
-        from fedcycle.datasets import DATASETS
-        from fedcycle.datasets.partition import PARTITIONERS
-        from fedcycle.models import MODELS
-        from fedcycle.strategies import check_strategy_name
-
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, MODELS)
-        _choice("partitioner", self.partitioner, PARTITIONERS)
+        """Check every value that does not need a task, a dataset or a site; raise ConfigError."""
         _choice("site-eval", self.site_eval, SITE_EVAL_MODES)
-        check_strategy_name(self.strategy)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not self.task.strip():
+            raise ConfigError("task='' is empty; give a built-in task's name or 'package.module:Class'")
         self.schedule  # noqa: B018 - validates the lr-* keys
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("local-epochs", self.local_epochs)
@@ -156,32 +158,14 @@ class RunSettings:
             raise ConfigError(f"min-reply-fraction={self.min_reply_fraction} must be in [0, 1]")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val-fraction={self.val_fraction} must be in [0, 1)")
-        if self.evaluates_on_sites and self.val_fraction == 0:
+        if self.site_eval == "evaluate-round" and self.val_fraction == 0:
             raise ConfigError(
-                f"val-fraction=0 leaves the sites nothing to evaluate on, but site-eval={self.site_eval!r} "
-                f"and dataset={self.dataset!r} need it; use a val-fraction above 0"
+                "val-fraction=0 leaves the sites nothing to evaluate on, but site-eval='evaluate-round' needs it; "
+                "use a val-fraction above 0"
             )
         if self.local_epochs_max and self.local_epochs_max < self.local_epochs:
             raise ConfigError(
                 f"local-epochs-max={self.local_epochs_max} must be 0 (no cap) or at least local-epochs={self.local_epochs}"
-            )
-        alpha = self.partitioner_options.get("alpha", 0.5)
-        if self.partitioner in ("dirichlet", "quantity-skew") and not (
-            isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)
-        ):
-            raise ConfigError(f"{self.partitioner}.alpha={alpha} must be a number above 0")
-        shards = self.partitioner_options.get("shards-per-site", 2)
-        if self.partitioner == "label-shards" and not (isinstance(shards, int) and shards >= 1):
-            raise ConfigError(f"label-shards.shards-per-site={shards} must be an integer of at least 1")
-        builtin = DATASETS[self.dataset].classes(RunSettings(dataset=self.dataset))
-        if self.class_list and builtin and len(self.class_list) != len(builtin):
-            raise ConfigError(
-                f"classes has {len(self.class_list)} names, but dataset={self.dataset!r} has {len(builtin)} classes"
-            )
-        if self.dataset == "image-folder" and len(self.class_list) < 2:
-            raise ConfigError(
-                f"classes={self.classes!r}: the image-folder dataset needs the class list, "
-                "comma-separated, in the order the model numbers them (at least 2)"
             )
 
     def as_dict(self) -> dict[str, Any]:

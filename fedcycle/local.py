@@ -201,13 +201,20 @@ def flwr_env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
     }
 
 
+def python_path(folder: str) -> dict[str, str]:
+    """PYTHONPATH with `folder` first (where a user's task module lives), for the apps' processes."""
+    if not folder:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(Path(folder).resolve()), os.environ.get("PYTHONPATH", "")) if p)}
+
+
 class LocalSimulation:
     """A simulation SuperLink on loopback, owned by this object; use as a context manager.
 
     Stopping it stops its session: the ServerApp and Ray. (The SuperExec it starts detaches
     into its own session and exits by itself when the SuperLink is gone.)"""
 
-    def __init__(self, flwr_home: Path, app_dir: Path = REPO) -> None:
+    def __init__(self, flwr_home: Path, app_dir: Path = REPO, task_path: str = "") -> None:
         self.flwr_home = Path(flwr_home).resolve()
         self.app_dir = Path(app_dir).resolve()
         self.port, self.control_port = free_port(), free_port()
@@ -215,6 +222,7 @@ class LocalSimulation:
             self.flwr_home,
             FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(self.port),
             FLWR_LOCAL_CONTROL_API_PORT=str(self.control_port),
+            **python_path(task_path),
         )
         self.processes = ProcessGroup(self.flwr_home / "local-superlink")
         self.flwr = FlwrCli(self.env, self.app_dir)
@@ -282,13 +290,15 @@ def print_results(outcome: RunOutcome) -> None:
 
     console = Console()
     if outcome.results_dir and (outcome.results_dir / "metrics.jsonl").exists():
+        rounds = read_metrics(outcome.results_dir / "metrics.jsonl")
+        metric = rounds[0].get("primary_metric", "accuracy") if rounds else "accuracy"
         table = Table(title=f"fedcycle run {outcome.run_id}")
-        for column in ("round", "test accuracy", "test loss", "sites", "left out", "seconds"):
+        for column in ("round", f"test {metric}", "test loss", "sites", "left out", "seconds"):
             table.add_column(column, justify="right")
-        for r in read_metrics(outcome.results_dir / "metrics.jsonl"):
-            acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        for r in rounds:
+            value = "-" if r.get(metric) is None else f"{r[metric]:.4f}"
             loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-            table.add_row(str(r["round"]), acc, loss, str(len(r["sites"])), str(len(r["events"])), f"{r['seconds']:.1f}")
+            table.add_row(str(r["round"]), value, loss, str(len(r["sites"])), str(len(r["events"])), f"{r['seconds']:.1f}")
         console.print(table)
         console.print(f"results: {outcome.results_dir}", soft_wrap=True)
     console.print(f"status: {outcome.status}")
@@ -323,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--run-config", default="", help='run-config overrides, as for flwr run: "k=v k2=\'s\'"')
     sim.add_argument("--cpus-per-site", type=float, default=1, help="Ray CPUs per ClientApp (default 1)")
     sim.add_argument("--flwr-home", default=str(REPO / ".flwr-home"), help="FLWR_HOME for this job")
+    sim.add_argument("--task-path", default="", help="a folder holding the module of the run config's task")
     sub.add_parser("prepare-data", help="decode Fashion-MNIST into the data cache")
     args = parser.parse_args(argv)
     exit_on_termination()
@@ -330,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-data":
         prepare_data()
         return 0
-    with LocalSimulation(Path(args.flwr_home)) as sim_link:
+    with LocalSimulation(Path(args.flwr_home), task_path=args.task_path) as sim_link:
         outcome = sim_link.run(args.sites, args.run_config, args.cpus_per_site)
     print_results(outcome)
     return 0 if outcome.completed else 1

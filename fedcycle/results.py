@@ -5,7 +5,7 @@
   flushed to disk as each round ends;
 - `global-final.safetensors` (the latest global model, replaced each round) and
   `global-best.safetensors`;
-- `accuracy.png`: test accuracy per round.
+- `<metric>.png` (`accuracy.png` for classification): the task's primary metric per round.
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ class RunResults:
         os.replace(tmp, path)
         return path
 
-    def plot(self) -> Path:
+    def plot(self, metric: str = "accuracy") -> Path:
         rounds = read_metrics(self.metrics_path)
-        return plot_accuracy({self.path.name: rounds}, self.path / "accuracy.png")
+        return plot_metric({self.path.name: rounds}, self.path / f"{metric}.png", metric)
 
 
 def load_model(path: str | Path) -> dict[str, torch.Tensor]:
@@ -127,7 +127,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_accuracy(runs: dict[str, Iterable[dict]], out: Path) -> Path:
+def plot_metric(runs: dict[str, Iterable[dict]], out: Path, metric: str = "accuracy") -> Path:
+    """`metric` (a key of each metrics.jsonl line) against the round, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,10 +136,10 @@ def plot_accuracy(runs: dict[str, Iterable[dict]], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, rounds in runs.items():
-        rows = [r for r in rounds if r.get("accuracy") is not None]
-        ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+        rows = [r for r in rounds if r.get(metric) is not None]
+        ax.plot([r["round"] for r in rows], [r[metric] for r in rows], marker="o", label=label)
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"test {metric}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -49,7 +49,7 @@ def run_rounds(
         aggregated, _ = strategy.aggregate_accepted(server_round, accepted)
         if aggregated is not None:
             arrays = aggregated
-        if settings.evaluates_on_sites:
+        if strategy.evaluates_on_sites:
             messages = _with_lifetime(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), settings)
             metrics = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=settings.round_timeout))
             log(INFO, "Round %d: the sites' evaluation of the global model: %s", server_round, metrics)

@@ -162,10 +162,20 @@ class LRSchedule:
 
     def lr_at(self, step: int, cycle_steps: int) -> float:
         """The learning rate at a step, computed by the same PyTorch scheduler."""
+        return self.lrs(step, 1, cycle_steps)[0]
+
+    def lrs(self, start_step: int, steps: int, cycle_steps: int) -> list[float]:
+        """The learning rates of `steps` optimizer steps from `start_step`, as a site's scheduler sets them."""
         param = torch.nn.Parameter(torch.zeros(1))
         opt = torch.optim.SGD([param], lr=self.lr_max)
-        self.build(opt, cycle_steps, start_step=step)
-        return opt.param_groups[0]["lr"]
+        scheduler = self.build(opt, cycle_steps, start_step=start_step)
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(steps):
+                out.append(opt.param_groups[0]["lr"])
+                scheduler.step()
+        return out
 
 
 def local_epochs_for_round(base: int, growth: float, maximum: int, server_round: int) -> int:

@@ -230,13 +230,9 @@ def _toml(value: Any) -> str:
 
 
 def model_bytes(study: Study) -> int:
-    from fedcycle.config import RunSettings
-    from fedcycle.datasets import DATASETS
-    from fedcycle.models import build_model
+    from fedcycle.tasks import load_task
 
-    settings = RunSettings(dataset=study.dataset, model=study.model)
-    spec = DATASETS[study.dataset]
-    model = build_model(study.model, spec.shape(settings), len(spec.classes(settings)))
+    model = load_task({"dataset": study.dataset, "model": study.model}).build_model()
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
@@ -260,33 +256,37 @@ def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: P
 
 
 def run_centralized(study: Study, run: PlannedRun, data_root: str) -> dict:
-    """The same trainer on the pooled data of all sites, evaluated after every epoch."""
+    """The same task and trainer on the pooled data of all sites, evaluated after every epoch."""
     import torch
 
+    from fedcycle.batches import join
     from fedcycle.config import RunSettings
-    from fedcycle.datasets import DATASETS, pooled_train, test_split
-    from fedcycle.models import build_model
+    from fedcycle.tasks import load_task
     from fedcycle.trainer import TrainConfig, evaluate, pick_device, train
 
     config = run_config_for(study, run, data_root)
     settings = RunSettings.from_run_config(config)
-    spec = DATASETS[settings.dataset]
-    train_data, val_data = pooled_train(settings, run.sites)
-    test = test_split(settings)
+    task = load_task(config)
+    sites = [task.site_data({"partition-id": i, "num-partitions": run.sites}) for i in range(run.sites)]
+    train_data, val_data = join([s[0] for s in sites]), join([s[1] for s in sites])
+    test = task.test_data()
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, spec.shape(settings), len(spec.classes(settings)))
+    model = task.build_model()
     device = pick_device("auto")
-    norm = (spec.mean, spec.std)
-    accuracy, val_accuracy, seconds = [evaluate(model, test, device, *norm)[1]], [evaluate(model, val_data, device, *norm)[1]], [0.0]
+
+    def accuracy_on(data) -> float:
+        return evaluate(task, model, data, device)[1]["accuracy"]
+
+    accuracy, val_accuracy, seconds = [accuracy_on(test)], [accuracy_on(val_data)], [0.0]
     started = time.perf_counter()
     for epoch in range(run.rounds(study.epoch_budget)):
         t = time.perf_counter()
         cfg = TrainConfig(settings.schedule, epochs=1, server_round=epoch + 1, epochs_before=epoch,
-                          batch_size=settings.batch_size, momentum=settings.momentum,
+                          batch_size=settings.batch_size, optimizer=settings.optimizer, momentum=settings.momentum,
                           weight_decay=settings.weight_decay, seed=settings.seed * 1_000 + epoch)
-        train(model, train_data, cfg, device, *norm)
-        accuracy.append(evaluate(model, test, device, *norm)[1])
-        val_accuracy.append(evaluate(model, val_data, device, *norm)[1])
+        train(task, model, train_data, cfg, device)
+        accuracy.append(accuracy_on(test))
+        val_accuracy.append(accuracy_on(val_data))
         seconds.append(time.perf_counter() - t)
     return {"accuracy": accuracy, "val_accuracy": val_accuracy, "seconds": seconds,
             "wall_seconds": time.perf_counter() - started, "run_config": config}

@@ -1,24 +1,26 @@
 """The site trainer: a plain PyTorch loop that knows nothing of Flower.
 
-The ClientApp calls it with the global model and the round's settings; the centralized
-baseline calls it with the pooled data. The learning rate is set every optimizer step by
-the server's schedule (`fedcycle.schedules`).
+The ClientApp calls it with the global model, the site's data and the round's settings; the
+centralized baseline calls it with the pooled data. The learning rate is set every optimizer
+step by the server's schedule (`fedcycle.schedules`), as a `torch.optim.lr_scheduler` object.
+A task that brings its own loop (`train(model, loader, optimizer, scheduler, epochs, device)`)
+gets the same optimizer and scheduler; either way every optimizer step's learning rate is
+recorded, and a loop that steps the optimizer without the scheduler is refused.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fedcycle.datasets import ImageData
+from fedcycle.batches import batch_size_of, batches, to_device
+from fedcycle.errors import TaskError
 from fedcycle.schedules import LRSchedule
+from fedcycle.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -28,25 +30,26 @@ class TrainConfig:
     server_round: int = 1
     epochs_before: int = 0  # local epochs this site's schedule has already run (for epoch/step cycles)
     batch_size: int = 64
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2
     mixed_precision: bool = False  # bfloat16 autocast, CUDA only
     seed: int = 0
+    num_workers: int = 0  # DataLoader workers (the in-memory fast path needs none)
 
 
 @dataclass(frozen=True)
 class TrainResult:
     loss: float
-    accuracy: float
+    metrics: dict[str, float]
     num_examples: int
     seconds: float
     steps: int
     lr_first: float
     lr_peak: float
     lr_last: float
-
-
+    lrs: list[float] = field(default_factory=list, repr=False)  # every optimizer step's learning rate
 def pick_device(requested: str = "auto") -> torch.device:
     """`auto`: the first CUDA device if there is one, else the CPU. Refuses a missing GPU."""
     if requested in ("", "auto"):
@@ -62,63 +65,90 @@ def pick_device(requested: str = "auto") -> torch.device:
     return device
 
 
-class Batches:
-    """Mini-batches from uint8 images held on the device, normalized on the fly."""
-
-    def __init__(self, data: ImageData, device: torch.device, mean: tuple, std: tuple) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
-        self.labels = torch.from_numpy(data.labels).to(device)
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(mean, device=device).view(shape) * 255
-        self.std = torch.tensor(std, device=device).view(shape) * 255
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def iterate(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple]:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        order = order.to(self.images.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            x = (self.images[idx].float() - self.mean) / self.std
-            yield x, self.labels[idx]
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """`optimizer` in the run config: SGD with momentum (the default) or AdamW; the schedule drives either."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.schedule.lr_max, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.schedule.lr_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_examples / batch_size))
+class StepLog:
+    """Every optimizer step's learning rate (read as the step is taken), and how often the
+    scheduler stepped: what the reply reports, and how a loop that ignores the schedule is found."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
+        self.lrs: list[float] = []
+        self.scheduler, self.scheduler_start = scheduler, scheduler.last_epoch
+        self.handle = optimizer.register_step_pre_hook(lambda opt, *_: self.lrs.append(opt.param_groups[0]["lr"]))
+
+    def close(self, task: Task) -> None:
+        self.handle.remove()
+        scheduler_steps = self.scheduler.last_epoch - self.scheduler_start
+        if scheduler_steps != len(self.lrs):
+            raise TaskError(
+                f"task={task.name!r}: train() stepped the optimizer {len(self.lrs)} times and the scheduler "
+                f"{scheduler_steps} times; the server's schedule governs every step: call scheduler.step() "
+                "once after each optimizer.step()"
+            )
 
 
-def train(
-    model: nn.Module, data: ImageData, cfg: TrainConfig, device: torch.device, mean: tuple, std: tuple
-) -> TrainResult:
-    """Train `model` in place for `cfg.epochs` epochs over `data`."""
+def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.device) -> TrainResult:
+    """Train `model` in place for `cfg.epochs` epochs over `data`, by the task's own loop if it
+    has one, else by fedcycle's."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    batches = Batches(data, device, mean, std)
-    spe = steps_per_epoch(len(batches), cfg.batch_size)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.schedule.lr_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    loader = batches(data, cfg.batch_size, device, shuffle=True,
+                     generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.num_workers)
+    spe = len(loader)
+    optimizer = make_optimizer(cfg, model.parameters())
     scheduler = cfg.schedule.build(
         optimizer,
         cfg.schedule.cycle_steps(spe, cfg.epochs),
         cfg.schedule.start_step(spe, cfg.epochs, cfg.server_round, cfg.epochs_before),
     )
-    anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    autocast = cfg.mixed_precision and device.type == "cuda"
+    log = StepLog(optimizer, scheduler)
+    if task.own_train is not None:
+        if cfg.proximal_mu > 0:
+            raise TaskError(
+                f"task={task.name!r} brings its own train(), which cannot add FedProx's proximal term "
+                f"(proximal-mu={cfg.proximal_mu}); choose another strategy, or drop the task's train()"
+            )
+        loss, metrics = _own_loop_result(task, task.own_train(model, loader, optimizer, scheduler, cfg.epochs, device))
+    else:
+        loss, metrics = fit(task, model, loader, optimizer, scheduler, cfg, device)
+    log.close(task)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    lrs = log.lrs
+    return TrainResult(
+        loss=loss,
+        metrics=metrics,
+        num_examples=len(data),
+        seconds=time.perf_counter() - started,
+        steps=len(lrs),
+        lr_first=lrs[0] if lrs else float("nan"),
+        lr_peak=max(lrs) if lrs else float("nan"),
+        lr_last=lrs[-1] if lrs else float("nan"),
+        lrs=lrs,
+    )
 
+
+def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig,
+        device: torch.device) -> tuple[float, dict[str, float]]:
+    """fedcycle's own loop: the task's loss, the schedule stepped after every optimizer step;
+    returns the mean loss and metrics over the examples seen."""
+    anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
+    autocast = cfg.mixed_precision and device.type == "cuda"
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, steps, lrs = 0, 0, []
+    sums: dict[str, Any] = {}
+    seen = 0
     for _epoch in range(cfg.epochs):
-        for x, y in batches.iterate(cfg.batch_size, generator):
-            lrs.append(optimizer.param_groups[0]["lr"])
+        for inputs, targets in loader:
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                outputs = model(inputs)
+                loss = task.loss(outputs, targets)
             objective = loss
             if anchor is not None:
                 prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
@@ -127,36 +157,42 @@ def train(
             objective.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            steps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return TrainResult(
-        loss=float(loss_sum) / max(seen, 1),
-        accuracy=float(correct) / max(seen, 1),
-        num_examples=len(batches),
-        seconds=time.perf_counter() - started,
-        steps=steps,
-        lr_first=lrs[0] if lrs else float("nan"),
-        lr_peak=max(lrs) if lrs else float("nan"),
-        lr_last=lrs[-1] if lrs else float("nan"),
-    )
+            n = batch_size_of(targets)
+            with torch.no_grad():
+                loss_sum += loss.detach() * n
+                for name, value in task.metrics(outputs.detach(), targets).items():
+                    sums[name] = sums.get(name, 0.0) + value * n
+            seen += n
+    return float(loss_sum) / max(seen, 1), {k: float(v) / max(seen, 1) for k, v in sums.items()}
+
+
+def _own_loop_result(task: Task, returned: Any) -> tuple[float, dict[str, float]]:
+    """The loss and metrics a task's own train() returned: a dict with `loss` and the task's metrics."""
+    if not isinstance(returned, dict) or "loss" not in returned:
+        raise TaskError(
+            f"task={task.name!r}: train() returned {returned!r}; it returns a dict with 'loss' and the task's "
+            "metrics (means over the examples it trained on)"
+        )
+    return float(returned["loss"]), {k: float(v) for k, v in returned.items() if k != "loss"}
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, data: ImageData, device: torch.device, mean: tuple, std: tuple, batch_size: int = 1024
-) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of `model` on `data`."""
+def evaluate(task: Task, model: nn.Module, data, device: torch.device, batch_size: int = 1024,
+             num_workers: int = 0) -> tuple[float, dict[str, float]]:
+    """(mean loss, mean metrics) of `model` on `data`; each metric a mean over examples,
+    weighted by batch size."""
     model.to(device).eval()
-    batches = Batches(data, device, mean, std)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in batches.iterate(batch_size):
-        logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    n = max(len(batches), 1)
-    return float(loss_sum) / n, float(correct) / n
+    sums: dict[str, Any] = {}
+    seen = 0
+    for inputs, targets in batches(data, batch_size, device, shuffle=False, num_workers=num_workers):
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
+        outputs = model(inputs)
+        outputs = outputs.float() if isinstance(outputs, torch.Tensor) else outputs
+        n = batch_size_of(targets)
+        loss_sum += task.loss(outputs, targets).double() * n
+        for name, value in task.metrics(outputs, targets).items():
+            sums[name] = sums.get(name, 0.0) + (value.double() if isinstance(value, torch.Tensor) else value) * n
+        seen += n
+    n = max(seen, 1)
+    return float(loss_sum) / n, {k: float(v) / n for k, v in sums.items()}

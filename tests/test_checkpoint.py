@@ -19,9 +19,14 @@ from fedcycle.checkpoint import (
 )
 from fedcycle.config import ConfigError, RunSettings
 from fedcycle.models import build_model
-from fedcycle.server_app import load_resume_point, run_identity
+from fedcycle.recorder import load_resume_point, run_identity
 from fedcycle.strategies import make_strategy
+from fedcycle.tasks import Task
 from tests.test_strategy import SHAPES, arrays, reply
+
+
+def task_of(settings: RunSettings) -> Task:
+    return Task(settings.task, {"dataset": settings.dataset, "model": settings.model})
 
 
 def checkpoint(settings: RunSettings, server_round: int, **extra) -> Checkpoint:
@@ -30,9 +35,9 @@ def checkpoint(settings: RunSettings, server_round: int, **extra) -> Checkpoint:
         round=server_round,
         model=model,
         best_model=model,
-        best_accuracy=0.5 + server_round / 100,
+        best_value=0.5 + server_round / 100,
         metrics=[{"round": r, "accuracy": 0.5 + r / 100} for r in range(server_round + 1)],
-        identity=run_identity(settings),
+        identity=run_identity(settings, task_of(settings)),
         **extra,
     )
 
@@ -50,9 +55,9 @@ def test_a_checkpoint_holds_model_metrics_rng_and_the_strategy_state(tmp_path, t
     random.random()  # the state moves on; the checkpoint keeps the one it saw
 
     loaded = load_checkpoint(checkpoint_files(tmp_path)[-1])
-    assert loaded.round == 3 and loaded.best_accuracy == pytest.approx(0.53)
+    assert loaded.round == 3 and loaded.best_value == pytest.approx(0.53)
     assert [m["round"] for m in loaded.metrics] == [0, 1, 2, 3]
-    assert loaded.identity == run_identity(settings)
+    assert loaded.identity == run_identity(settings, task_of(settings))
     fresh = make_strategy(settings, num_sites=2)
     fresh.restore_state_arrays(loaded.strategy_arrays)
     np.testing.assert_array_equal(fresh.m_t["w"], strategy.m_t["w"])
@@ -105,18 +110,18 @@ def test_a_corrupted_checkpoint_is_refused(tmp_path):
 def test_resume_refuses_another_model_or_dataset_and_a_missing_folder(tmp_path):
     save_checkpoint(tmp_path, checkpoint(RunSettings(), 2), keep=3)
     settings = RunSettings(resume_from=str(tmp_path))
-    run_dir, ckpt = load_resume_point(settings, build_model("small-cnn", (1, 28, 28), 10))
+    run_dir, ckpt = load_resume_point(settings, task_of(settings), build_model("small-cnn", (1, 28, 28), 10))
     assert run_dir == tmp_path and ckpt.round == 2
     other = RunSettings(resume_from=str(tmp_path), model="resnet18")
     with pytest.raises(CheckpointError, match="made with model='small-cnn', this run has model='resnet18'"):
-        load_resume_point(other, build_model("resnet18", (1, 28, 28), 10))
+        load_resume_point(other, task_of(other), build_model("resnet18", (1, 28, 28), 10))
     cifar = RunSettings(resume_from=str(tmp_path), dataset="cifar10")
     with pytest.raises(CheckpointError, match="made with dataset='fashion-mnist', this run has dataset='cifar10'"):
-        load_resume_point(cifar, build_model("small-cnn", (3, 32, 32), 10))
+        load_resume_point(cifar, task_of(cifar), build_model("small-cnn", (3, 32, 32), 10))
     with pytest.raises(CheckpointError, match="no checkpoint in"):
-        load_resume_point(RunSettings(resume_from=str(tmp_path / "checkpoints")), build_model("small-cnn", (1, 28, 28), 10))
+        load_resume_point(RunSettings(resume_from=str(tmp_path / "checkpoints")), task_of(settings), build_model("small-cnn", (1, 28, 28), 10))
     with pytest.raises(ConfigError, match="resume-from='/nowhere': /nowhere is not a folder"):
-        load_resume_point(RunSettings(resume_from="/nowhere"), build_model("small-cnn", (1, 28, 28), 10))
+        load_resume_point(RunSettings(resume_from="/nowhere"), task_of(settings), build_model("small-cnn", (1, 28, 28), 10))
 
 
 def test_an_update_far_from_the_global_model_is_rejected(task_identity):

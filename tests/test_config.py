@@ -8,7 +8,9 @@ import pytest
 
 from fedcycle.config import ConfigError, RunSettings
 from fedcycle.models import build_model, check_fits
-from fedcycle.site import check_node_config, load_site
+from fedcycle.site import load_site
+from fedcycle.tasks import load_task
+from fedcycle.tasks.image import check_node_config
 
 
 def test_defaults_are_valid_and_match_pyproject():
@@ -31,8 +33,14 @@ def test_defaults_are_valid_and_match_pyproject():
     "override, message",
     [
         ({"dataset": "mnist"}, "dataset='mnist' is unknown; choose one of ['cifar10', 'fashion-mnist', 'image-folder']"),
-        ({"model": "vgg"}, "model='vgg' is unknown; choose one of ['resnet18', 'small-cnn']"),
-        ({"strategy": "fedsomething"}, "strategy='fedsomething' is unknown; choose one of"),
+        ({"model": "vgg"}, "model='vgg' is unknown; choose one of ['resnet18', 'small-cnn'] or 'torchvision:<name>'"),
+        ({"model": "torchvision:resnet5"}, "model='torchvision:resnet5': torchvision has no classification model 'resnet5'"),
+        ({"model": "torchvision:resnet18"}, "model='torchvision:resnet18' takes 3-channel images; the dataset's have 1"),
+        ({"augment": "crop,rotate"}, "augment='crop,rotate': unknown ['rotate']"),
+        ({"optimizer": "lion"}, "optimizer='lion' is unknown; choose one of ['adamw', 'sgd']"),
+        ({"task": "no_such_pkg.tasks:Kidney"}, "task='no_such_pkg.tasks:Kidney' cannot be imported"),
+        ({"task": "kidney"}, "task='kidney' is neither a built-in task ['image-classification'] nor 'package.module:Class'"),
+        ({"task": "fedcycle.batches:InMemoryImages"}, "task='fedcycle.batches:InMemoryImages' lacks build_model(), site_data()"),
         ({"lr-schedule": "step"}, "lr-schedule='step' is unknown; choose one of ['constant', 'cosine', 'exp_range', 'triangular', 'triangular2']"),
         ({"partitioner": "random"}, "partitioner='random' is unknown; choose one of"),
         ({"lr-min": 0.5, "lr-max": 0.1}, "lr-min=0.5 must be between 0 and lr-max=0.1"),
@@ -44,12 +52,14 @@ def test_defaults_are_valid_and_match_pyproject():
         ({"site-eval": "sometimes"}, "site-eval='sometimes' is unknown"),
         ({"num-server-rounds": 2.5}, "num-server-rounds=2.5 must be an integer"),
         ({"dataset": "image-folder"}, "classes='': the image-folder dataset needs the class list"),
+        ({"partitioner": "label-shards", "label-shards.shards-per-site": 0}, "label-shards.shards-per-site=0 must be an integer"),
         ({"colour": "red"}, "run config key 'colour' is unknown"),
     ],
 )
 def test_bad_run_config(override, message):
+    """Each caught before any training: by the settings, or by the task built from them."""
     with pytest.raises(ConfigError, match=re.escape(message)):
-        RunSettings.from_run_config(override)
+        load_task(override)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +103,14 @@ def test_model_must_fit_the_images():
 
 
 def test_every_error_is_one_line():
-    for bad in ({"lr-min": 1.0}, {"dataset": "x"}, {"local-epochs": 0}):
+    for bad in ({"lr-min": 1.0}, {"dataset": "x"}, {"local-epochs": 0}, {"task": "x.y:Z"}):
         with pytest.raises(ConfigError) as err:
-            RunSettings.from_run_config(bad)
+            load_task(bad)
         assert "\n" not in str(err.value)
+
+
+def test_unknown_strategy_is_refused_before_start_up():
+    from fedcycle.strategies import resolve_strategy
+
+    with pytest.raises(ConfigError, match=re.escape("strategy='fedsomething' is unknown; choose one of")):
+        resolve_strategy("fedsomething")

@@ -83,7 +83,7 @@ def test_fashion_mnist_real_train_and_test(datasets_fmnist_root):
     # ten balanced classes: 6000 train and 1000 test images each
     np.testing.assert_array_equal(np.bincount(train.labels, minlength=10), np.full(10, 6000))
     np.testing.assert_array_equal(np.bincount(test.labels, minlength=10), np.full(10, 1000))
-    assert train.classes == test.classes == sources.CLASSES["fashion-mnist"]
+    assert train.classes == test.classes == DATASETS["fashion-mnist"].class_names
     assert len(train.classes) == 10
     # real pictures, not zeros: dark background, bright garments
     assert train.images.max() == 255 and train.images[:, :, 0, 0].mean() < 5
@@ -224,12 +224,16 @@ def test_site_split_passes_hyphenated_partitioner_options(datasets_fmnist_root):
     assert classes == set(range(10))
 
 
-def test_pooled_train_is_every_site_together(probe):
-    train, val = ds.pooled_train(probe, 4)
-    assert len(train) + len(val) == 3000
-    np.testing.assert_array_equal(
-        np.sort(np.concatenate([probe_index(train), probe_index(val)])), np.arange(3000)
-    )
+def test_pooled_data_is_every_site_together_and_stays_in_memory(probe):
+    """The centralized baseline's data: every site's split joined, still on the fast path."""
+    from fedcycle.batches import InMemoryImages, join
+
+    parts = [ds.site_split(probe, {"partition-id": i, "num-partitions": 4}) for i in range(4)]
+    pooled = [join([InMemoryImages(d.images, d.labels, d.classes, (0.5,), (0.5,)) for d in split]) for split in zip(*parts)]
+    assert all(isinstance(p, InMemoryImages) and p.fits_fast_path for p in pooled)
+    assert sum(len(p) for p in pooled) == 3000
+    index = [probe_index(ImageData(p.images.numpy(), p.labels.numpy(), ())) for p in pooled]
+    np.testing.assert_array_equal(np.sort(np.concatenate(index)), np.arange(3000))
 
 
 # ----------------------------------------------------------------------------- test_split

@@ -237,7 +237,7 @@ def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, d
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
     recorded = json.loads((tmp_path / "resumable" / "config.json").read_text())
     assert recorded["resumed_from_round"] == 2 and recorded["earlier_run_ids"] == [stopped.run_id]
-    assert recorded["resumed_accuracy"] == pytest.approx(rounds[2]["accuracy"], abs=1e-12)
+    assert recorded["resumed_value"] == pytest.approx(rounds[2]["accuracy"], abs=1e-12)
     uninterrupted = read_metrics(tmp_path / "reference" / "metrics.jsonl")[3]
 
     def rates(line: dict) -> dict:

@@ -38,7 +38,7 @@ def test_cyclical_fedavg_run_completes_and_learns(superlink, tmp_path, data_root
     assert out.results_dir == tmp_path / "e2e"
     rounds = read_metrics(out.results_dir / "metrics.jsonl")
     assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert all(r["accuracy_source"] == "server-test" for r in rounds)
+    assert all(r["metrics_source"] == "server-test" for r in rounds)
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
     for r in rounds[1:]:
         assert len(r["sites"]) == 2 and r["events"] == []

@@ -10,10 +10,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp.strategy import FedAvg
 
 from fedcycle import client_app
-from fedcycle.client_app import train_metric_keys
 from fedcycle.config import ConfigError, RunSettings
 from fedcycle.strategies import STRATEGIES, make_strategy, resolve_strategy
 from fedcycle.strategies.cyclical import CyclicalMixin
+from fedcycle.wire import train_reply_keys
 
 SHAPES = {"conv.weight": (4, 3), "conv.bias": (4,)}
 
@@ -25,7 +25,7 @@ def arrays(rng, scale=1.0, shapes=SHAPES) -> dict[str, np.ndarray]:
 def reply(node: int, weights: dict[str, np.ndarray], n: float, **metrics: float) -> Message:
     """A train reply as fedcycle's ClientApp sends it (every metric 1.0 unless given)."""
     instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
-    values = {key: 1.0 for key in train_metric_keys("train-reply")}
+    values = {key: 1.0 for key in train_reply_keys(["accuracy"], "train-reply")}
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
@@ -209,7 +209,9 @@ def test_preflight_reports_a_bad_node_config(task_identity, data_root):
     assert report["ok"] is False and "partition-id=5 must be in 0..1" in report["error"]
     good = client_app.preflight(query, context({"data-root": data_root}, {"partition-id": 1, "num-partitions": 2}))
     report = good.content["report"]
-    assert report["ok"] is True and report["num-train"] == 27000 and report["image-shape"] == [1, 28, 28]
+    assert report["ok"] is True and report["num-train"] == 27000 and report["inputs"] == "float32[1, 28, 28]"
+    assert report["targets"] == "int64[]" and list(report["metric-names"]) == ["accuracy"]
+    assert report["model"][0] == "features.0.weight:float32[32, 1, 3, 3]" and len(report["model"]) == 8
     assert report["device"] == "cpu" and report["flwr"] == "1.42.0"
 
 

@@ -3,8 +3,6 @@
 - `site_split(settings, node)`: this site's train and held-out (validation) data;
 - `test_split(settings)`: the shared test split the server evaluates on (None when the
   dataset has none, as for a site-local folder);
-- `pooled_train(settings, num_sites)`: every site's train data together, for the
-  centralized baseline.
 
 Every split is an `ImageData` of uint8 images (N, C, H, W) and int64 labels. Sources are
 decoded once into `.npy` files under the data root and memory-cached per process, since in
@@ -42,12 +40,15 @@ class ImageData:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What the rest of fedcycle needs to know about a dataset."""
+    """What the rest of fedcycle needs to know about a dataset; adding one is writing its loader
+    in `sources` and one entry in `_registry`."""
 
     name: str
     load: Callable[[str, Path], ImageData] | None  # (split, data root); None: only sites' own folders
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    image_shape: tuple[int, int, int] | None = None  # None: 3 channels of the run's image-size
+    class_names: tuple[str, ...] = ()  # () : the run config's `classes` name them
 
     @property
     def site_local(self) -> bool:
@@ -55,24 +56,26 @@ class DatasetSpec:
         return self.load is None
 
     def shape(self, settings: "RunSettings") -> tuple[int, int, int]:
-        from fedcycle.datasets import sources
-
-        return sources.SHAPES.get(self.name) or (3, settings.image_size, settings.image_size)
+        return self.image_shape or (3, settings.image_size, settings.image_size)
 
     def classes(self, settings: "RunSettings") -> tuple[str, ...]:
         """The class names in label order: the run config's `classes` if given (they name a
         site's folders), else the dataset's own."""
-        from fedcycle.datasets import sources
-
-        return tuple(settings.class_list) or sources.CLASSES.get(self.name, ())
+        return tuple(settings.class_list) or self.class_names
 
 
 def _registry() -> dict[str, DatasetSpec]:
     from fedcycle.datasets import sources
 
     return {
-        "fashion-mnist": DatasetSpec("fashion-mnist", sources.fashion_mnist, (0.2860,), (0.3530,)),
-        "cifar10": DatasetSpec("cifar10", sources.cifar10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        "fashion-mnist": DatasetSpec(
+            "fashion-mnist", sources.fashion_mnist, (0.2860,), (0.3530,), (1, 28, 28),
+            ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        ),
+        "cifar10": DatasetSpec(
+            "cifar10", sources.cifar10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (3, 32, 32),
+            ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        ),
         "image-folder": DatasetSpec("image-folder", None, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     }
 
@@ -102,7 +105,7 @@ def load(settings: "RunSettings", split: str, node_config: dict | None = None) -
     """The whole `split` ('train' or 'test') of the run's dataset, memory-cached, labelled
     with the run's class names. A node config with `data-dir` means the site's own folder,
     read in the run's classes and image shape."""
-    from fedcycle.config import ConfigError
+    from fedcycle.errors import ConfigError
 
     node_config = node_config or {}
     spec = DATASETS[settings.dataset]
@@ -143,15 +146,6 @@ def site_split(settings: "RunSettings", node_config: dict) -> tuple[ImageData, I
     full = load(settings, "train", node_config)
     index = partition(settings.partitioner, full.labels, parts, settings.seed, **_partition_options(settings))
     return _train_val(full.subset(index[pid]), settings, settings.seed + pid)
-
-
-def pooled_train(settings: "RunSettings", num_sites: int) -> tuple[ImageData, ImageData]:
-    """The union of every simulated site's (train, validation) data: the centralized baseline."""
-    parts = [site_split(settings, {"partition-id": i, "num-partitions": num_sites}) for i in range(num_sites)]
-    join = lambda ds: ImageData(  # noqa: E731
-        np.concatenate([d.images for d in ds]), np.concatenate([d.labels for d in ds]), ds[0].classes
-    )
-    return join([p[0] for p in parts]), join([p[1] for p in parts])
 
 
 def test_split(settings: "RunSettings") -> ImageData | None:

@@ -12,24 +12,11 @@ from typing import Callable
 
 import numpy as np
 
-from fedcycle.config import ConfigError
+from fedcycle.errors import ConfigError
 from fedcycle.datasets import ImageData
 
 # Debian's `dataset-fashion-mnist` package: the complete set, offline.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-CLASSES = {
-    "fashion-mnist": (
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-    ),
-    "cifar10": (
-        "airplane", "automobile", "bird", "cat", "deer",
-        "dog", "frog", "horse", "ship", "truck",
-    ),
-}
-
 
 def _npy_cache(folder: Path, split: str, build: Callable[[], ImageData]) -> ImageData:
     """Load `split` from `folder`'s .npy files, building them first if missing.

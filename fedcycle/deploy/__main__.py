@@ -107,7 +107,8 @@ def demo(args: argparse.Namespace) -> int:
     print_results(outcome)
     if outcome.results_dir and (outcome.results_dir / "metrics.jsonl").exists():
         final = read_metrics(outcome.results_dir / "metrics.jsonl")[-1]
-        print(f"final accuracy: {final['accuracy']:.4f} (round {final['round']})")
+        metric = final.get("primary_metric", "accuracy")
+        print(f"final {metric}: {final[metric]:.4f} (round {final['round']})")
     return 0 if outcome.completed else 1
 
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcycle.deploy.pki import Pki, make_pki, make_site_keys
-from fedcycle.local import REPO, FlwrCli, ProcessGroup, RunOutcome, _bin, flwr_env, free_port, http_ok, trusting
+from fedcycle.local import (
+    REPO, FlwrCli, ProcessGroup, RunOutcome, _bin, flwr_env, free_port, http_ok, python_path, trusting,
+)
 
 CONNECTION = "fedcycle-deploy"
 PROXY_TEMPLATE = REPO / "deploy" / "fleet-proxy.conf.template"
@@ -34,7 +36,8 @@ class SiteProcess:
 class LoopbackDeployment:
     """Owns every process it starts; `stop()` (or leaving the `with` block) ends them all."""
 
-    def __init__(self, workdir: Path, app_dir: Path = REPO, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> None:
+    def __init__(self, workdir: Path, app_dir: Path = REPO, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+                 server_task_path: str = "") -> None:
         self.workdir = Path(workdir).resolve()
         self.app_dir = Path(app_dir).resolve()
         self.pki: Pki = make_pki(self.workdir / "secrets", list(hosts), sites=[])
@@ -42,6 +45,8 @@ class LoopbackDeployment:
         self.fleet_port = free_port()  # the proxy: what the sites dial
         self.flwr_home = self.workdir / "flwr-home"
         self.env = flwr_env(self.flwr_home)
+        # where the coordinator finds a user's task module; each site names its own in its node config (task-path)
+        self.server_env = {**self.env, **python_path(server_task_path)}
         self.processes = ProcessGroup(self.workdir / "logs")
         self.flwr = FlwrCli(self.env, self.app_dir, CONNECTION)
         self.sites: dict[str, SiteProcess] = {}
@@ -94,7 +99,7 @@ class LoopbackDeployment:
             "--root-certificates", str(self.pki.ca_cert),
             "--superexec-auth-secret-file", secret,
         ]
-        self.processes.start("superexec-serverapp", serverapp_exec, self.env, self.app_dir)
+        self.processes.start("superexec-serverapp", serverapp_exec, self.server_env, self.app_dir)
 
     def start_proxy(self, timeout: float = 30) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"

@@ -1,4 +1,6 @@
-"""Models by name. Adding one is adding one `ModelSpec` to `MODELS`."""
+"""Models by name: fedcycle's own (`MODELS`; adding one is adding one `ModelSpec`) and any of
+torchvision's classification models as `torchvision:<name>` (e.g. `torchvision:resnet50`), built
+without weights: starting weights come from a local file (`model-weights`), never a hub."""
 
 from __future__ import annotations
 
@@ -49,12 +51,47 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def check_fits(name: str, shape: tuple[int, int, int], num_classes: int) -> None:
-    """Raise ValueError unless model `name` takes images of `shape` and has a class to learn."""
-    from fedcycle.config import ConfigError
+TORCHVISION = "torchvision:"
 
-    spec = MODELS[name]
+
+def torchvision_models() -> list[str]:
+    """The names of torchvision's classification models."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model_name(name: str) -> None:
+    from fedcycle.errors import ConfigError
+
+    if name in MODELS:
+        return
+    if name.startswith(TORCHVISION):
+        if name[len(TORCHVISION):] not in torchvision_models():
+            raise ConfigError(
+                f"model={name!r}: torchvision has no classification model {name[len(TORCHVISION):]!r}; "
+                f"choose one of torchvision.models.list_models(module=torchvision.models), e.g. 'torchvision:resnet50'"
+            )
+        return
+    raise ConfigError(f"model={name!r} is unknown; choose one of {sorted(MODELS)} or 'torchvision:<name>'")
+
+
+def check_fits(name: str, shape: tuple[int, int, int], num_classes: int) -> None:
+    """Raise ConfigError unless model `name` takes images of `shape` and has a class to learn."""
+    from fedcycle.errors import ConfigError
+
+    check_model_name(name)
     channels, height, width = shape
+    if num_classes < 2:
+        raise ConfigError(f"model={name!r} needs at least 2 classes; the dataset has {num_classes}")
+    if name.startswith(TORCHVISION):
+        if channels != 3:
+            raise ConfigError(
+                f"model={name!r} takes 3-channel images; the dataset's have {channels} "
+                "(use small-cnn or resnet18, which take any)"
+            )
+        return
+    spec = MODELS[name]
     if height != width:
         raise ConfigError(f"model={name!r} needs square images; the dataset's are {height}x{width}")
     if spec.image_sizes is not None and height not in spec.image_sizes:
@@ -63,12 +100,12 @@ def check_fits(name: str, shape: tuple[int, int, int], num_classes: int) -> None
         )
     if height < spec.min_size:
         raise ConfigError(f"model={name!r} needs images of at least {spec.min_size}x{spec.min_size}; got {height}")
-    if num_classes < 2:
-        raise ConfigError(f"model={name!r} needs at least 2 classes; the dataset has {num_classes}")
 
 
 def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    if name not in MODELS:
-        raise ValueError(f"model={name!r} is unknown; choose one of {sorted(MODELS)}")
     check_fits(name, shape, num_classes)
+    if name.startswith(TORCHVISION):
+        import torchvision
+
+        return torchvision.models.get_model(name[len(TORCHVISION):], weights=None, num_classes=num_classes)
     return MODELS[name].build(shape[0], shape[1], num_classes)

@@ -23,7 +23,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedcycle.config import ConfigError, RunSettings
+from fedcycle.config import RunSettings
+from fedcycle.errors import ConfigError
 from fedcycle.strategies.cyclical import CyclicalFedAvg, CyclicalMixin, make_cyclical
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -66,10 +67,11 @@ def resolve_strategy(name: str) -> type[Strategy]:
     return cls
 
 
-def make_strategy(settings: RunSettings, num_sites: int) -> CyclicalMixin:
-    """The run's strategy, with the cyclical mechanism, sampling and options from the settings."""
+def make_strategy(settings: RunSettings, num_sites: int, has_test_data: bool = True) -> CyclicalMixin:
+    """The run's strategy, with the cyclical mechanism, sampling and options from the settings.
+    Without a test split on the server, the sites evaluate every round's model."""
     cls = make_cyclical(resolve_strategy(settings.strategy))
-    evaluate_on_sites = settings.evaluates_on_sites
+    evaluate_on_sites = settings.evaluates_on_sites(has_test_data)
     wanted: dict[str, Any] = {
         "fraction_train": settings.fraction_train,
         "fraction_evaluate": 1.0 if evaluate_on_sites else 0.0,
@@ -82,4 +84,6 @@ def make_strategy(settings: RunSettings, num_sites: int) -> CyclicalMixin:
     params = inspect.signature(flower_base.__init__).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in wanted.items() if takes_any or k in params}
-    return cls(settings=settings, **kwargs)
+    strategy = cls(settings=settings, **kwargs)
+    strategy.evaluates_on_sites = evaluate_on_sites
+    return strategy

@@ -24,8 +24,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedcycle.client_app import train_metric_keys
 from fedcycle.config import RunSettings
+from fedcycle.schedules import LRSchedule
+from fedcycle.wire import evaluate_reply_keys, train_reply_keys
 
 
 class CyclicalMixin:
@@ -35,7 +36,7 @@ class CyclicalMixin:
         super().__init__(*args, **kwargs)
         self.flower_attributes = frozenset(vars(self))  # the wrapped strategy's own state
         self.settings = settings
-        self.expected_metrics = train_metric_keys(settings.site_eval)
+        self.expect_metrics(["accuracy"])
         self.declared_examples: dict[int, int] = {}  # node id -> train examples, from pre-flight
         self.site_names: dict[int, str] = {}  # node id -> the site's name, from pre-flight
         self.events: dict[int, list[dict]] = defaultdict(list)  # round -> replies left out, sites missing
@@ -47,6 +48,13 @@ class CyclicalMixin:
         self.global_arrays: ArrayRecord | None = None  # the model sent out this round
         self.global_floats: dict[str, np.ndarray] = {}  # its float arrays, to measure updates against
         self.global_norm = 0.0
+        self.evaluates_on_sites = False  # set by make_strategy: whether each round ends with an evaluate message
+
+    def expect_metrics(self, names: Iterable[str]) -> None:
+        """The task's metric names (agreed in the pre-flight round): what every reply must hold."""
+        self.metric_names = list(names)
+        self.expected_metrics = train_reply_keys(self.metric_names, self.settings.site_eval)
+        self.expected_evaluate = evaluate_reply_keys(self.metric_names)
 
     def round_train_config(self, server_round: int) -> dict[str, Any]:
         """What every site needs to train round `server_round` exactly as the server means."""
@@ -56,6 +64,7 @@ class CyclicalMixin:
             "local-epochs": s.epochs_for_round(server_round),
             "epochs-before": sum(s.epochs_for_round(r) for r in range(1, server_round)),
             "batch-size": s.batch_size,
+            "optimizer": s.optimizer,
             "momentum": s.momentum,
             "weight-decay": s.weight_decay,
         }
@@ -130,7 +139,7 @@ class CyclicalMixin:
         accepted = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            problem = self._reply_problem(msg)
+            problem = self._reply_problem(msg) or self._schedule_problem(server_round, msg.content["metrics"])
             ratio = None if problem else self.update_ratio(msg.content["arrays"])
             bound = self.settings.max_update_ratio
             if ratio is not None and not math.isfinite(ratio):
@@ -193,6 +202,29 @@ class CyclicalMixin:
             return _non_finite(arrays)
         return None
 
+    def _schedule_problem(self, server_round: int, metrics: MetricRecord) -> str | None:
+        """Why the learning rates a site reports are not those of the server's schedule, if they are not."""
+        config = self.sent_config.get(server_round)
+        if config is None:
+            return None
+        n, steps = metrics["num-examples"], metrics["steps"]
+        batch, epochs = int(config["batch-size"]), int(config["local-epochs"])
+        per_epoch = math.ceil(n / batch)
+        if steps != per_epoch * epochs:
+            return (
+                f"steps={steps}, but the server's schedule has {per_epoch * epochs} optimizer steps "
+                f"({epochs} local epochs of {per_epoch} batches of {batch} for num-examples={n})"
+            )
+        want = schedule_summary(
+            tuple(sorted(LRSchedule.from_config(config).to_config().items())), per_epoch, epochs, server_round,
+            int(config["epochs-before"]),
+        )
+        for key, expected in zip(("lr-first", "lr-peak", "lr-last"), want):
+            got = metrics[key]
+            if not math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-12):
+                return f"{key}={got:.6g}, but the server's schedule gives {expected:.6g} for round {server_round}"
+        return None
+
     def update_ratio(self, arrays: ArrayRecord) -> float | None:
         """The L2 norm of the reply's change to the global model's float arrays, relative to
         the global model's norm (None before a model was sent out)."""
@@ -242,10 +274,12 @@ class CyclicalMixin:
         if set(msg.content.metric_records) != {"metrics"}:
             return "evaluate reply must hold one MetricRecord 'metrics'"
         metrics = msg.content["metrics"]
-        if set(metrics.keys()) != {"loss", "accuracy", "num-examples"}:
-            return f"evaluate metric keys are {sorted(metrics.keys())}, not ['accuracy', 'loss', 'num-examples']"
-        if not all(_positive_finite(metrics[k]) or metrics[k] == 0 for k in ("loss", "accuracy")):
-            return "loss or accuracy is not a finite number of at least 0"
+        if set(metrics.keys()) != self.expected_evaluate:
+            return f"evaluate metric keys are {sorted(metrics.keys())}, not {sorted(self.expected_evaluate)}"
+        if not all(isinstance(metrics[k], (int, float)) and math.isfinite(metrics[k]) for k in self.metric_names):
+            return f"a metric of {self.metric_names} is not a finite number"
+        if not (_positive_finite(metrics["loss"]) or metrics["loss"] == 0):
+            return "loss is not a finite number of at least 0"
         if not _positive_finite(metrics["num-examples"]):
             return f"num-examples={metrics['num-examples']!r} must be a positive finite number"
         return None
@@ -254,6 +288,16 @@ class CyclicalMixin:
         site = self.site_names.get(node)
         log(WARNING, "Round %d: node %d (%s) %s: %s", server_round, node, site or "site unknown", event, reason)
         self.events[server_round].append({"node_id": node, "site": site, "event": event, "reason": reason})
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_summary(schedule: tuple, per_epoch: int, epochs: int, server_round: int,
+                     epochs_before: int) -> tuple[float, float, float]:
+    """(first, peak, last) learning rate of a site's round under the server's schedule."""
+    s = LRSchedule.from_config(dict(schedule))
+    steps = per_epoch * epochs
+    lrs = s.lrs(s.start_step(per_epoch, epochs, server_round, epochs_before), steps, s.cycle_steps(per_epoch, epochs))
+    return lrs[0], max(lrs), lrs[-1]
 
 
 def _positive_finite(value: Any) -> bool:

@@ -1,0 +1,97 @@
+"""The pre-flight round: before any training, every connected site reports what it would train
+and the server stops the run, naming each site and what differs, unless all can take part.
+
+A site's report (`Site.report`) holds its data sizes, the task's metric names, the structure of
+one example (inputs and targets), the model's fingerprint (every array's name, dtype and shape),
+its class names if its data has them, device and versions. The server compares each with its
+own: the model it built, the task's classes, and one batch of its test split (when it has one);
+without a test split, the sites must agree with each other.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedcycle.config import RunSettings
+
+
+class PreflightError(RuntimeError):
+    """A site cannot take part; the message names each site and its reason."""
+
+
+def wait_for_min_sites(grid: Grid, settings: RunSettings) -> list[int]:
+    deadline = time.monotonic() + settings.round_timeout
+    while len(nodes := list(grid.get_node_ids())) < settings.min_sites:
+        if time.monotonic() > deadline:
+            raise PreflightError(
+                f"only {len(nodes)} site(s) connected within round-timeout={settings.round_timeout}s; "
+                f"min-sites={settings.min_sites}"
+            )
+        log(INFO, "Waiting for sites: %d connected, min-sites=%d", len(nodes), settings.min_sites)
+        time.sleep(1)
+    return nodes
+
+
+def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Ask every connected site for its report; raise PreflightError unless all fit `expected`
+    (`model`: the server's fingerprint; `classes`, `metric-names`, `inputs`, `targets` where the
+    server knows them, else the first site's)."""
+    nodes = wait_for_min_sites(grid, settings)
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), message_type=MessageType.QUERY, dst_node_id=n)
+        for n in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    want = {k: v for k, v in expected.items() if v is not None}
+    reports, problems = {}, []
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            problems.append(f"node {node}: {reply.error.reason}")
+            continue
+        report = dict(reply.content["report"])
+        if not report.get("ok"):
+            problems.append(f"node {node} ({report.get('node-config')}): {report.get('error')}")
+            continue
+        for key in ("metric-names", "inputs", "targets", "classes"):  # the first site sets what the server cannot
+            if key in report and key not in want:
+                want[key] = report[key]
+        difference = report_difference(report, want)
+        if difference:
+            problems.append(f"node {node} ({report['site']}): {difference}")
+            continue
+        reports[node] = report
+        log(
+            INFO,
+            "Site %s (node %d): %d train / %d val examples on %s, torch %s, flwr %s",
+            report["site"], node, report["num-train"], report["num-val"], report["device"], report["torch"], report["flwr"],
+        )
+    missing = set(nodes) - {r.metadata.src_node_id for r in replies}
+    problems += [f"node {n}: no pre-flight reply within round-timeout={settings.round_timeout}s" for n in sorted(missing)]
+    if problems:
+        raise PreflightError("pre-flight failed, no training started:\n  " + "\n  ".join(problems))
+    return reports
+
+
+def report_difference(report: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """What in a site's report differs from what the run expects, in one line; None if nothing."""
+    if list(report["model"]) != list(want["model"]):
+        theirs, ours = list(report["model"]), list(want["model"])
+        pairs = [(a, b) for a, b in zip(theirs, ours) if a != b]
+        detail = (f"the site has {pairs[0][0]!r}, the server {pairs[0][1]!r}" if pairs
+                  else f"the site's has {len(theirs)} arrays, the server's {len(ours)}")
+        return f"the task builds another model than the server's (key model: {detail})"
+    for key in ("classes", "metric-names", "inputs", "targets"):
+        if key in want and list_or_value(report.get(key)) != list_or_value(want[key]):
+            return f"{key} {report.get(key)!r} differ from the run's {want[key]!r}"
+    return None
+
+
+def list_or_value(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,168 @@
+"""What the server keeps of every round: the global model's loss and metrics (on the task's test
+split, or the sites' held-out splits when it has none), a line in metrics.jsonl, the latest and
+best models and a checkpoint; and how a run picks up from its newest checkpoint.
+
+"Best" follows the task's primary metric and its direction (accuracy, higher is better, for
+classification; a regression's mean absolute error, lower is better).
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedcycle.checkpoint import Checkpoint, check_identity, latest_checkpoint, save_checkpoint
+from fedcycle.config import RunSettings
+from fedcycle.errors import ConfigError
+from fedcycle.results import RunResults
+from fedcycle.strategies.cyclical import CyclicalMixin
+from fedcycle.tasks import Task
+from fedcycle.trainer import evaluate, pick_device
+
+
+def run_identity(settings: RunSettings, task: Task) -> dict[str, Any]:
+    """What a run trains; a run resumes only from a checkpoint of the same."""
+    return {
+        "task": settings.task,
+        "dataset": settings.dataset,
+        "model": settings.model,
+        "strategy": settings.strategy,
+        "classes": task.classes,
+        "primary-metric": [task.primary_metric, task.direction],
+    }
+
+
+def load_resume_point(settings: RunSettings, task: Task, model: torch.nn.Module) -> tuple[Path, Checkpoint]:
+    """The run folder named by resume-from and its newest checkpoint that loads and fits."""
+    run_dir = Path(settings.resume_from).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise ConfigError(f"resume-from={settings.resume_from!r}: {run_dir} is not a folder; give <results-dir>/<run-name>")
+    ckpt = latest_checkpoint(run_dir)
+    order = model.state_dict()
+    check_identity(ckpt, run_identity(settings, task), order)
+    # in the model's own order: replies are checked against the global model's array names in order
+    ckpt.model = {k: ckpt.model[k] for k in order}
+    ckpt.best_model = {k: ckpt.best_model[k] for k in order} if ckpt.best_model else {}
+    return run_dir, ckpt
+
+
+class RoundRecorder:
+    """Called after every round: evaluates the global model, writes the round's line, the
+    models and a checkpoint."""
+
+    def __init__(self, settings: RunSettings, task: Task, test, strategy: CyclicalMixin, results: RunResults,
+                 grid: Grid) -> None:
+        self.settings, self.task, self.test = settings, task, test
+        self.strategy, self.results, self.grid = strategy, results, grid
+        self.metric = task.primary_metric
+        self.model = task.build_model()
+        self.device = pick_device("auto")
+        self.best: float | None = None
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.lines: list[dict[str, Any]] = []
+        self.started = self.last = time.perf_counter()
+
+    def resume(self, ckpt: Checkpoint) -> float | None:
+        """Continue from a checkpoint: its metrics lines replace metrics.jsonl (a round that
+        was under way when the run stopped is dropped); returns the loaded model's primary
+        metric, evaluated again."""
+        self.lines = list(ckpt.metrics)
+        self.best, self.best_state = ckpt.best_value, ckpt.best_model
+        self.results.rewrite_rounds(self.lines)
+        self.last = time.perf_counter()
+        self.started = self.last - float(self.lines[-1].get("elapsed", 0.0) if self.lines else 0.0)
+        if self.test is None:
+            return None
+        self.model.load_state_dict(ckpt.model)
+        return evaluate(self.task, self.model, self.test, self.device)[1][self.metric]
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        started = time.perf_counter()
+        state = arrays.to_torch_state_dict()
+        self.model.load_state_dict(state)
+        loss, metrics, source = self._evaluate(server_round, arrays)
+        value = None if metrics is None else metrics[self.metric]
+        now = time.perf_counter()
+        s = self.strategy
+        line = {
+            "round": server_round,
+            "primary_metric": self.metric,
+            self.metric: value,
+            "loss": loss,
+            "metrics": metrics,
+            "metrics_source": source,
+            "seconds": round(now - self.last, 3),
+            "elapsed": round(now - self.started, 3),
+            "train_config": s.sent_config.get(server_round),
+            "sites_evaluation": _plain(s.evaluate_metrics.get(server_round)),
+            "timing": {"aggregate_seconds": s.aggregate_seconds.get(server_round), "evaluate_seconds": now - started},
+            "sites": s.site_metrics.get(server_round, []),
+            "events": s.events.get(server_round, []),
+        }
+        self.last = now
+        self.lines.append(line)
+        improved = self.task.better(value, self.best)
+        if improved:
+            self.best, self.best_state = value, state
+        # the checkpoint first: a line in metrics.jsonl always has its checkpoint
+        save_checkpoint(
+            self.results.path,
+            Checkpoint(
+                round=server_round,
+                model=state,
+                best_model=self.best_state,
+                best_value=self.best,
+                metrics=self.lines,
+                identity=run_identity(self.settings, self.task),
+                strategy_arrays=self.strategy.state_arrays(),
+            ),
+            keep=self.settings.checkpoints_keep,
+        )
+        self.results.append_round(line)
+        self.results.save_model("global-final", state)
+        if improved:
+            self.results.save_model("global-best", state)
+        self.results.plot(self.metric)
+        log(
+            INFO,
+            "fedcycle round %d/%d  %s %.4f (%s)  loss %.4f  %.1f s  [%d sites, %d left out]",
+            server_round, self.settings.num_server_rounds, self.metric, value if value is not None else float("nan"),
+            source, loss if loss is not None else float("nan"), line["seconds"], len(line["sites"]), len(line["events"]),
+        )
+        return MetricRecord({"loss": loss or 0.0, **(metrics or {})})
+
+    def record_failed_round(self, server_round: int, reason: str) -> None:
+        """A line for the round that failed, with what went wrong at each site (a resumed run
+        replaces it with the rounds of its checkpoint)."""
+        s = self.strategy
+        self.results.append_round({
+            "round": server_round, "primary_metric": self.metric, self.metric: None, "loss": None, "metrics": None,
+            "metrics_source": None, "seconds": round(time.perf_counter() - self.last, 3), "failed": reason,
+            "train_config": s.sent_config.get(server_round), "sites": s.site_metrics.get(server_round, []),
+            "events": s.events.get(server_round, []),
+        })
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> tuple[float | None, dict | None, str]:
+        if self.test is not None:
+            loss, metrics = evaluate(self.task, self.model, self.test, self.device)
+            return loss, metrics, "server-test"
+        if server_round == 0:  # no test split: ask the sites about the initial model too
+            replies = self.grid.send_and_receive(
+                self.strategy.configure_evaluate(0, arrays, ConfigRecord(), self.grid), timeout=self.settings.round_timeout
+            )
+            self.strategy.aggregate_evaluate(0, replies)
+        metrics = self.strategy.evaluate_metrics.get(server_round)
+        if metrics is None:
+            return None, None, "sites-weighted"
+        return float(metrics["loss"]), {k: float(metrics[k]) for k in self.strategy.metric_names}, "sites-weighted"
+
+
+def _plain(metrics: MetricRecord | None) -> dict | None:
+    return None if metrics is None else {k: float(v) for k, v in metrics.items()}

@@ -1,0 +1,243 @@
+"""Tasks: what a data center trains. A task is one small class, in fedcycle or in a user's module:
+
+    class KidneyTask:
+        def __init__(self, run_config: dict): ...
+        def build_model(self) -> torch.nn.Module: ...
+        def site_data(self, node_config: dict) -> tuple[Dataset, Dataset]: ...  # this site's (train, validation)
+        def test_data(self) -> Dataset | None: ...                             # the server's held-out set, or None
+        # optional:
+        def loss(self, outputs, targets) -> torch.Tensor: ...                  # default: cross-entropy
+        def metrics(self, outputs, targets) -> dict[str, float]: ...           # default: accuracy
+        primary_metric = ("accuracy", "max")                                     # what "best" means
+        def train(self, model, loader, optimizer, scheduler, epochs, device) -> dict: ...  # the site's own loop
+
+named in the run config as `task = "mypackage.tasks:KidneyTask"` (built-ins by short name).
+`Task` wraps one: it fills in the defaults for what the class leaves out, and turns each mistake
+(a class that cannot be imported, a method that raises, a Dataset that yields something other
+than `(inputs, targets)`, outputs that do not fit the loss) into one line naming the task, the
+method and what was expected. Nothing here knows Flower.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedcycle.batches import batch_size_of, batches, describe, to_device
+from fedcycle.errors import ConfigError, TaskError
+
+# Built-in tasks by short name. Adding one is writing its class and one line here.
+BUILTIN = {"image-classification": "fedcycle.tasks.image:ImageClassification"}
+DIRECTIONS = ("max", "min")
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets)
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"accuracy": (outputs.argmax(1) == targets).double().mean()}
+
+
+def resolve(spec: str) -> type:
+    """The task class that `spec` names: a built-in's short name or `package.module:Class`."""
+    target = BUILTIN.get(spec, spec)
+    module_name, _, attr = target.partition(":")
+    if not (module_name and attr and all(p.isidentifier() for p in module_name.split("."))):
+        raise TaskError(f"task={spec!r} is neither a built-in task {sorted(BUILTIN)} nor 'package.module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise TaskError(
+            f"task={spec!r} cannot be imported ({err}); put its module in the app folder (flwr run ships it), "
+            "install it where the apps run, or name its folder in the node config's task-path"
+        ) from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise TaskError(f"task={spec!r}: module {module_name!r} has no {attr!r}")
+    missing = [m for m in ("build_model", "site_data") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise TaskError(
+            f"task={spec!r} lacks {', '.join(m + '()' for m in missing)}; a task defines at least "
+            "build_model() and site_data(node_config)"
+        )
+    return cls
+
+
+class Task:
+    """A task class's instance, with fedcycle's defaults and checks around it."""
+
+    def __init__(self, spec: str, run_config: Mapping[str, Any]) -> None:
+        self.name = spec
+        self.impl = self._call("__init__", resolve(spec), dict(run_config))
+        self.loss: Callable = getattr(self.impl, "loss", None) or cross_entropy
+        self.metrics: Callable = getattr(self.impl, "metrics", None) or accuracy
+        self.own_train: Callable | None = getattr(self.impl, "train", None)
+        self.primary_metric, self.direction = self._primary_metric()
+        classes = getattr(self.impl, "classes", None)
+        self.classes: list[str] | None = list(classes) if classes is not None else None
+
+    def _primary_metric(self) -> tuple[str, str]:
+        value = getattr(self.impl, "primary_metric", ("accuracy", "max"))
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str)
+                and value[1] in DIRECTIONS):
+            raise TaskError(
+                f"task={self.name!r}: primary_metric={value!r} must be (metric name, 'max' or 'min'), "
+                "e.g. ('accuracy', 'max') or ('mae', 'min')"
+            )
+        return value[0], value[1]
+
+    def _call(self, method: str, fn: Callable, *args: Any) -> Any:
+        """A call into the task's code; what it raises comes back naming the task and method."""
+        try:
+            return fn(*args)
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise TaskError(f"task={self.name!r}: {method}() raised {type(err).__name__}: {err}") from err
+
+    def better(self, value: float, best: float | None) -> bool:
+        """Whether `value` of the primary metric beats `best` (None: nothing yet)."""
+        if value is None or not math.isfinite(value):
+            return False
+        return best is None or (value > best if self.direction == "max" else value < best)
+
+    # -- what the task gives -------------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        model = self._call("build_model", self.impl.build_model)
+        if not isinstance(model, nn.Module):
+            raise TaskError(f"task={self.name!r}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    def site_data(self, node_config: Mapping[str, Any]):
+        data = self._call("site_data", self.impl.site_data, dict(node_config))
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise TaskError(f"task={self.name!r}: site_data() returned {type(data).__name__}; it returns (train, validation)")
+        for role, dataset in zip(("train", "validation"), data):
+            _check_dataset(self.name, f"site_data()'s {role} set", dataset)
+        if len(data[0]) == 0:
+            raise TaskError(f"task={self.name!r}: site_data() gave this site an empty train set (node config {dict(node_config)})")
+        return data[0], data[1]
+
+    def test_data(self):
+        if not callable(getattr(self.impl, "test_data", None)):
+            return None
+        data = self._call("test_data", self.impl.test_data)
+        if data is not None:
+            _check_dataset(self.name, "test_data()", data)
+        return data
+
+    def initial_model(self, weights: str = "") -> nn.Module:
+        """The model the run starts from: `build_model()`, with `model-weights` loaded if given."""
+        model = self.build_model()
+        if weights:
+            load_weights(model, weights)
+        return model
+
+    # -- checks before training ------------------------------------------------------------
+
+    def dry_run(self, model: nn.Module, data, device: torch.device, batch_size: int) -> dict[str, Any]:
+        """One batch of `data` through the model, the loss and the metrics, without training:
+        what a site reports in the pre-flight round (metric names, the shape of an example)."""
+        loader = batches(data, max(1, min(batch_size, len(data))), device, shuffle=False)
+        try:
+            batch = next(iter(loader))
+        except Exception as err:
+            raise TaskError(f"task={self.name!r}: the Dataset's items cannot be batched: {type(err).__name__}: {err}") from err
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TaskError(
+                f"task={self.name!r}: the Dataset yields {describe(first(batch))} per example, not (inputs, targets); "
+                "make __getitem__ return (inputs, targets)"
+            )
+        inputs, targets = to_device(batch[0], device), to_device(batch[1], device)
+        if not (isinstance(inputs, torch.Tensor) or (isinstance(inputs, dict) and all(isinstance(v, torch.Tensor) for v in inputs.values()))):
+            raise TaskError(f"task={self.name!r}: the Dataset's inputs are {describe(inputs)}; they must be a tensor or a dict of tensors")
+        model = model.to(device).eval()
+        with torch.no_grad():
+            try:
+                outputs = model(inputs)
+            except Exception as err:
+                raise TaskError(
+                    f"task={self.name!r}: the model cannot take the Dataset's inputs {describe(first(inputs))} "
+                    f"(batched): {type(err).__name__}: {err}"
+                ) from err
+            try:
+                loss = self.loss(outputs, targets)
+            except Exception as err:
+                raise TaskError(
+                    f"task={self.name!r}: the model's outputs {describe(first(outputs))} do not fit loss() with targets "
+                    f"{describe(first(targets))}: {type(err).__name__}: {err}"
+                ) from err
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                raise TaskError(f"task={self.name!r}: loss() returned {describe(loss)}; it must return one number (a 0-d tensor)")
+            metrics = self._call("metrics", self.metrics, outputs, targets)
+        if not (isinstance(metrics, dict) and metrics and all(isinstance(k, str) for k in metrics)):
+            raise TaskError(f"task={self.name!r}: metrics() returned {metrics!r}; it returns a dict of metric name -> number")
+        if self.primary_metric not in metrics:
+            raise TaskError(
+                f"task={self.name!r}: primary_metric {self.primary_metric!r} is not among metrics()'s keys {sorted(metrics)}"
+            )
+        return {
+            "metric-names": list(metrics),
+            "inputs": describe(first(inputs)),
+            "targets": describe(first(targets)),
+            "examples-seen": batch_size_of(targets),
+        }
+
+
+def first(value: Any) -> Any:
+    """The first example of a batch (a tensor, or a dict of tensors)."""
+    if isinstance(value, dict):
+        return {k: first(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [first(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.dim():
+        return value[0]
+    return value
+
+
+def _check_dataset(task: str, what: str, data: Any) -> None:
+    if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        raise TaskError(
+            f"task={task!r}: {what} is {type(data).__name__}; it must be a torch.utils.data.Dataset "
+            "(with __getitem__ and __len__)"
+        )
+
+
+def fingerprint(model: nn.Module) -> list[str]:
+    """The model's arrays as `name:dtype[shape]`: two sites build the same model iff these agree."""
+    return [f"{k}:{describe(v)}" for k, v in model.state_dict().items()]
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Starting weights from a local safetensors file (never a hub, never a pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"model-weights={path!r}: no such file")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"model-weights={path!r} is not a readable safetensors file: {err}") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    differ = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or differ:
+        parts = [f"{name} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs for", differ)) if keys]
+        raise ConfigError(f"model-weights={path!r} does not fit the task's model: {'; '.join(parts)}")
+    model.load_state_dict({k: state[k].to(own[k].dtype) for k in own})
+
+
+def load_task(run_config: Mapping[str, Any]) -> Task:
+    """The run's task, from the run config's `task` key."""
+    return Task(str(run_config.get("task", "image-classification")), run_config)

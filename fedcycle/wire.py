@@ -1,0 +1,33 @@
+"""What travels between the ServerApp and the ClientApps, besides the model's arrays.
+
+Both apps import this module (it imports nothing of theirs), so the server checks a reply
+against the same schema the ClientApp writes. A task's metrics (accuracy by default, or what
+the task's `metrics` returns) travel under `train-<name>` (measured while training),
+`received-<name>` (the received global model on the site's held-out split) and `<name>` (an
+evaluate reply).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+# What every train reply's MetricRecord holds, whatever the task.
+TRAIN_KEYS = frozenset(
+    {"num-examples", "train-loss", "train-seconds", "setup-seconds", "local-epochs", "steps",
+     "lr-first", "lr-peak", "lr-last"}
+)
+# Added when the site evaluates the received model inside the train reply (site-eval = "train-reply").
+RECEIVED_KEYS = frozenset({"received-loss", "val-examples"})
+EVALUATE_KEYS = frozenset({"loss", "num-examples"})
+
+
+def train_reply_keys(metric_names: Iterable[str], site_eval: str) -> frozenset[str]:
+    names = tuple(metric_names)
+    keys = TRAIN_KEYS | {f"train-{m}" for m in names}
+    if site_eval == "train-reply":
+        keys |= RECEIVED_KEYS | {f"received-{m}" for m in names}
+    return frozenset(keys)
+
+
+def evaluate_reply_keys(metric_names: Iterable[str]) -> frozenset[str]:
+    return EVALUATE_KEYS | frozenset(metric_names)

@@ -1,0 +1,93 @@
+'''Tasks as a data center writes them, outside fedcycle: the tests copy this file into a folder of
+their own (nothing of fedcycle's is in it, and it imports nothing of fedcycle's) and name its
+classes in the run config, e.g. `task = "clinic_tasks:BloodPressure"`.
+
+A regression on tabular records: 8 measurements per patient, one number to predict. Each site
+draws its own patients (its own seed); the server holds a test cohort of its own.
+'''
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Subset, TensorDataset
+
+FEATURES = 8
+
+
+def patients(seed: int, n: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, FEATURES, generator=g)
+    weights = torch.linspace(-1.0, 1.0, FEATURES)
+    y = x @ weights + 0.5 * torch.sin(2 * x[:, 0]) + 0.05 * torch.randn(n, generator=g)
+    return TensorDataset(x, y[:, None])
+
+
+class BloodPressure:
+    """Mean absolute error, lower is better: what "best" means here."""
+
+    primary_metric = ("mae", "min")
+
+    def __init__(self, run_config: dict) -> None:
+        self.hidden = 32
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(FEATURES, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
+
+    def site_data(self, node_config: dict):
+        records = patients(1000 + int(node_config["partition-id"]), 600)
+        return Subset(records, range(500)), Subset(records, range(500, 600))
+
+    def test_data(self):
+        return patients(7, 1000)
+
+    def loss(self, outputs, targets):
+        return F.mse_loss(outputs, targets)
+
+    def metrics(self, outputs, targets):
+        return {"mae": (outputs - targets).abs().mean(), "mse": F.mse_loss(outputs, targets)}
+
+
+class BloodPressureOwnLoop(BloodPressure):
+    """The same work with the site's own training loop, which writes down the learning rate of
+    every optimizer step (next to this file) so that a test can compare it with the server's."""
+
+    def train(self, model, loader, optimizer, scheduler, epochs, device):
+        model.train()
+        used, loss_sum, abs_sum, n = [], 0.0, 0.0, 0
+        for _ in range(epochs):
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                out = model(x)
+                loss = F.mse_loss(out, y)
+                optimizer.zero_grad()
+                loss.backward()
+                used.append(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.item() * len(y)
+                abs_sum += (out - y).abs().sum().item()
+                n += len(y)
+        Path(__file__).with_name(f"lrs-{os.getpid()}-{time.time_ns()}.json").write_text(json.dumps(used))
+        return {"loss": loss_sum / n, "mae": abs_sum / n, "mse": loss_sum / n}
+
+
+class BloodPressureFixedRate(BloodPressure):
+    """A loop that keeps its own learning rate: it steps the scheduler, then overrides the rate."""
+
+    def train(self, model, loader, optimizer, scheduler, epochs, device):
+        model.train()
+        for _ in range(epochs):
+            for x, y in loader:
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.01
+                loss = F.mse_loss(model(x.to(device)), y.to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+        return {"loss": loss.item(), "mae": 0.0, "mse": loss.item()}
