@@ -40,6 +40,17 @@ def held_out(site: Site, model) -> dict[str, float]:
     return {"loss": loss, **metrics}
 
 
+def own_loop_metrics(site: Site, returned: dict[str, float]) -> dict[str, float]:
+    """The task's metrics from what its own train() returned (which may hold more)."""
+    missing = [name for name in site.metric_names if name not in returned]
+    if missing:
+        raise TaskError(
+            f"task={site.task.name!r}: train() returned {sorted(returned)} besides the loss; "
+            f"it must also return the task's metrics {missing}"
+        )
+    return {name: returned[name] for name in site.metric_names}
+
+
 @app.train()
 def train_round(msg: Message, context: Context) -> Message:
     entered = time.perf_counter()
@@ -76,17 +87,12 @@ def train_round(msg: Message, context: Context) -> Message:
         ),
         site.device,
     )
-    missing = [name for name in site.metric_names if name not in result.metrics]
-    if missing:
-        raise TaskError(
-            f"task={site.task.name!r}: train() returned {sorted(result.metrics)} besides the loss; "
-            f"it must also return the task's metrics {missing}"
-        )
+    train_metrics = result.metrics if site.task.own_train is None else own_loop_metrics(site, result.metrics)
     metrics.update(
         {
             "num-examples": result.num_examples,
             "train-loss": result.loss,
-            **{f"train-{k}": result.metrics[k] for k in site.metric_names},
+            **{f"train-{k}": v for k, v in train_metrics.items()},
             "train-seconds": result.seconds,
             "setup-seconds": setup_seconds,
             "local-epochs": int(config["local-epochs"]),

@@ -9,6 +9,7 @@ horizontal flip to the train split (off by default, so results stay comparable).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fedcycle.batches import InMemoryImages
@@ -94,8 +95,6 @@ def check_node_config(node_config: dict[str, Any], settings: RunSettings) -> Non
 
 
 def _check_partitioner_options(s: RunSettings) -> None:
-    import math
-
     options = s.partitioner_options
     alpha = options.get("alpha", 0.5)
     if s.partitioner in ("dirichlet", "quantity-skew") and not (
