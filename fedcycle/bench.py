@@ -8,7 +8,14 @@ several runs, with its spread (min to max).
 2. aggregation: 8 replies of ResNet-18 size, fedcycle's strategy against Flower's FedAvg, and
    the machine's memory bandwidth (a large copy) measured in the same run;
 3. the site trainer's throughput against a minimal hand-written loop;
-4. a site's set-up before its first training step, and a ClientApp process's start-up.
+4. a site's set-up before its first training step, and a ClientApp process's start-up;
+5. the trainer's two input paths on real data: the in-memory fast path against the DataLoader
+   path (a plain torch Dataset) and a minimal hand-written loop;
+6. a site whose data set is several times a memory cap: a memory-mapped synthetic set trained
+   through the DataLoader path in a child process, the child's peak resident memory against the cap.
+
+`--only loaders,memmap` runs some sections alone (written to bench-<sections>.{json,md}, so a
+full run's bench.json is kept).
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import mmap
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,11 +64,11 @@ def bench_aggregation(repeat: int) -> dict:
     from flwr.serverapp.strategy import FedAvg
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedcycle.client_app import train_metric_keys
     from fedcycle.config import RunSettings
     from fedcycle.models import build_model
     from fedcycle.strategies import make_strategy
     from fedcycle.strategies.cyclical import FastFedAvg
+    from fedcycle.wire import train_reply_keys
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -68,7 +79,7 @@ def bench_aggregation(repeat: int) -> dict:
         instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
         arrays = ArrayRecord({k: Array(v + 0.01 * rng.standard_normal(v.shape).astype(v.dtype) if v.dtype == np.float32 else v)
                               for k, v in state.items()})
-        metrics = MetricRecord({**{key: 1.0 for key in train_metric_keys("train-reply")}, "num-examples": 100 + node})
+        metrics = MetricRecord({**{key: 1.0 for key in train_reply_keys(["accuracy"], "train-reply")}, "num-examples": 100 + node})
         replies.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=instruction))
     size = sum(v.nbytes for v in state.values())
 
@@ -114,20 +125,22 @@ def minimal_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 
 
 def bench_trainer(repeat: int) -> dict:
-    from fedcycle.datasets import ImageData
+    from fedcycle.batches import InMemoryImages
     from fedcycle.models import build_model
     from fedcycle.schedules import LRSchedule
+    from fedcycle.tasks import Task
     from fedcycle.trainer import TrainConfig, train
 
+    task = Task("image-classification", {})  # cross-entropy and accuracy; the models are built here
     results = {}
     for name, shape, n, batch in (("small-cnn", (1, 28, 28), 4096, 64), ("resnet18", (3, 32, 32), 256, 64)):
         rng = np.random.default_rng(0)
-        data = ImageData(rng.integers(0, 255, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64), tuple("0123456789"))
-        x = (torch.from_numpy(data.images).float() - 127.5) / 64
-        y = torch.from_numpy(data.labels)
+        images, labels = rng.integers(0, 255, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64)
+        data = InMemoryImages(images, labels, tuple("0123456789"), (0.5,) * shape[0], (0.25,) * shape[0])
+        x = (torch.from_numpy(images).float() - 127.5) / 63.75
+        y = torch.from_numpy(labels)
         cfg = TrainConfig(LRSchedule(), epochs=1, batch_size=batch)
-        mean, std = (0.5,) * shape[0], (0.25,) * shape[0]
-        ours = timed(lambda: train(build_model(name, shape, 10), data, cfg, torch.device("cpu"), mean, std), repeat)
+        ours = timed(lambda: train(task, build_model(name, shape, 10), data, cfg, torch.device("cpu")), repeat)
         plain = timed(lambda: minimal_loop(build_model(name, shape, 10), x, y, batch, 0.05), repeat)
         results[name] = {
             "device": "cpu", "samples": n, "batch_size": batch,
@@ -180,33 +193,258 @@ def bench_startup(repeat: int, data_root: str) -> dict:
     }
 
 
+# -- 5. the DataLoader path against the in-memory fast path ------------------------------
+
+
+class PlainImages(torch.utils.data.Dataset):
+    """What a task's own Dataset typically is: one normalized float image per item, batched by
+    torch's DataLoader. Not an `InMemoryImages`, so the trainer takes the DataLoader path."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std) -> None:
+        self.images, self.labels = images, labels
+        self.mean = torch.tensor(mean).view(-1, 1, 1) * 255
+        self.std = torch.tensor(std).view(-1, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.images[index].float() - self.mean) / self.std, self.labels[index]
+
+
+def bench_loaders(repeat: int, data_root: str, samples: int = 8192, batch: int = 64) -> dict:
+    """fedcycle's trainer on Fashion-MNIST through the in-memory fast path and through the
+    DataLoader path (0 and 1 workers), and the minimal hand loop, on the same images."""
+    from torch.utils.data import DataLoader
+
+    from fedcycle.batches import DeviceBatches, InMemoryImages, batches
+    from fedcycle.config import RunSettings
+    from fedcycle.datasets import DATASETS, load
+    from fedcycle.tasks import load_task
+    from fedcycle.trainer import TrainConfig, train
+
+    cpu = torch.device("cpu")
+    config = {"data-root": data_root}
+    settings = RunSettings.from_run_config(config)
+    spec = DATASETS[settings.dataset]
+    task = load_task(config)
+    full = load(settings, "train")
+    images = torch.from_numpy(np.ascontiguousarray(full.images[:samples]))
+    labels = torch.from_numpy(np.ascontiguousarray(full.labels[:samples]))
+    n = len(labels)
+    in_memory = InMemoryImages(images, labels, task.classes, spec.mean, spec.std)
+    plain = PlainImages(images, labels, spec.mean, spec.std)
+    assert isinstance(batches(in_memory, batch, cpu, shuffle=True), DeviceBatches)
+    assert isinstance(batches(plain, batch, cpu, shuffle=True), DataLoader)
+    x = torch.stack([plain[i][0] for i in range(n)])  # the hand loop gets the set normalized beforehand
+
+    def trainer(data, workers: int) -> float:
+        torch.manual_seed(0)
+        model = task.build_model()
+        cfg = TrainConfig(settings.schedule, epochs=1, batch_size=batch, num_workers=workers)
+        started = time.perf_counter()
+        train(task, model, data, cfg, cpu)
+        return time.perf_counter() - started
+
+    def hand() -> float:
+        torch.manual_seed(0)
+        model = task.build_model()
+        started = time.perf_counter()
+        minimal_loop(model, x, labels, batch, settings.schedule.lr_max)
+        return time.perf_counter() - started
+
+    variants = {
+        "in_memory": lambda: trainer(in_memory, 0),
+        "dataloader_workers_0": lambda: trainer(plain, 0),
+        "dataloader_workers_1": lambda: trainer(plain, 1),
+        "minimal_loop": hand,
+    }
+    load_before = os.getloadavg()
+    for fn in variants.values():  # warm-up: one-off costs (allocator, first kernels) hit no variant's figures
+        fn()
+    seconds: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeat):  # interleaved, so other work on the machine falls on every variant alike
+        for name, fn in variants.items():
+            seconds[name].append(fn())
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+
+    def input_only(data) -> float:  # one pass over the batches, no model: CPU seconds (all threads)
+        started = time.process_time()
+        for _inputs, _targets in batches(data, batch, cpu, shuffle=True, generator=torch.Generator().manual_seed(0)):
+            pass
+        return time.process_time() - started
+
+    input_cpu = {k: [input_only(d) for _ in range(repeat)] for k, d in (("in_memory", in_memory), ("dataloader_workers_0", plain))}
+    return {
+        "job": f"fashion-mnist, {n} train images, {settings.model}, batch {batch}, 1 epoch, cpu, "
+               f"{torch.get_num_threads()} torch threads",
+        "samples": n, "batch_size": batch, "model": settings.model, "torch_threads": torch.get_num_threads(),
+        "dataset": "PlainImages: a torch Dataset returning one normalized float32 image per item, "
+                   "batched by torch's DataLoader (default collate)",
+        **{f"{k}_samples_per_s": spread([n / t for t in v]) for k, v in seconds.items()},
+        "ratio_dataloader_workers_0": median["in_memory"] / median["dataloader_workers_0"],
+        "ratio_dataloader_workers_1": median["in_memory"] / median["dataloader_workers_1"],
+        "ratio_in_memory_to_minimal_loop": median["minimal_loop"] / median["in_memory"],
+        "input_only_cpu_us_per_sample": {k: 1e6 * statistics.median(v) / n for k, v in input_cpu.items()},
+        "input_only_note": "one pass over the batches without the model, CPU time of this process (less sensitive "
+                           "to other work on the machine than wall time): what each path costs per sample to feed",
+        "target": "DataLoader path >= 0.9 x the in-memory fast path's samples/s, on 2 CPU cores",
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+    }
+
+
+# -- 6. a data set larger than a memory cap ----------------------------------------------
+
+
+def memory_status() -> dict[str, int]:
+    """This process's resident memory from /proc/self/status, in bytes: VmRSS (now), VmHWM
+    (its peak), and the anonymous and file-backed (mapped files) parts of VmRSS."""
+    found = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                found[key] = int(value.split()[0]) * 1024
+    return found
+
+
+class MemmapImages(torch.utils.data.Dataset):
+    """A task's Dataset over a uint8 .npy too large for memory: `np.load(mmap_mode="r")`; per
+    item one image is copied out, shrunk to 32x32 (an area resize, as a Resize transform would)
+    and normalized. With `release_every` (items), the mapping's pages are dropped from the
+    process each time that many items have been read (madvise MADV_DONTNEED: the kernel's page
+    cache keeps them, the process's resident set does not). Counting items, not bytes: a fault
+    on a file whose page cache holds large folios maps the whole folio (up to 2 MiB here), so
+    the resident set grows many times faster than the bytes read."""
+
+    def __init__(self, path: str, labels: np.ndarray, mean, std, release_every: int = 0) -> None:
+        self.images = np.load(path, mmap_mode="r")
+        self.labels = torch.from_numpy(labels)
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+        self.shrink = self.images.shape[-1] // 32
+        self.release_every, self.items = release_every, 0
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def sample(self) -> None:
+        status = memory_status()
+        for key in self.peak:
+            self.peak[key] = max(self.peak[key], status.get(key, 0))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(np.array(self.images[index]))
+        self.items += 1
+        if self.release_every and self.items % self.release_every == 0:
+            self.sample()
+            self.images._mmap.madvise(mmap.MADV_DONTNEED)
+        elif self.items % 64 == 0:
+            self.sample()
+        small = torch.nn.functional.avg_pool2d(image.float()[None], self.shrink)[0] / 255
+        return (small - self.mean) / self.std, self.labels[index]
+
+
+def memmap_child(path: str, labels_path: str, release_every: int, batch: int, threads: int) -> None:
+    """A site's process: fedcycle's trainer over the memory-mapped set, one epoch; prints its
+    memory (the baseline after imports and set-up, the peak after training) as one JSON line."""
+    if threads:
+        torch.set_num_threads(threads)
+    from fedcycle.schedules import LRSchedule
+    from fedcycle.tasks import Task
+    from fedcycle.trainer import TrainConfig, train
+
+    task = Task("image-classification", {"dataset": "cifar10"})  # small-cnn for 3x32x32; cross-entropy, accuracy
+    data = MemmapImages(path, np.load(labels_path), (0.5,) * 3, (0.25,) * 3, release_every)
+    torch.manual_seed(0)
+    model = task.build_model()
+    baseline = memory_status()
+    started = time.perf_counter()
+    result = train(task, model, data, TrainConfig(LRSchedule(), epochs=1, batch_size=batch), torch.device("cpu"))
+    seconds = time.perf_counter() - started
+    data.sample()
+    end = memory_status()
+    print(json.dumps({
+        "baseline_rss_bytes": baseline["VmRSS"], "baseline_hwm_bytes": baseline["VmHWM"],
+        "baseline_rss_anon_bytes": baseline["RssAnon"], "baseline_rss_file_bytes": baseline["RssFile"],
+        "peak_rss_bytes": end["VmHWM"], "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_anon_sampled_bytes": data.peak["RssAnon"], "peak_rss_file_sampled_bytes": data.peak["RssFile"],
+        "end_rss_bytes": end["VmRSS"], "seconds": seconds, "samples": len(data),
+        "samples_per_s": len(data) / seconds, "steps": result.steps, "loss": result.loss,
+    }))
+
+
+def bench_memmap(data_gib: float, cap_gib: float, shape: tuple[int, int, int] = (3, 224, 224), batch: int = 64,
+                 threads: int = 1) -> dict:
+    """A synthetic uint8 set of `data_gib` GiB written to a temporary .npy, trained for one epoch
+    through the DataLoader path in a child process per variant; the child's peak RSS against the cap."""
+    per_image = math.prod(shape)
+    n = math.ceil(data_gib * 2**30 / per_image)
+    cap = int(cap_gib * 2**30)
+    rng = np.random.default_rng(0)
+    result: dict = {
+        "job": f"{n} synthetic uint8 images {list(shape)} in a .npy, np.load(mmap_mode='r'); "
+               f"each item area-resized to 32x32 in the Dataset, small-cnn, batch {batch}, 1 epoch, "
+               f"DataLoader path, 0 workers, cpu, {threads or torch.get_num_threads()} torch thread(s)",
+        "images": n, "torch_threads": threads, "image_shape": list(shape), "cap_bytes": cap,
+    }
+    with tempfile.TemporaryDirectory(prefix="fedcycle-bench-memmap-") as scratch:
+        path, labels_path = Path(scratch) / "images.npy", Path(scratch) / "labels.npy"
+        started = time.perf_counter()
+        block = rng.integers(0, 256, 64 << 20, dtype=np.uint8).tobytes()
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, *shape)})
+            left = n * per_image
+            while left:
+                written = f.write(block[: min(left, len(block))])
+                left -= written
+        np.save(labels_path, rng.integers(0, 10, n).astype(np.int64))
+        result["dataset_bytes"] = path.stat().st_size
+        result["write_seconds"] = time.perf_counter() - started
+        for name, release in (("np_memmap", 0), ("np_memmap_released", batch)):
+            code = (f"from fedcycle.bench import memmap_child; "
+                    f"memmap_child({str(path)!r}, {str(labels_path)!r}, {release}, {batch}, {threads})")
+            out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
+                                 timeout=1800)
+            if out.returncode:
+                raise RuntimeError(f"memmap child {name} exited {out.returncode}:\n{out.stderr[-2000:]}")
+            child = json.loads(out.stdout.strip().splitlines()[-1])
+            child["release_every_items"] = release
+            child["load_average_after"] = os.getloadavg()
+            child["under_cap"] = child["peak_rss_bytes"] < cap
+            result[name] = child
+    return result
+
+
 # -- 1. round anatomy --------------------------------------------------------------------
 
 
 def plain_rounds(rounds: int, sites: int, data_root: str) -> list[float]:
     """The standard job as one process: each site's training in turn, the average, the test."""
     from fedcycle.config import RunSettings
-    from fedcycle.datasets import DATASETS, site_split, test_split
-    from fedcycle.models import build_model
+    from fedcycle.tasks import load_task
     from fedcycle.trainer import TrainConfig, evaluate, train
 
-    settings = RunSettings(data_root=data_root, local_epochs=1)
-    spec = DATASETS[settings.dataset]
-    data = [site_split(settings, {"partition-id": i, "num-partitions": sites})[0] for i in range(sites)]
-    test = test_split(settings)
-    model = build_model(settings.model, spec.shape(settings), 10)
+    config = {"data-root": data_root, "local-epochs": 1}
+    settings = RunSettings.from_run_config(config)
+    task = load_task(config)
+    cpu = torch.device("cpu")
+    data = [task.site_data({"partition-id": i, "num-partitions": sites})[0] for i in range(sites)]
+    test = task.test_data()
+    model = task.build_model()
     times = []
     for r in range(1, rounds + 1):
         started = time.perf_counter()
         states, weights = [], []
         for part in data:
-            local = build_model(settings.model, spec.shape(settings), 10)
+            local = task.build_model()
             local.load_state_dict(model.state_dict())
-            train(local, part, TrainConfig(settings.schedule, epochs=1, server_round=r), torch.device("cpu"), spec.mean, spec.std)
+            train(task, local, part, TrainConfig(settings.schedule, epochs=1, server_round=r), cpu)
             states.append(local.state_dict())
             weights.append(len(part))
         model.load_state_dict({k: sum(s[k] * (w / sum(weights)) for s, w in zip(states, weights)) for k in states[0]})
-        evaluate(model, test, torch.device("cpu"), spec.mean, spec.std)
+        evaluate(task, model, test, cpu)
         times.append(time.perf_counter() - started)
     return times
 
@@ -251,34 +489,74 @@ def bench_round(rounds: int, data_root: str) -> dict:
 
 
 def table(result: dict) -> str:
-    r, a, t, s = result["round"], result["aggregation"], result["trainer"], result["startup"]
+    """The markdown table of the sections `result` holds."""
     miss = lambda ok: "met" if ok else "**missed**"  # noqa: E731
     fmt = lambda d, f=".2f": f"{d['median']:{f}} ({d['min']:{f}}-{d['max']:{f}})"  # noqa: E731
-    rows = [
-        "| measure | fedcycle | reference | ratio | target |", "|---|---|---|---|---|",
-        f"| steady round, s ({r['job']}) | {fmt(r['steady_round_seconds'])} | plain loop {fmt(r['plain_loop_round_seconds'])} | "
-        f"{r['ratio']:.2f} | <= 1.10: {miss(r['ratio'] <= 1.10)} |",
-        f"| overhead per round, s | {r['overhead_seconds_per_round']:.2f} | | | |",
-        f"| start-up: SuperLink, s / until round 1, s | {r['startup_seconds']['superlink']:.1f} / {r['startup_seconds']['until_round_1']:.1f} | | | |",
-        f"| aggregate 8 x ResNet-18 ({a['parameters'] / 1e6:.1f} M), s | {fmt(a['fedcycle_seconds'], '.3f')} | "
-        f"Flower FedAvg {fmt(a['stock_seconds'], '.3f')} | {a['speedup']:.2f}x | >= 3x: {miss(a['speedup'] >= 3)} |",
-        f"| of which the mean alone (FastFedAvg), s | {fmt(a['mean_only_seconds'], '.3f')} | | {a['mean_only_speedup']:.2f}x | |",
-        f"| aggregation bandwidth, GB/s | {a['fedcycle_bandwidth_gb_s']:.1f} | copy {a['copy_bandwidth_gb_s']:.1f} | "
-        f"{a['bandwidth_fraction']:.2f} | >= 0.5: {miss(a['bandwidth_fraction'] >= 0.5)} |",
-    ]
-    for name in ("small-cnn", "resnet18"):
-        m = t[name]
-        rows.append(f"| trainer {name}, samples/s (CPU) | {fmt(m['fedcycle_samples_per_s'], '.0f')} | "
-                    f"minimal loop {fmt(m['minimal_loop_samples_per_s'], '.0f')} | {m['ratio']:.2f} | >= 0.95: {miss(m['ratio'] >= 0.95)} |")
-    setup = [x["setup_max"] for x in r["rounds"]]
-    rows += [
-        f"| site set-up before first step, simulation (round 1 / later), s | {setup[0]:.2f} / {max(setup[1:] or [0]):.2f} | | | "
-        f"< 0.5: {miss(max(setup) < 0.5)} |",
-        f"| site set-up, deployment (new process, .npy cache warm), s | {fmt(s['site_setup_cold_seconds'])} | | | < 0.5: {miss(s['site_setup_cold_seconds']['median'] < 0.5)} |",
-        f"| ClientApp process: import torch+torchvision+flwr, s | {fmt(s['import_torch_torchvision_flwr_seconds'])} | | | |",
-        f"| ClientApp process: whole start-up, s | {fmt(s['process_seconds'])} | | | |",
-    ]
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    rows = ["| measure | fedcycle | reference | ratio | target |", "|---|---|---|---|---|"]
+    r = result.get("round")
+    if r:
+        rows += [
+            f"| steady round, s ({r['job']}) | {fmt(r['steady_round_seconds'])} | plain loop {fmt(r['plain_loop_round_seconds'])} | "
+            f"{r['ratio']:.2f} | <= 1.10: {miss(r['ratio'] <= 1.10)} |",
+            f"| overhead per round, s | {r['overhead_seconds_per_round']:.2f} | | | |",
+            f"| start-up: SuperLink, s / until round 1, s | {r['startup_seconds']['superlink']:.1f} / {r['startup_seconds']['until_round_1']:.1f} | | | |",
+        ]
+    a = result.get("aggregation")
+    if a:
+        rows += [
+            f"| aggregate 8 x ResNet-18 ({a['parameters'] / 1e6:.1f} M), s | {fmt(a['fedcycle_seconds'], '.3f')} | "
+            f"Flower FedAvg {fmt(a['stock_seconds'], '.3f')} | {a['speedup']:.2f}x | >= 3x: {miss(a['speedup'] >= 3)} |",
+            f"| of which the mean alone (FastFedAvg), s | {fmt(a['mean_only_seconds'], '.3f')} | | {a['mean_only_speedup']:.2f}x | |",
+            f"| aggregation bandwidth, GB/s | {a['fedcycle_bandwidth_gb_s']:.1f} | copy {a['copy_bandwidth_gb_s']:.1f} | "
+            f"{a['bandwidth_fraction']:.2f} | >= 0.5: {miss(a['bandwidth_fraction'] >= 0.5)} |",
+        ]
+    t = result.get("trainer")
+    if t:
+        for name in ("small-cnn", "resnet18"):
+            m = t[name]
+            rows.append(f"| trainer {name}, samples/s (CPU) | {fmt(m['fedcycle_samples_per_s'], '.0f')} | "
+                        f"minimal loop {fmt(m['minimal_loop_samples_per_s'], '.0f')} | {m['ratio']:.2f} | >= 0.95: {miss(m['ratio'] >= 0.95)} |")
+    lo = result.get("loaders")
+    if lo:
+        job = f"fashion-mnist {lo['samples']}, {lo['model']}, batch {lo['batch_size']}, CPU, {lo['torch_threads']} torch thread(s)"
+        for workers in (0, 1):
+            ratio = lo[f"ratio_dataloader_workers_{workers}"]
+            rows.append(f"| trainer, DataLoader path ({workers} worker{'s' if workers != 1 else ''}), samples/s ({job}) | "
+                        f"{fmt(lo[f'dataloader_workers_{workers}_samples_per_s'], '.0f')} | "
+                        f"in-memory fast path {fmt(lo['in_memory_samples_per_s'], '.0f')} | {ratio:.2f} | >= 0.9: {miss(ratio >= 0.9)} |")
+        cost = lo["input_only_cpu_us_per_sample"]
+        rows.append(f"| feeding the batches alone (no model), CPU µs per sample: DataLoader path (0 workers) | "
+                    f"{cost['dataloader_workers_0']:.1f} | in-memory fast path {cost['in_memory']:.1f} | | |")
+        rows.append(f"| trainer, in-memory fast path, samples/s ({job}) | {fmt(lo['in_memory_samples_per_s'], '.0f')} | "
+                    f"minimal loop {fmt(lo['minimal_loop_samples_per_s'], '.0f')} | {lo['ratio_in_memory_to_minimal_loop']:.2f} | |")
+    mm = result.get("memmap")
+    if mm:
+        size = f"{gib(mm['dataset_bytes'])} GiB memory-mapped set, cap {gib(mm['cap_bytes'])} GiB"
+        for name, how in (("np_memmap", "np.load(mmap_mode='r')"), ("np_memmap_released", "the same, its pages released every batch (64 items)")):
+            c = mm[name]
+            rows.append(f"| site's peak RSS, GiB ({size}; {how}) | {gib(c['peak_rss_bytes'])} "
+                        f"(anon {gib(c['peak_rss_anon_sampled_bytes'])}, file {gib(c['peak_rss_file_sampled_bytes'])}) | "
+                        f"cap {gib(mm['cap_bytes'])} | {c['peak_rss_bytes'] / mm['cap_bytes']:.2f} | < cap: {miss(c['under_cap'])} |")
+        c = mm["np_memmap"]
+        rows.append(f"| the same site: RSS after imports and set-up, GiB / samples/s | {gib(c['baseline_rss_bytes'])} "
+                    f"(anon {gib(c['baseline_rss_anon_bytes'])}, file {gib(c['baseline_rss_file_bytes'])}) / "
+                    f"{c['samples_per_s']:.0f} (released: {mm['np_memmap_released']['samples_per_s']:.0f}) | | | |")
+    if r:
+        setup = [x["setup_max"] for x in r["rounds"]]
+        rows.append(f"| site set-up before first step, simulation (round 1 / later), s | {setup[0]:.2f} / {max(setup[1:] or [0]):.2f} | | | "
+                    f"< 0.5: {miss(max(setup) < 0.5)} |")
+    s = result.get("startup")
+    if s:
+        rows += [
+            f"| site set-up, deployment (new process, .npy cache warm), s | {fmt(s['site_setup_cold_seconds'])} | | | < 0.5: {miss(s['site_setup_cold_seconds']['median'] < 0.5)} |",
+            f"| ClientApp process: import torch+torchvision+flwr, s | {fmt(s['import_torch_torchvision_flwr_seconds'])} | | | |",
+            f"| ClientApp process: whole start-up, s | {fmt(s['process_seconds'])} | | | |",
+        ]
     return "\n".join(rows)
+
+
+SECTIONS = ("aggregation", "trainer", "loaders", "memmap", "startup", "round")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,26 +564,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--data-root", default=str(Path("~/.cache/fedcycle").expanduser()))
+    parser.add_argument("--only", default="", help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--memmap-gib", type=float, default=4.0, help="size of the memory-mapped set (memmap section)")
+    parser.add_argument("--cap-gib", type=float, default=1.0, help="the memory cap it is measured against")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for this process's sections (default: torch's own choice); "
+                             "the memmap section's child always runs 1")
     args = parser.parse_args(argv)
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    run = set(only or SECTIONS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     exit_on_termination()
     from fedcycle.results import machine, versions
 
-    result = {"command": "python -m fedcycle.bench " + " ".join(argv or sys.argv[1:]), "versions": versions(), "machine": machine()}
-    print("aggregation ...", flush=True)
-    result["aggregation"] = bench_aggregation(args.repeat)
-    print("trainer throughput ...", flush=True)
-    result["trainer"] = bench_trainer(max(3, args.repeat // 2))
-    print("start-up ...", flush=True)
-    result["startup"] = bench_startup(max(3, args.repeat // 2), args.data_root)
-    print("round anatomy ...", flush=True)
-    result["round"] = bench_round(args.rounds, args.data_root)
+    result = {"command": "python -m fedcycle.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "versions": versions(), "machine": machine(), "torch_threads": torch.get_num_threads()}
+    if "aggregation" in run:
+        print("aggregation ...", flush=True)
+        result["aggregation"] = bench_aggregation(args.repeat)
+    if "trainer" in run:
+        print("trainer throughput ...", flush=True)
+        result["trainer"] = bench_trainer(max(3, args.repeat // 2))
+    if "loaders" in run:
+        print("DataLoader path against the in-memory fast path ...", flush=True)
+        result["loaders"] = bench_loaders(max(3, args.repeat // 2), args.data_root)
+    if "memmap" in run:
+        print(f"a {args.memmap_gib:g} GiB memory-mapped set against a {args.cap_gib:g} GiB cap ...", flush=True)
+        result["memmap"] = bench_memmap(args.memmap_gib, args.cap_gib)
+    if "startup" in run:
+        print("start-up ...", flush=True)
+        result["startup"] = bench_startup(max(3, args.repeat // 2), args.data_root)
+    if "round" in run:
+        print("round anatomy ...", flush=True)
+        result["round"] = bench_round(args.rounds, args.data_root)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "bench.json").write_text(json.dumps(result, indent=1))
+    stem = "bench" if run == set(SECTIONS) else "bench-" + "-".join(s for s in SECTIONS if s in run)
+    (OUT / f"{stem}.json").write_text(json.dumps(result, indent=1))
     text = table(result)
-    (OUT / "bench.md").write_text(f"`{result['command']}` on {result['machine']['platform']}, "
-                                  f"{result['machine']['cpu_count']} CPUs\n\n{text}\n")
+    (OUT / f"{stem}.md").write_text(f"`{result['command']}` on {result['machine']['platform']}, "
+                                    f"{result['machine']['cpu_count']} CPUs\n\n{text}\n")
     print(text)
-    print(f"\nwritten: {OUT / 'bench.json'}, {OUT / 'bench.md'}")
+    print(f"\nwritten: {OUT / (stem + '.json')}, {OUT / (stem + '.md')}")
     return 0
 
 
