@@ -112,10 +112,23 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def detach(value: Any) -> Any:
+    """Model outputs (a tensor, or a dict / list / tuple of them) cut from the autograd graph."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: detach(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(detach(v) for v in value)
+    return value
+
+
 def batch_size_of(targets: Any) -> int:
-    """How many examples a batch holds, from its targets (a tensor or a dict of tensors)."""
-    if isinstance(targets, dict):
-        targets = next(iter(targets.values()))
+    """How many examples a batch holds, from its targets (a tensor, or a dict / list / tuple of them)."""
+    if isinstance(targets, dict) and targets:
+        return batch_size_of(next(iter(targets.values())))
+    if isinstance(targets, (list, tuple)) and targets:
+        return batch_size_of(targets[0])
     return int(targets.shape[0]) if isinstance(targets, torch.Tensor) and targets.dim() else 1
 
 

@@ -36,7 +36,7 @@ def held_out(site: Site, model) -> dict[str, float]:
     """Loss and metrics of `model` on the site's held-out split (zeros when it has none)."""
     if not len(site.val):
         return {"loss": 0.0, **{name: 0.0 for name in site.metric_names}}
-    loss, metrics = evaluate(site.task, model, site.val, site.device, num_workers=site.num_workers)
+    loss, metrics = evaluate(site.task, model, site.val, site.device, site.settings.batch_size, site.num_workers)
     return {"loss": loss, **metrics}
 
 
@@ -48,7 +48,10 @@ def own_loop_metrics(site: Site, returned: dict[str, float]) -> dict[str, float]
             f"task={site.task.name!r}: train() returned {sorted(returned)} besides the loss; "
             f"it must also return the task's metrics {missing}"
         )
-    return {name: returned[name] for name in site.metric_names}
+    try:
+        return {name: float(returned[name]) for name in site.metric_names}
+    except (TypeError, ValueError):
+        raise TaskError(f"task={site.task.name!r}: train() returned a metric of {site.metric_names} that is not a number") from None
 
 
 @app.train()

@@ -113,11 +113,6 @@ class RunSettings:
     def class_list(self) -> list[str]:
         return [c.strip() for c in self.classes.split(",") if c.strip()]
 
-    @property
-    def task_options(self) -> dict[str, Any]:
-        """The `task.*` table: a user's task's own run-config keys (declared in pyproject.toml)."""
-        return self.options.get("task", {})
-
     def evaluates_on_sites(self, has_test_data: bool) -> bool:
         """Whether each round ends with an evaluate message to the sites: asked for, or the
         task has no test split and the sites' held-out data is the only test there is."""

@@ -5,12 +5,14 @@ A site's report (`Site.report`) holds its data sizes, the task's metric names, t
 one example (inputs and targets), the model's fingerprint (every array's name, dtype and shape),
 its class names if its data has them, device and versions. The server compares each with its
 own: the model it built, the task's classes, and one batch of its test split (when it has one);
-without a test split, the sites must agree with each other.
+what the server cannot know, the sites must agree on (the most common answer is the run's).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from logging import INFO
 from typing import Any
 
@@ -38,18 +40,20 @@ def wait_for_min_sites(grid: Grid, settings: RunSettings) -> list[int]:
     return nodes
 
 
-def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
+              needs_val: bool = False) -> dict[int, dict[str, Any]]:
     """Ask every connected site for its report; raise PreflightError unless all fit `expected`
     (`model`: the server's fingerprint; `classes`, `metric-names`, `inputs`, `targets` where the
-    server knows them, else the first site's)."""
+    server knows them, else what most sites say). With `needs_val` (the sites' held-out data is
+    the only evaluation there is), a site without held-out data cannot take part."""
     nodes = wait_for_min_sites(grid, settings)
     messages = [
         Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), message_type=MessageType.QUERY, dst_node_id=n)
         for n in nodes
     ]
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-    want = {k: v for k, v in expected.items() if v is not None}
     reports, problems = {}, []
+    answered = {}
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -59,10 +63,21 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any]) -> di
         if not report.get("ok"):
             problems.append(f"node {node} ({report.get('node-config')}): {report.get('error')}")
             continue
-        for key in ("metric-names", "inputs", "targets", "classes"):  # the first site sets what the server cannot
-            if key in report and key not in want:
-                want[key] = report[key]
+        missing = [k for k in REPORT_KEYS if k not in report]
+        if missing:
+            problems.append(f"node {node}: its pre-flight report lacks {missing} (another fedcycle version?)")
+            continue
+        answered[node] = report
+    want = {k: v for k, v in expected.items() if v is not None}
+    for key in ("metric-names", "inputs", "targets", "classes"):  # what the server cannot know: the majority's
+        if key not in want and any(key in r for r in answered.values()):
+            votes = Counter(json.dumps(list_or_value(r.get(key))) for r in answered.values())
+            want[key] = json.loads(votes.most_common(1)[0][0])
+    for node, report in answered.items():
         difference = report_difference(report, want)
+        if not difference and needs_val and not report["num-val"]:
+            difference = ("it holds no held-out data (num-val=0), and the run has no test split: every site's "
+                          "held-out data is the evaluation; give it some (val-fraction, or its validation set)")
         if difference:
             problems.append(f"node {node} ({report['site']}): {difference}")
             continue
@@ -79,6 +94,9 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any]) -> di
     return reports
 
 
+REPORT_KEYS = ("site", "num-train", "num-val", "metric-names", "inputs", "targets", "model", "device", "torch", "flwr")
+
+
 def report_difference(report: dict[str, Any], want: dict[str, Any]) -> str | None:
     """What in a site's report differs from what the run expects, in one line; None if nothing."""
     if list(report["model"]) != list(want["model"]):
@@ -88,9 +106,18 @@ def report_difference(report: dict[str, Any], want: dict[str, Any]) -> str | Non
                   else f"the site's has {len(theirs)} arrays, the server's {len(ours)}")
         return f"the task builds another model than the server's (key model: {detail})"
     for key in ("classes", "metric-names", "inputs", "targets"):
-        if key in want and list_or_value(report.get(key)) != list_or_value(want[key]):
-            return f"{key} {report.get(key)!r} differ from the run's {want[key]!r}"
+        theirs, ours = list_or_value(report.get(key)), list_or_value(want.get(key))
+        if key in want and theirs != ours:
+            if isinstance(theirs, list) and isinstance(ours, list) and len(theirs) == len(ours):
+                i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+                return f"{key} differ from the run's at position {i}: {theirs[i]!r}, the run's {ours[i]!r}"
+            return f"{key} {_short(theirs)} differ from the run's {_short(ours)}"
     return None
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def list_or_value(value: Any) -> Any:

@@ -81,7 +81,7 @@ class RoundRecorder:
         if self.test is None:
             return None
         self.model.load_state_dict(ckpt.model)
-        return evaluate(self.task, self.model, self.test, self.device)[1][self.metric]
+        return evaluate(self.task, self.model, self.test, self.device, self.settings.batch_size)[1][self.metric]
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         started = time.perf_counter()
@@ -151,7 +151,7 @@ class RoundRecorder:
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> tuple[float | None, dict | None, str]:
         if self.test is not None:
-            loss, metrics = evaluate(self.task, self.model, self.test, self.device)
+            loss, metrics = evaluate(self.task, self.model, self.test, self.device, self.settings.batch_size)
             return loss, metrics, "server-test"
         if server_round == 0:  # no test split: ask the sites about the initial model too
             replies = self.grid.send_and_receive(

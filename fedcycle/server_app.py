@@ -27,7 +27,7 @@ from fedcycle.recorder import RoundRecorder, load_resume_point
 from fedcycle.results import RunResults, resolve_run_dir
 from fedcycle.round_loop import RoundFailed, run_rounds
 from fedcycle.strategies import make_strategy, resolve_strategy
-from fedcycle.tasks import Task, fingerprint
+from fedcycle.tasks import fingerprint, load_task
 
 app = ServerApp()
 
@@ -38,14 +38,14 @@ def main(grid: Grid, context: Context) -> None:
     resolve_strategy(settings.strategy)
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)  # Flower samples the round's sites with the random module
-    task = Task(settings.task, context.run_config)
+    task = load_task(context.run_config)
+    if task.own_train is not None and float(settings.strategy_options.get("proximal-mu", 0.0)) > 0:
+        raise ConfigError(
+            f"strategy={settings.strategy!r} needs FedProx's proximal term, which fedcycle's own loop adds, but "
+            f"task={settings.task!r} brings its own train(); choose another strategy, or drop the task's train()"
+        )
     model = task.initial_model(settings.model_weights)
     test = task.test_data()
-    if test is None and settings.val_fraction == 0:
-        raise ConfigError(
-            f"val-fraction=0 leaves the sites nothing to evaluate on, and task={settings.task!r} has no test split; "
-            "use a val-fraction above 0"
-        )
     checked = task.dry_run(model, test, torch.device("cpu"), settings.batch_size) if test is not None else {}
     resume_dir, ckpt = load_resume_point(settings, task, model) if settings.resume_from else (None, None)
     if ckpt is not None and ckpt.round >= settings.num_server_rounds:
@@ -67,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     results.write_config(settings, dict(context.run_config), **extra)
 
     expected = {"model": fingerprint(model), "classes": task.classes, **{k: checked.get(k) for k in ("metric-names", "inputs", "targets")}}
-    reports = preflight(grid, settings, expected)
+    reports = preflight(grid, settings, expected, needs_val=settings.evaluates_on_sites(test is not None))
     strategy = make_strategy(settings, num_sites=len(reports), has_test_data=test is not None)
     strategy.expect_metrics(next(iter(reports.values()))["metric-names"])
     strategy.declared_examples = {node: int(r["num-train"]) for node, r in reports.items()}

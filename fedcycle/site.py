@@ -41,7 +41,7 @@ class Site:
         if "data-dir" in self.node_config:
             return f"data-dir:{self.node_config['data-dir']}"
         if "partition-id" in self.node_config:
-            return f"partition {self.node_config['partition-id']}/{self.node_config['num-partitions']}"
+            return f"partition {self.node_config['partition-id']}/{self.node_config.get('num-partitions', '?')}"
         return " ".join(f"{k}={v}" for k, v in sorted(self.node_config.items()) if k not in SITE_KEYS) or "site"
 
     @property
@@ -125,4 +125,5 @@ def load_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
 
 
 def _frozen(config: Mapping[str, Any]) -> tuple:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
+    """A Flower config (scalar values) as a hashable cache key."""
+    return tuple(sorted(config.items()))

@@ -275,7 +275,7 @@ def run_centralized(study: Study, run: PlannedRun, data_root: str) -> dict:
     device = pick_device("auto")
 
     def accuracy_on(data) -> float:
-        return evaluate(task, model, data, device)[1]["accuracy"]
+        return evaluate(task, model, data, device, settings.batch_size)[1]["accuracy"]
 
     accuracy, val_accuracy, seconds = [accuracy_on(test)], [accuracy_on(val_data)], [0.0]
     started = time.perf_counter()

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedcycle.batches import batch_size_of, batches, to_device
+from fedcycle.batches import batch_size_of, batches, detach, to_device
 from fedcycle.errors import TaskError
 from fedcycle.schedules import LRSchedule
 from fedcycle.tasks import Task
@@ -69,12 +69,16 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     """`optimizer` in the run config: SGD with momentum (the default) or AdamW; the schedule drives either."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.schedule.lr_max, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.schedule.lr_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.schedule.lr_max, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer={cfg.optimizer!r} is unknown; choose one of ['adamw', 'sgd']")
 
 
 class StepLog:
     """Every optimizer step's learning rate (read as the step is taken), and how often the
-    scheduler stepped: what the reply reports, and how a loop that ignores the schedule is found."""
+    scheduler stepped: what the reply reports, and how a loop that ignores the schedule is found.
+    A step the loop skips (GradScaler on inf gradients) counts as one the scheduler took alone,
+    and is refused like one: fedcycle's mixed precision is bfloat16, which needs no scaler."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler) -> None:
         self.lrs: list[float] = []
@@ -114,7 +118,8 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
                 f"task={task.name!r} brings its own train(), which cannot add FedProx's proximal term "
                 f"(proximal-mu={cfg.proximal_mu}); choose another strategy, or drop the task's train()"
             )
-        loss, metrics = _own_loop_result(task, task.own_train(model, loader, optimizer, scheduler, cfg.epochs, device))
+        returned = task._call("train", task.own_train, model, loader, optimizer, scheduler, cfg.epochs, device)
+        loss, metrics = _own_loop_result(task, returned)
     else:
         loss, metrics = fit(task, model, loader, optimizer, scheduler, cfg, device)
     log.close(task)
@@ -160,24 +165,32 @@ def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
             n = batch_size_of(targets)
             with torch.no_grad():
                 loss_sum += loss.detach() * n
-                for name, value in task.metrics(outputs.detach(), targets).items():
+                for name, value in task.metrics(detach(outputs), targets).items():
                     sums[name] = sums.get(name, 0.0) + value * n
             seen += n
     return float(loss_sum) / max(seen, 1), {k: float(v) / max(seen, 1) for k, v in sums.items()}
 
 
 def _own_loop_result(task: Task, returned: Any) -> tuple[float, dict[str, float]]:
-    """The loss and metrics a task's own train() returned: a dict with `loss` and the task's metrics."""
+    """The loss a task's own train() returned, and the rest of what it returned (the task's metrics
+    among it; the ClientApp takes those)."""
     if not isinstance(returned, dict) or "loss" not in returned:
         raise TaskError(
-            f"task={task.name!r}: train() returned {returned!r}; it returns a dict with 'loss' and the task's "
-            "metrics (means over the examples it trained on)"
+            f"task={task.name!r}: train() returned {type(returned).__name__} {sorted(returned) if isinstance(returned, dict) else ''}; "
+            "it returns a dict with 'loss' and the task's metrics (means over the examples it trained on)"
         )
-    return float(returned["loss"]), {k: float(v) for k, v in returned.items() if k != "loss"}
+    return _number(task, "loss", returned["loss"]), {k: v for k, v in returned.items() if k != "loss"}
+
+
+def _number(task: Task, key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TaskError(f"task={task.name!r}: train() returned {key}={type(value).__name__}; it must be a number") from None
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: nn.Module, data, device: torch.device, batch_size: int = 1024,
+def evaluate(task: Task, model: nn.Module, data, device: torch.device, batch_size: int = 256,
              num_workers: int = 0) -> tuple[float, dict[str, float]]:
     """(mean loss, mean metrics) of `model` on `data`; each metric a mean over examples,
     weighted by batch size."""

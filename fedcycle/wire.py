@@ -1,7 +1,8 @@
 """What travels between the ServerApp and the ClientApps, besides the model's arrays.
 
-Both apps import this module (it imports nothing of theirs), so the server checks a reply
-against the same schema the ClientApp writes. A task's metrics (accuracy by default, or what
+The server checks every reply against this schema (it imports nothing of the apps'); the
+ClientApp writes these keys, and tests/test_strategy.py passes its real replies through the
+server's check. A task's metrics (accuracy by default, or what
 the task's `metrics` returns) travel under `train-<name>` (measured while training),
 `received-<name>` (the received global model on the site's held-out split) and `<name>` (an
 evaluate reply).

@@ -150,12 +150,14 @@ def test_the_server_leaves_out_a_reply_whose_rates_are_not_its_schedule(task_ide
         reply(1, arrays(rng, 0.1), 200, **honest),
         reply(2, arrays(rng, 0.1), 200, **{**honest, "lr-first": 0.01}),
         reply(3, arrays(rng, 0.1), 200, **{**honest, "steps": 6}),
+        reply(4, arrays(rng, 0.1), 200, **{**honest, "lr-peak": [0.05, 0.05]}),  # a MetricRecord may hold lists
     ]
     accepted = strategy.screen_round(2, replies)
     assert [m.metadata.src_node_id for m in accepted] == [1]
     reasons = {e["node_id"]: e["reason"] for e in strategy.events[2]}
     assert reasons[2] == "lr-first=0.01, but the server's schedule gives 0.005 for round 2"
     assert reasons[3].startswith("steps=6, but the server's schedule has 8 optimizer steps (2 local epochs of 4 batches")
+    assert reasons[4] == "lr-peak=[0.05, 0.05] must be a finite number"
 
 
 # -- bad input: one line naming the task, the method and what was expected ---------------------
@@ -186,7 +188,8 @@ class Broken:
         return TensorDataset(x, y), TensorDataset(x, y)
 
     def metrics(self, outputs, targets):
-        return {"top1": (outputs.argmax(1) == targets).float().mean()}
+        top1 = (outputs.argmax(1) == targets).float().mean()
+        return {"top1": top1, "loss": top1} if self.how == "reserved" else {"top1": top1}
 
 
 @pytest.mark.parametrize("how, message", [
@@ -196,6 +199,7 @@ class Broken:
     ("wrong-inputs", "the model cannot take the Dataset's inputs float32[7] (batched)"),
     ("empty", "site_data() gave this site an empty train set"),
     ("primary", "primary_metric 'accuracy' is not among metrics()'s keys ['top1']"),
+    ("reserved", "metrics() names ['loss'], which fedcycle's records use; rename them"),
 ])
 def test_a_broken_task_is_one_line_naming_what_is_wrong(monkeypatch, how, message):
     monkeypatch.setattr(Broken, "how", how)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from fedcycle.datasets.partition import partition
+from fedcycle.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedcycle.config import RunSettings
@@ -105,8 +106,6 @@ def load(settings: "RunSettings", split: str, node_config: dict | None = None) -
     """The whole `split` ('train' or 'test') of the run's dataset, memory-cached, labelled
     with the run's class names. A node config with `data-dir` means the site's own folder,
     read in the run's classes and image shape."""
-    from fedcycle.errors import ConfigError
-
     node_config = node_config or {}
     spec = DATASETS[settings.dataset]
     root = data_root(settings, node_config)

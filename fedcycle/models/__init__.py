@@ -9,6 +9,8 @@ from typing import Callable
 
 from torch import nn
 
+from fedcycle.errors import ConfigError
+
 
 class SmallCNN(nn.Module):
     """Two conv blocks and two dense layers: fast on a CPU, about 91% on Fashion-MNIST."""
@@ -62,8 +64,6 @@ def torchvision_models() -> list[str]:
 
 
 def check_model_name(name: str) -> None:
-    from fedcycle.errors import ConfigError
-
     if name in MODELS:
         return
     if name.startswith(TORCHVISION):
@@ -78,8 +78,6 @@ def check_model_name(name: str) -> None:
 
 def check_fits(name: str, shape: tuple[int, int, int], num_classes: int) -> None:
     """Raise ConfigError unless model `name` takes images of `shape` and has a class to learn."""
-    from fedcycle.errors import ConfigError
-
     check_model_name(name)
     channels, height, width = shape
     if num_classes < 2:

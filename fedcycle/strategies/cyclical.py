@@ -207,6 +207,9 @@ class CyclicalMixin:
         config = self.sent_config.get(server_round)
         if config is None:
             return None
+        for key in ("steps", "lr-first", "lr-peak", "lr-last"):
+            if not _finite_number(metrics[key]):
+                return f"{key}={metrics[key]!r} must be a finite number"
         n, steps = metrics["num-examples"], metrics["steps"]
         batch, epochs = int(config["batch-size"]), int(config["local-epochs"])
         per_epoch = math.ceil(n / batch)
@@ -276,10 +279,8 @@ class CyclicalMixin:
         metrics = msg.content["metrics"]
         if set(metrics.keys()) != self.expected_evaluate:
             return f"evaluate metric keys are {sorted(metrics.keys())}, not {sorted(self.expected_evaluate)}"
-        if not all(isinstance(metrics[k], (int, float)) and math.isfinite(metrics[k]) for k in self.metric_names):
-            return f"a metric of {self.metric_names} is not a finite number"
-        if not (_positive_finite(metrics["loss"]) or metrics["loss"] == 0):
-            return "loss is not a finite number of at least 0"
+        if not all(_finite_number(metrics[k]) for k in ("loss", *self.metric_names)):
+            return f"the loss or a metric of {self.metric_names} is not a finite number"
         if not _positive_finite(metrics["num-examples"]):
             return f"num-examples={metrics['num-examples']!r} must be a positive finite number"
         return None
@@ -300,8 +301,12 @@ def schedule_summary(schedule: tuple, per_epoch: int, epochs: int, server_round:
     return lrs[0], max(lrs), lrs[-1]
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return _finite_number(value) and value > 0
 
 
 def _non_finite(arrays: ArrayRecord) -> str | None:

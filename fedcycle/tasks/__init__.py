@@ -29,12 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcycle.batches import batch_size_of, batches, describe, to_device
+from fedcycle.batches import batches, describe, to_device
 from fedcycle.errors import ConfigError, TaskError
 
 # Built-in tasks by short name. Adding one is writing its class and one line here.
 BUILTIN = {"image-classification": "fedcycle.tasks.image:ImageClassification"}
 DIRECTIONS = ("max", "min")
+# Metric names that would collide with a metrics.jsonl line's keys or a reply's own keys.
+RESERVED_METRIC_NAMES = frozenset({
+    "round", "primary_metric", "metrics", "metrics_source", "loss", "seconds", "elapsed", "train_config",
+    "sites_evaluation", "timing", "sites", "events", "failed", "num-examples",
+})
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -53,11 +58,15 @@ def resolve(spec: str) -> type:
         raise TaskError(f"task={spec!r} is neither a built-in task {sorted(BUILTIN)} nor 'package.module:Class'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except ModuleNotFoundError as err:
+        if err.name and module_name != err.name and not module_name.startswith(f"{err.name}."):
+            raise TaskError(f"task={spec!r}: its module imports {err.name!r}, which is not installed here") from None
         raise TaskError(
             f"task={spec!r} cannot be imported ({err}); put its module in the app folder (flwr run ships it), "
             "install it where the apps run, or name its folder in the node config's task-path"
         ) from None
+    except Exception as err:
+        raise TaskError(f"task={spec!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from err
     cls = getattr(module, attr, None)
     if cls is None:
         raise TaskError(f"task={spec!r}: module {module_name!r} has no {attr!r}")
@@ -132,6 +141,8 @@ class Task:
         data = self._call("test_data", self.impl.test_data)
         if data is not None:
             _check_dataset(self.name, "test_data()", data)
+            if len(data) == 0:
+                raise TaskError(f"task={self.name!r}: test_data() returned an empty set; return None if there is none")
         return data
 
     def initial_model(self, weights: str = "") -> nn.Module:
@@ -146,6 +157,8 @@ class Task:
     def dry_run(self, model: nn.Module, data, device: torch.device, batch_size: int) -> dict[str, Any]:
         """One batch of `data` through the model, the loss and the metrics, without training:
         what a site reports in the pre-flight round (metric names, the shape of an example)."""
+        if len(data) == 0:
+            raise TaskError(f"task={self.name!r}: the data set to check is empty")
         loader = batches(data, max(1, min(batch_size, len(data))), device, shuffle=False)
         try:
             batch = next(iter(loader))
@@ -180,6 +193,9 @@ class Task:
             metrics = self._call("metrics", self.metrics, outputs, targets)
         if not (isinstance(metrics, dict) and metrics and all(isinstance(k, str) for k in metrics)):
             raise TaskError(f"task={self.name!r}: metrics() returned {metrics!r}; it returns a dict of metric name -> number")
+        reserved = sorted(RESERVED_METRIC_NAMES & set(metrics))
+        if reserved:
+            raise TaskError(f"task={self.name!r}: metrics() names {reserved}, which fedcycle's records use; rename them")
         if self.primary_metric not in metrics:
             raise TaskError(
                 f"task={self.name!r}: primary_metric {self.primary_metric!r} is not among metrics()'s keys {sorted(metrics)}"
@@ -188,7 +204,6 @@ class Task:
             "metric-names": list(metrics),
             "inputs": describe(first(inputs)),
             "targets": describe(first(targets)),
-            "examples-seen": batch_size_of(targets),
         }
 
 
@@ -240,4 +255,6 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 def load_task(run_config: Mapping[str, Any]) -> Task:
     """The run's task, from the run config's `task` key."""
-    return Task(str(run_config.get("task", "image-classification")), run_config)
+    from fedcycle.config import RunSettings
+
+    return Task(str(run_config.get("task", RunSettings.task)), run_config)

@@ -32,7 +32,7 @@ class ImageClassification:
         if s.partitioner not in PARTITIONERS:
             raise ConfigError(f"partitioner={s.partitioner!r} is unknown; choose one of {sorted(PARTITIONERS)}")
         self.spec = DATASETS[s.dataset]
-        builtin = self.spec.classes(RunSettings(dataset=s.dataset))
+        builtin = self.spec.class_names
         if s.class_list and builtin and len(s.class_list) != len(builtin):
             raise ConfigError(f"classes has {len(s.class_list)} names, but dataset={s.dataset!r} has {len(builtin)} classes")
         if self.spec.site_local and len(s.class_list) < 2:
