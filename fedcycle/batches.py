@@ -12,7 +12,7 @@ also saves the host-to-device copy of every batch). The choice is automatic.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -101,26 +101,26 @@ def batches(data: Dataset, batch_size: int, device: torch.device, *, shuffle: bo
     )
 
 
-def to_device(value: Any, device: torch.device) -> Any:
-    """A batch's inputs or targets (a tensor, or a dict / list / tuple of them) on `device`."""
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """`fn` applied to every tensor of a batch's inputs, targets or outputs (a tensor, or a dict /
+    list / tuple of them), the structure kept."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
+        return fn(value)
     if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_device(v, device) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     return value
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """A batch's inputs or targets on `device`."""
+    return map_tensors(value, lambda t: t.to(device, non_blocking=True))
 
 
 def detach(value: Any) -> Any:
-    """Model outputs (a tensor, or a dict / list / tuple of them) cut from the autograd graph."""
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, dict):
-        return {k: detach(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(detach(v) for v in value)
-    return value
+    """Model outputs cut from the autograd graph."""
+    return map_tensors(value, torch.Tensor.detach)
 
 
 def batch_size_of(targets: Any) -> int:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcycle.batches import batches, describe, to_device
+from fedcycle.batches import batches, describe, map_tensors, to_device
 from fedcycle.errors import ConfigError, TaskError
 
 # Built-in tasks by short name. Adding one is writing its class and one line here.
@@ -208,14 +208,8 @@ class Task:
 
 
 def first(value: Any) -> Any:
-    """The first example of a batch (a tensor, or a dict of tensors)."""
-    if isinstance(value, dict):
-        return {k: first(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [first(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.dim():
-        return value[0]
-    return value
+    """The first example of a batch (a tensor, or a dict / list / tuple of them)."""
+    return map_tensors(value, lambda t: t[0] if t.dim() else t)
 
 
 def _check_dataset(task: str, what: str, data: Any) -> None:
