@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from fedcycle.errors import ConfigError
-from fedcycle.schedules import LRSchedule, local_epochs_for_round
+from fedcycle.schedules import Envelope, LRSchedule, local_epochs_for_round
 
 SITE_EVAL_MODES = ("train-reply", "evaluate-round", "off")
 OPTIMIZERS = ("sgd", "adamw")
@@ -37,6 +37,10 @@ class RunSettings:
     lr_cycle_unit: str = "round"
     lr_cycle_length: float = 1.0
     lr_gamma: float = 0.999
+    lr_envelope: str = "flat"
+    lr_decay: float = 1.0
+    lr_warmup_rounds: int = 0
+    swa_start: int = 0
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -102,6 +106,17 @@ class RunSettings:
             raise ConfigError(str(err)) from None
 
     @property
+    def envelope(self) -> Envelope:
+        try:
+            return Envelope(self.lr_envelope, self.lr_decay, self.lr_warmup_rounds)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def schedule_for_round(self, server_round: int) -> LRSchedule:
+        """The schedule the sites follow in a round: the run's, its peak moved by the envelope."""
+        return self.envelope.apply(self.schedule, server_round, self.num_server_rounds)
+
+    @property
     def partitioner_options(self) -> dict[str, Any]:
         return self.options.get(self.partitioner, {})
 
@@ -130,6 +145,8 @@ class RunSettings:
         if not self.task.strip():
             raise ConfigError("task='' is empty; give a built-in task's name or 'package.module:Class'")
         self.schedule  # noqa: B018 - validates the lr-* keys
+        self.envelope  # noqa: B018
+        _at_least("swa-start", self.swa_start, 0)
         _positive("num-server-rounds", self.num_server_rounds)
         _positive("local-epochs", self.local_epochs)
         _positive("batch-size", self.batch_size)

@@ -13,13 +13,18 @@ Where a cycle sits in time is set by `cycle_unit` and `cycle_length`:
 - `steps`: one cycle spans `cycle_length` optimizer steps.
 The schedule runs on across rounds: a site starts round r at the step it would have
 reached had it trained every earlier round without stopping.
+
+Across rounds the server may also move the schedule's peak (`Envelope`): a warm-up over the
+first rounds, and a decay of the peak from cycle to cycle (exponential, or a cosine over the
+whole run). The server applies it before it sends a round's `lr-max`, so a site sees plain
+numbers, and a resumed run sends exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -31,6 +36,7 @@ from torch.optim.lr_scheduler import (
 )
 
 CYCLE_UNITS = ("round", "epochs", "steps")
+ENVELOPES = ("flat", "exponential", "cosine")
 
 
 def _constant(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int) -> LRScheduler:
@@ -176,6 +182,53 @@ class LRSchedule:
                 out.append(opt.param_groups[0]["lr"])
                 scheduler.step()
         return out
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """How the server moves a schedule's peak learning rate from round to round.
+
+    The envelope's clock is the cycle when cycles span rounds (`lr-cycle-unit = "round"`: the
+    peak changes only between cycles), else the round. `exponential` multiplies the peak by
+    `decay` per cycle; `cosine` takes it from lr-max down towards lr-min over the run's cycles;
+    a warm-up scales it by r/(warmup_rounds+1) in rounds r <= warmup_rounds. The peak never
+    falls below lr-min."""
+
+    shape: str = "flat"
+    decay: float = 1.0
+    warmup_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shape not in ENVELOPES:
+            raise ValueError(f"lr-envelope={self.shape!r} is unknown; choose one of {list(ENVELOPES)}")
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"lr-decay={self.decay} must be in (0, 1]")
+        if self.warmup_rounds < 0:
+            raise ValueError(f"lr-warmup-rounds={self.warmup_rounds} must be at least 0")
+
+    def factor(self, schedule: LRSchedule, server_round: int, num_rounds: int) -> float:
+        """The fraction of (lr-max - lr-min) that round `server_round` peaks at."""
+        if schedule.cycle_unit == "round":
+            tick = math.floor((server_round - 1) / schedule.cycle_length)
+            ticks = math.ceil(num_rounds / schedule.cycle_length)
+        else:
+            tick, ticks = server_round - 1, num_rounds
+        if self.shape == "exponential":
+            factor = self.decay**tick
+        elif self.shape == "cosine":
+            factor = 0.5 * (1 + math.cos(math.pi * tick / max(ticks, 1)))
+        else:
+            factor = 1.0
+        if server_round <= self.warmup_rounds:
+            factor *= server_round / (self.warmup_rounds + 1)
+        return factor
+
+    def apply(self, schedule: LRSchedule, server_round: int, num_rounds: int) -> LRSchedule:
+        """The schedule a site follows in round `server_round`: the same shape, its peak moved."""
+        factor = self.factor(schedule, server_round, num_rounds)
+        if factor == 1.0:
+            return schedule
+        return replace(schedule, lr_max=schedule.lr_min + factor * (schedule.lr_max - schedule.lr_min))
 
 
 def local_epochs_for_round(base: int, growth: float, maximum: int, server_round: int) -> int:

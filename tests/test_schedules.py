@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from fedcycle.schedules import LRSchedule, local_epochs_for_round
+from fedcycle.config import ConfigError, RunSettings
+from fedcycle.schedules import Envelope, LRSchedule, local_epochs_for_round
 
 LO, HI, CYCLE = 0.01, 0.11, 10  # a 10-step cycle between 0.01 and 0.11
 
@@ -97,3 +98,53 @@ def test_local_epochs_grow_with_the_round_up_to_the_cap():
     assert [local_epochs_for_round(2, 0.0, 0, r) for r in (1, 5, 50)] == [2, 2, 2]
     assert [local_epochs_for_round(1, 0.5, 3, r) for r in (1, 2, 3, 4, 5, 9)] == [1, 1, 2, 2, 3, 3]
     assert local_epochs_for_round(1, 1.0, 0, 10) == 10
+
+
+def test_an_exponential_envelope_decays_the_peak_per_cycle_after_a_warm_up():
+    s = LRSchedule(name="triangular", lr_min=LO, lr_max=HI, cycle_unit="round", cycle_length=2)
+    envelope = Envelope("exponential", decay=0.5, warmup_rounds=1)
+    # cycles of 2 rounds: the peak's span (0.1) x1, x1, x0.5, x0.5, x0.25; round 1 warms up at 1/2
+    peaks = [envelope.apply(s, r, num_rounds=6).lr_max for r in range(1, 7)]
+    assert peaks == pytest.approx([0.06, 0.11, 0.06, 0.06, 0.035, 0.035])
+    # what a site's scheduler does with round 3's and 4's schedule (a 10-step cycle over 2 rounds of 5
+    # steps): the cycle's start at lr-min, its middle at the decayed peak, its end back near lr-min
+    r3, r4 = envelope.apply(s, 3, 6), envelope.apply(s, 4, 6)
+    cycle = s.cycle_steps(steps_per_epoch=5, epochs_this_round=1)
+    assert r3.lrs(r3.start_step(5, 1, 3, 2), 5, cycle) == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05])
+    assert r4.lrs(r4.start_step(5, 1, 4, 3), 5, cycle) == pytest.approx([0.06, 0.05, 0.04, 0.03, 0.02])
+
+
+def test_a_cosine_envelope_spans_the_run_and_never_falls_below_lr_min():
+    s = LRSchedule(name="triangular", lr_min=LO, lr_max=HI)  # a cycle per round
+    envelope = Envelope("cosine")
+    peaks = [envelope.apply(s, r, num_rounds=4).lr_max for r in range(1, 5)]
+    expected = [LO + 0.5 * (1 + math.cos(math.pi * t / 4)) * (HI - LO) for t in range(4)]
+    assert peaks == pytest.approx(expected) and peaks[0] == HI and min(peaks) > LO
+    # per-epoch cycles: the envelope's clock is the round
+    epochs = LRSchedule(name="cosine", lr_min=LO, lr_max=HI, cycle_unit="epochs", cycle_length=1)
+    assert Envelope("exponential", decay=0.9).apply(epochs, 3, 10).lr_max == pytest.approx(LO + 0.81 * (HI - LO))
+
+
+def test_the_server_sends_each_round_its_enveloped_peak():
+    settings = RunSettings.from_run_config(
+        {"lr-min": 0.01, "lr-max": 0.11, "lr-envelope": "exponential", "lr-decay": 0.5, "lr-warmup-rounds": 2,
+         "num-server-rounds": 4}
+    )
+    assert [settings.schedule_for_round(r).lr_max for r in (1, 2, 3, 4)] == pytest.approx(
+        [0.01 + 0.1 / 3, 0.01 + 0.1 * 0.5 * 2 / 3, 0.01 + 0.1 * 0.25, 0.01 + 0.1 * 0.125]
+    )
+    assert RunSettings().schedule_for_round(7) == RunSettings().schedule  # flat: unchanged
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"lr-envelope": "linear"}, "lr-envelope='linear' is unknown; choose one of ['flat', 'exponential', 'cosine']"),
+        ({"lr-decay": 0.0}, "lr-decay=0.0 must be in (0, 1]"),
+        ({"lr-warmup-rounds": -1}, "lr-warmup-rounds=-1 must be at least 0"),
+        ({"swa-start": -2}, "swa-start=-2 must be at least 0"),
+    ],
+)
+def test_bad_envelopes_name_the_key(config, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        RunSettings.from_run_config(config)

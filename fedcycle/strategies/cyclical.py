@@ -60,7 +60,7 @@ class CyclicalMixin:
         """What every site needs to train round `server_round` exactly as the server means."""
         s = self.settings
         return {
-            **s.schedule.to_config(),
+            **s.schedule_for_round(server_round).to_config(),
             "local-epochs": s.epochs_for_round(server_round),
             "epochs-before": sum(s.epochs_for_round(r) for r in range(1, server_round)),
             "batch-size": s.batch_size,
