@@ -4,7 +4,7 @@ One file per round, `<run>/checkpoints/round-0003.safetensors`, written atomical
 temporary file, fsync, then rename: a crash leaves the previous one whole); the last
 `checkpoints-keep` are kept. Its tensors are the global model (`model/...`), the best model
 so far (`best/...`), the strategy's arrays (`strategy/...`: server optimizer moments,
-momentum) and torch's RNG state; its metadata the round, the metrics lines so far, the best
+momentum), the server's running sum of cycle-end models (`swa/...`) and torch's RNG state; its metadata the round, the metrics lines so far, the best
 value of the task's primary metric, Python's RNG state (Flower samples sites with it), what the run trains (dataset,
 model, strategy, classes) and a SHA-256 of the tensors, so that a truncated or corrupted
 file is refused with a clear error instead of resuming from garbage. safetensors: loading a
@@ -30,7 +30,6 @@ from safetensors.torch import save
 from fedcycle.results import jsonable
 
 FORMAT = 2  # 2: the best model's primary metric (any task), not its accuracy
-PREFIXES = ("model/", "best/", "strategy/")
 
 
 class CheckpointError(RuntimeError):
@@ -46,6 +45,8 @@ class Checkpoint:
     metrics: list[dict[str, Any]]
     identity: dict[str, Any]  # what the run trains: a resumed run must train the same
     strategy_arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    swa_total: dict[str, torch.Tensor] = field(default_factory=dict)  # fedcycle.averaging's float64 sum
+    swa_rounds: list[int] = field(default_factory=list)
     python_rng: Any = None
     torch_rng: torch.Tensor | None = None
     path: Path | None = None
@@ -63,6 +64,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep: int) -> Path:
         **{f"model/{k}": v for k, v in ckpt.model.items()},
         **{f"best/{k}": v.clone() for k, v in ckpt.best_model.items()},  # often the same tensors as model/
         **{f"strategy/{k}": v for k, v in ckpt.strategy_arrays.items()},
+        **{f"swa/{k}": v for k, v in ckpt.swa_total.items()},
         "rng/torch": torch.get_rng_state() if ckpt.torch_rng is None else ckpt.torch_rng,
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -72,6 +74,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep: int) -> Path:
         "best_value": ckpt.best_value,
         "metrics": ckpt.metrics,
         "identity": ckpt.identity,
+        "swa_rounds": ckpt.swa_rounds,
         "python_rng": _jsonable_rng(random.getstate() if ckpt.python_rng is None else ckpt.python_rng),
     }
     metadata = {"fedcycle": json.dumps(state, default=jsonable), "sha256": _digest(tensors)}
@@ -120,6 +123,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         metrics=state["metrics"],
         identity=state["identity"],
         strategy_arrays=part("strategy/"),
+        swa_total=part("swa/"),
+        swa_rounds=[int(r) for r in state.get("swa_rounds", [])],
         python_rng=(rng[0], tuple(rng[1]), rng[2]),
         torch_rng=tensors.get("rng/torch"),
         path=path,

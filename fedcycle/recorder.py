@@ -2,6 +2,10 @@
 split, or the sites' held-out splits when it has none), a line in metrics.jsonl, the latest and
 best models and a checkpoint; and how a run picks up from its newest checkpoint.
 
+With `swa-start`, the server also keeps the mean of the global models at cycle ends
+(`fedcycle.averaging`), evaluates it beside the global model every round (`swa` in
+metrics.jsonl) and saves it as `global-swa.safetensors`.
+
 "Best" follows the task's primary metric and its direction (accuracy, higher is better, for
 classification; a regression's mean absolute error, lower is better).
 """
@@ -18,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedcycle.averaging import CycleAverage, has_batchnorm
 from fedcycle.checkpoint import Checkpoint, check_identity, latest_checkpoint, save_checkpoint
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
@@ -67,6 +72,7 @@ class RoundRecorder:
         self.best: float | None = None
         self.best_state: dict[str, torch.Tensor] = {}
         self.lines: list[dict[str, Any]] = []
+        self.swa = CycleAverage(settings.swa_start, settings.schedule) if settings.swa_start else None
         self.started = self.last = time.perf_counter()
 
     def resume(self, ckpt: Checkpoint) -> float | None:
@@ -75,6 +81,8 @@ class RoundRecorder:
         metric, evaluated again."""
         self.lines = list(ckpt.metrics)
         self.best, self.best_state = ckpt.best_value, ckpt.best_model
+        if self.swa is not None:
+            self.swa.restore(ckpt.swa_total, ckpt.swa_rounds)
         self.results.rewrite_rounds(self.lines)
         self.last = time.perf_counter()
         self.started = self.last - float(self.lines[-1].get("elapsed", 0.0) if self.lines else 0.0)
@@ -106,6 +114,8 @@ class RoundRecorder:
             "sites": s.site_metrics.get(server_round, []),
             "events": s.events.get(server_round, []),
         }
+        if self.swa is not None:
+            line["swa"] = self._average(server_round, state)
         self.last = now
         self.lines.append(line)
         improved = self.task.better(value, self.best)
@@ -122,6 +132,8 @@ class RoundRecorder:
                 metrics=self.lines,
                 identity=run_identity(self.settings, self.task),
                 strategy_arrays=self.strategy.state_arrays(),
+                swa_total=self.swa.total if self.swa is not None else {},
+                swa_rounds=self.swa.rounds if self.swa is not None else [],
             ),
             keep=self.settings.checkpoints_keep,
         )
@@ -130,13 +142,34 @@ class RoundRecorder:
         if improved:
             self.results.save_model("global-best", state)
         self.results.plot(self.metric)
+        swa = (line.get("swa") or {}).get(self.metric)
         log(
             INFO,
-            "fedcycle round %d/%d  %s %.4f (%s)  loss %.4f  %.1f s  [%d sites, %d left out]",
+            "fedcycle round %d/%d  %s %.4f (%s)  loss %.4f%s  %.1f s  [%d sites, %d left out]",
             server_round, self.settings.num_server_rounds, self.metric, value if value is not None else float("nan"),
-            source, loss if loss is not None else float("nan"), line["seconds"], len(line["sites"]), len(line["events"]),
+            source, loss if loss is not None else float("nan"), "" if swa is None else f"  cycle-end mean {swa:.4f}",
+            line["seconds"], len(line["sites"]), len(line["events"]),
         )
         return MetricRecord({"loss": loss or 0.0, **(metrics or {})})
+
+    def _average(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        """Take this round's model into the mean of cycle ends if it ends a cycle; the mean's
+        line in metrics.jsonl (evaluated on the test split), None before it has a model."""
+        if not self.swa.add(server_round, state) and not self.swa.rounds:
+            return None
+        average = self.swa.model(state)
+        self.results.save_model("global-swa", average)
+        entry: dict[str, Any] = {
+            "rounds": list(self.swa.rounds),
+            "batchnorm": "averaged, not recomputed" if has_batchnorm(self.model) else "none in the model",
+            self.metric: None, "loss": None, "metrics": None,
+        }
+        if self.test is not None:
+            self.model.load_state_dict(average)
+            loss, metrics = evaluate(self.task, self.model, self.test, self.device, self.settings.batch_size)
+            entry.update({self.metric: metrics[self.metric], "loss": loss, "metrics": metrics})
+            self.model.load_state_dict(state)
+        return entry
 
     def record_failed_round(self, server_round: int, reason: str) -> None:
         """A line for the round that failed, with what went wrong at each site (a resumed run

@@ -3,8 +3,8 @@
 - `config.json`: the full run config, seed, versions and machine;
 - `metrics.jsonl`: one JSON object per round (round 0 = the initial model), appended and
   flushed to disk as each round ends;
-- `global-final.safetensors` (the latest global model, replaced each round) and
-  `global-best.safetensors`;
+- `global-final.safetensors` (the latest global model, replaced each round),
+  `global-best.safetensors` and, with `swa-start`, `global-swa.safetensors`;
 - `<metric>.png` (`accuracy.png` for classification): the task's primary metric per round.
 """
 
@@ -113,8 +113,13 @@ class RunResults:
         return path
 
     def plot(self, metric: str = "accuracy") -> Path:
+        """`<metric>.png`: the global model per round, and the server's mean of cycle ends if kept."""
         rounds = read_metrics(self.metrics_path)
-        return plot_metric({self.path.name: rounds}, self.path / f"{metric}.png", metric)
+        series = {"global model": rounds}
+        averaged = [{"round": r["round"], metric: r["swa"][metric]} for r in rounds if r.get("swa")]
+        if averaged:
+            series["mean of cycle-end models (swa)"] = averaged
+        return plot_metric(series, self.path / f"{metric}.png", metric)
 
 
 def load_model(path: str | Path) -> dict[str, torch.Tensor]:

@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from fedcycle.checkpoint import load_checkpoint
 from fedcycle.deploy.loopback import LoopbackDeployment
 from fedcycle.local import REPO, RunOutcome
-from fedcycle.results import read_metrics
+from fedcycle.results import load_model, read_metrics
 
 FAULT_APP = Path(__file__).parent / "faults" / "fault_client_app.py"
 
@@ -215,7 +217,10 @@ def test_a_round_with_too_few_usable_replies_is_retried_then_the_run_stops(deplo
 
 def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, data_root, tmp_path):
     names = start_sites(deployment, "resume", ["", ""])
-    schedule = "lr-cycle-length=3 round-timeout=120 seed=7"  # a cycle over 3 rounds: round 3 has its own rates
+    # Cycles of 1.5 rounds (round 3 starts a third into one: its own rates), the peak halved per cycle,
+    # and the server's mean of cycle ends from round 2 (cycles end in rounds 2 and 3, not 4).
+    schedule = ("lr-cycle-length=1.5 lr-envelope='exponential' lr-decay=0.5 swa-start=2 checkpoints-keep=10 "
+                "round-timeout=120 seed=7")
     try:
         reference = deployment.run(config(data_root, tmp_path, f"num-server-rounds=3 {schedule} run-name='reference'"), stream=False)
         job = config(data_root, tmp_path, f"num-server-rounds=4 {schedule} run-name='resumable'")
@@ -245,4 +250,15 @@ def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, d
 
     assert rates(rounds[3]) == rates(uninterrupted) and len(rates(rounds[3])) == 2
     assert rounds[3]["train_config"] == uninterrupted["train_config"]
+    # the envelope across the resume: cycle index 1 in round 3, 2 in round 4 (lr-min 0.005, lr-max 0.05)
+    assert [r["train_config"]["lr-max"] for r in rounds[1:]] == pytest.approx(
+        [0.05, 0.05, 0.005 + 0.045 * 0.5, 0.005 + 0.045 * 0.25])
+    # the mean of cycle ends continued from the checkpoint: rounds 2 and 3, not 3 alone
+    assert [r["swa"]["rounds"] for r in rounds[2:]] == [[2], [2, 3], [2, 3]]
+    assert [r["swa"]["rounds"] for r in read_metrics(tmp_path / "reference" / "metrics.jsonl")[2:]] == [[2], [2, 3]]
+    saved = [load_checkpoint(tmp_path / "resumable" / "checkpoints" / f"round-{r:04d}.safetensors").model for r in (2, 3)]
+    averaged = load_model(tmp_path / "resumable" / "global-swa.safetensors")
+    for key, value in averaged.items():
+        if value.is_floating_point():
+            assert torch.equal(value, ((saved[0][key].double() + saved[1][key].double()) / 2).to(value.dtype)), key
     assert rounds[4]["accuracy"] > rounds[0]["accuracy"] + 0.2

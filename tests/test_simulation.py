@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+from fedcycle.checkpoint import load_checkpoint
 from fedcycle.local import LocalSimulation
 from fedcycle.results import load_model, read_metrics
 
@@ -33,7 +34,7 @@ def run(superlink, tmp_path, data_root, overrides: str, sites: int = 2):
 
 
 def test_cyclical_fedavg_run_completes_and_learns(superlink, tmp_path, data_root):
-    out = run(superlink, tmp_path, data_root, "num-server-rounds=2 local-epochs=2 run-name='e2e'")
+    out = run(superlink, tmp_path, data_root, "num-server-rounds=2 local-epochs=2 swa-start=1 checkpoints-keep=5 run-name='e2e'")
     assert out.completed, out.log[-3000:]
     assert out.results_dir == tmp_path / "e2e"
     rounds = read_metrics(out.results_dir / "metrics.jsonl")
@@ -53,6 +54,16 @@ def test_cyclical_fedavg_run_completes_and_learns(superlink, tmp_path, data_root
     assert "classifier.3.weight" in final and final["classifier.3.weight"].shape == (10, 128)
     assert (out.results_dir / "global-best.safetensors").exists()
     assert (out.results_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # the server's mean of cycle ends (a cycle per round, from round 1): the float64 mean of the
+    # global models of rounds 1 and 2, as their checkpoints hold them, evaluated beside the global model
+    assert rounds[0].get("swa") is None and [r["swa"]["rounds"] for r in rounds[1:]] == [[1], [1, 2]]
+    assert rounds[1]["swa"]["accuracy"] == pytest.approx(rounds[1]["accuracy"], abs=1e-12)
+    assert rounds[2]["swa"]["batchnorm"] == "none in the model"
+    averaged = load_model(out.results_dir / "global-swa.safetensors")
+    saved = [load_checkpoint(out.results_dir / "checkpoints" / f"round-{r:04d}.safetensors").model for r in (1, 2)]
+    for key, value in averaged.items():
+        mean = (saved[0][key].double() + saved[1][key].double()) / 2
+        assert torch.equal(value, mean.to(value.dtype)), key
 
 
 def test_fedprox_with_site_evaluation_on_a_dirichlet_split(superlink, tmp_path, data_root):
