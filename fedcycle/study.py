@@ -5,11 +5,18 @@
 A study file (YAML) names the data, the epoch budget, the grid of data centers, splits and
 local epochs, the seeds and a small learning-rate grid. The study runs in two phases:
 
-1. tuning: every method tries the same grid at the tuning cell (4 sites, iid, one seed) and
+1. tuning: every method tries its grid at the tuning cell (4 sites, iid, one seed) and
    keeps the setting with the best final accuracy on the sites' held-out validation data
    (never the test set);
 2. the comparison: every method in every cell with its chosen setting, the same number of
    epochs over the data for all (the federated ones in budget / local-epochs rounds).
+
+Methods: `centralized-constant` and `centralized-cyclical` (fedcycle's trainer on the pooled
+data of all sites, one optimizer for the whole run), `fedavg-constant`, `fedavg-cyclical` (the
+paper's: a cycle per round) and, where the study file has a `fedcycle` grid, `fedcycle`: a
+server-side recipe (an envelope on the peak, cycles across rounds, server momentum, the
+server's mean of cycle ends). `--pilot EPOCHS` runs only centralized training, to choose the
+epoch budget from where validation accuracy flattens.
 
 Federated runs go through fedcycle's own ServerApp, strategy, ClientApp and trainer in
 Flower's simulation (one SuperLink for the whole study); centralized runs are the same
@@ -22,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +42,17 @@ import yaml
 
 from fedcycle.local import REPO, exit_on_termination
 
-METHODS = ("centralized-constant", "centralized-cyclical", "fedavg-constant", "fedavg-cyclical")
+METHODS = ("centralized-constant", "centralized-cyclical", "fedavg-constant", "fedavg-cyclical", "fedcycle")
+# method -> the lr_grid entry it is tuned on; `fedcycle` (a server-side recipe: schedule
+# envelope, cycles across rounds, server momentum, averaging of cycle ends) only where a
+# study file has a `fedcycle` grid
+GRID_OF = {"centralized-constant": "constant", "centralized-cyclical": "cyclical", "fedavg-constant": "constant",
+           "fedavg-cyclical": "cyclical", "fedcycle": "fedcycle"}
+# the keys a `fedcycle` recipe may set, besides lr-min/lr-max/cycle-rounds: run-config keys,
+# `strategy` and its `<strategy>.<option>` keys, and when the server starts averaging cycle
+# ends as a fraction of the run's rounds
+RECIPE_KEYS = ("schedule", "lr-min", "lr-max", "cycle-rounds", "lr-envelope", "lr-decay", "lr-warmup-rounds",
+               "swa-start-fraction", "strategy")
 
 
 class StudyError(ValueError):
@@ -58,9 +76,10 @@ class Study:
     local_epochs: tuple[int, ...]
     splits: tuple[Split, ...]
     seeds: tuple[int, ...]
-    repeat_seeds: tuple[int, ...]  # seeds for the tuning cell (4 sites, iid) in the comparison
-    grid: dict[str, tuple[dict, ...]]  # "constant" / "cyclical" -> lr settings to try
+    repeat_seeds: tuple[int, ...]  # seeds for the repeat cells (tuning_sites sites, repeat_splits) in the comparison
+    grid: dict[str, tuple[dict, ...]]  # "constant" / "cyclical" / "fedcycle" -> settings to try
     tuning_sites: int = 4
+    repeat_splits: tuple[str, ...] = ("iid",)
     run_config: dict[str, Any] = field(default_factory=dict)  # shared run-config keys (subsets, batch size)
     output: str = ""
 
@@ -87,8 +106,15 @@ class Study:
                 raise StudyError(f"{path}: each of 'splits' needs 'name' and 'partitioner', got {item!r}")
             splits.append(Split(item["name"], item["partitioner"], item.get("alpha")))
         grid = need("lr_grid", dict)
-        if set(grid) != {"constant", "cyclical"}:
-            raise StudyError(f"{path}: 'lr_grid' needs exactly 'constant' and 'cyclical', got {sorted(grid)}")
+        if not {"constant", "cyclical"} <= set(grid) <= {"constant", "cyclical", "fedcycle"}:
+            raise StudyError(
+                f"{path}: 'lr_grid' needs 'constant' and 'cyclical', and may have 'fedcycle'; got {sorted(grid)}"
+            )
+        for recipe in grid.get("fedcycle", []):
+            unknown = [k for k in recipe if k not in RECIPE_KEYS and "." not in k]
+            if unknown:
+                raise StudyError(f"{path}: lr_grid.fedcycle: {unknown} unknown; a recipe may set {list(RECIPE_KEYS)} "
+                                 "and '<strategy>.<option>'")
         study = cls(
             profile=need("profile", str),
             dataset=need("dataset", str),
@@ -101,15 +127,23 @@ class Study:
             repeat_seeds=tuple(raw.get("repeat_seeds", raw["seeds"])),
             grid={k: tuple(v) for k, v in grid.items()},
             tuning_sites=raw.get("tuning_sites", 4),
+            repeat_splits=tuple(raw.get("repeat_splits", ["iid"])),
             run_config=dict(raw.get("run_config", {})),
             output=raw.get("output", ""),
         )
         for le in study.local_epochs:
             if not isinstance(le, int) or le < 1 or study.epoch_budget % le:
                 raise StudyError(f"{path}: local_epochs {le} must be a positive divisor of epoch_budget={study.epoch_budget}")
+        unknown = set(study.repeat_splits) - {s.name for s in study.splits}
+        if unknown:
+            raise StudyError(f"{path}: repeat_splits {sorted(unknown)} are not among the splits")
         if study.tuning_sites not in study.sites or "iid" not in {s.name for s in study.splits}:
             raise StudyError(f"{path}: the tuning cell (tuning_sites={study.tuning_sites}, split 'iid') must be in the grid")
         return study
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(m for m in METHODS if GRID_OF[m] in self.grid)
 
     def output_dir(self) -> Path:
         """`docs/results` for the default profile; `results/reproduce/<profile>` for the others."""
@@ -132,11 +166,7 @@ class PlannedRun:
 
     @property
     def federated(self) -> bool:
-        return self.method.startswith("fedavg")
-
-    @property
-    def schedule(self) -> str:
-        return self.method.split("-", 1)[1]
+        return not self.method.startswith("centralized")
 
     @property
     def key(self) -> str:
@@ -151,8 +181,8 @@ class PlannedRun:
 def tuning_plan(study: Study) -> list[PlannedRun]:
     iid = next(s for s in study.splits if s.name == "iid")
     runs = []
-    for method in METHODS:
-        grid = study.grid["cyclical" if method.endswith("cyclical") else "constant"]
+    for method in study.methods:
+        grid = study.grid[GRID_OF[method]]
         le = min(study.local_epochs)
         for lr in grid:
             runs.append(PlannedRun(method, iid, study.tuning_sites, le, study.seeds[0], dict(lr)))
@@ -162,14 +192,15 @@ def tuning_plan(study: Study) -> list[PlannedRun]:
 def comparison_plan(study: Study, chosen: dict[str, dict]) -> list[PlannedRun]:
     runs = []
     iid = next(s for s in study.splits if s.name == "iid")
-    for method in METHODS[:2]:  # centralized: the pooled data of the tuning cell's sites, whatever the split
+    for method in study.methods[:2]:  # centralized: the pooled data of the tuning cell's sites, whatever the split
         for seed in sorted(set(study.seeds) | set(study.repeat_seeds)):
             runs.append(PlannedRun(method, iid, study.tuning_sites, 1, seed, chosen[method]))
     for split in study.splits:
         for sites in study.sites:
-            seeds = study.repeat_seeds if (split.name == "iid" and sites == study.tuning_sites) else study.seeds
+            repeat = split.name in study.repeat_splits and sites == study.tuning_sites
+            seeds = study.repeat_seeds if repeat else study.seeds
             for le in study.local_epochs:
-                for method in METHODS[2:]:
+                for method in study.methods[2:]:
                     for seed in seeds:
                         runs.append(PlannedRun(method, split, sites, le, seed, chosen[method]))
     return runs
@@ -178,7 +209,7 @@ def comparison_plan(study: Study, chosen: dict[str, dict]) -> list[PlannedRun]:
 def choose(study: Study, summaries: dict[str, dict]) -> dict[str, dict]:
     """Per method, the lr setting with the best final validation accuracy in tuning."""
     chosen = {}
-    for method in METHODS:
+    for method in study.methods:
         tried = [(summaries[r.key]["final_val_accuracy"], i, r.lr) for i, r in enumerate(tuning_plan(study))
                  if r.method == method and r.key in summaries]
         if tried:
@@ -186,12 +217,23 @@ def choose(study: Study, summaries: dict[str, dict]) -> dict[str, dict]:
     return chosen
 
 
-def lr_run_config(run: PlannedRun) -> dict[str, Any]:
+def lr_run_config(run: PlannedRun, rounds: int) -> dict[str, Any]:
     """The run-config keys for a run's learning-rate setting.
 
     A cyclical setting gives its cycle as `cycle-rounds` (federated: rounds of local
-    training) and `cycle-epochs` (centralized: epochs over the pooled data)."""
-    if run.schedule == "constant":
+    training) and `cycle-epochs` (centralized: epochs over the pooled data). A `fedcycle`
+    recipe adds its envelope, strategy and, as `swa-start-fraction`, the point of the run
+    (a fraction of its rounds) from which the server averages the cycle ends."""
+    if run.method == "fedcycle":
+        recipe = {k: v for k, v in run.lr.items() if k not in ("schedule", "cycle-rounds", "swa-start-fraction")}
+        return {
+            "lr-schedule": run.lr.get("schedule", "triangular"),
+            "lr-cycle-unit": "round",
+            "lr-cycle-length": float(run.lr.get("cycle-rounds", 1)),
+            **recipe,
+            **({"swa-start": max(1, math.ceil(run.lr["swa-start-fraction"] * rounds))} if "swa-start-fraction" in run.lr else {}),
+        }
+    if GRID_OF[run.method] == "constant":
         return {"lr-schedule": "constant", "lr-max": run.lr["lr-max"], "lr-min": 0.0}
     unit, length = ("round", run.lr.get("cycle-rounds", 1)) if run.federated else ("epochs", run.lr.get("cycle-epochs", 1))
     return {
@@ -214,7 +256,7 @@ def run_config_for(study: Study, run: PlannedRun, data_root: str) -> dict[str, A
         "site-eval": "evaluate-round",  # the validation accuracy that tuning reads
         **({"data-root": data_root} if data_root else {}),
         **study.run_config,
-        **lr_run_config(run),
+        **lr_run_config(run, run.rounds(study.epoch_budget)),
     }
     if run.split.alpha is not None:
         config[f"{run.split.partitioner}.alpha"] = float(run.split.alpha)
@@ -246,48 +288,77 @@ def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: P
     from fedcycle.results import read_metrics
 
     rounds = read_metrics(outcome.results_dir / "metrics.jsonl")
-    return {
+    measured = {
         "accuracy": [r["accuracy"] for r in rounds],
         "val_accuracy": [(r.get("sites_evaluation") or {}).get("accuracy") for r in rounds],
         "seconds": [r["seconds"] for r in rounds],
         "wall_seconds": wall,
         "run_config": config,
     }
+    if config.get("swa-start"):
+        # The server's mean of cycle ends is the model this recipe delivers; its validation
+        # accuracy (for tuning) on the sites' held-out data, pooled: what the sites' own
+        # example-weighted evaluation gives, measured here from the saved model.
+        from fedcycle.results import load_model
+
+        measured["swa_accuracy"] = [(r.get("swa") or {}).get("accuracy") for r in rounds]
+        task, _, val_data = pooled_site_data(config, run.sites)
+        model = task.build_model()
+        model.load_state_dict(load_model(outcome.results_dir / "global-swa.safetensors"))
+        measured["swa_val_accuracy"] = accuracy_of(task, model, val_data, config)
+    return measured
+
+
+def pooled_site_data(config: dict, sites: int):
+    """The task of a run config, and all its sites' train and validation data, pooled."""
+    from fedcycle.batches import join
+    from fedcycle.tasks import load_task
+
+    task = load_task(config)
+    parts = [task.site_data({"partition-id": i, "num-partitions": sites}) for i in range(sites)]
+    return task, join([s[0] for s in parts]), join([s[1] for s in parts])
+
+
+def accuracy_of(task, model, data, config: dict) -> float:
+    from fedcycle.trainer import evaluate, pick_device
+
+    return evaluate(task, model, data, pick_device("auto"), config.get("batch-size", 64))[1]["accuracy"]
 
 
 def run_centralized(study: Study, run: PlannedRun, data_root: str) -> dict:
     """The same task and trainer on the pooled data of all sites, evaluated after every epoch."""
     import torch
 
-    from fedcycle.batches import join
     from fedcycle.config import RunSettings
-    from fedcycle.tasks import load_task
-    from fedcycle.trainer import TrainConfig, evaluate, pick_device, train
+    from fedcycle.trainer import TrainConfig, pick_device, train
 
     config = run_config_for(study, run, data_root)
     settings = RunSettings.from_run_config(config)
-    task = load_task(config)
-    sites = [task.site_data({"partition-id": i, "num-partitions": run.sites}) for i in range(run.sites)]
-    train_data, val_data = join([s[0] for s in sites]), join([s[1] for s in sites])
+    task, train_data, val_data = pooled_site_data(config, run.sites)
     test = task.test_data()
     torch.manual_seed(settings.seed)
     model = task.build_model()
     device = pick_device("auto")
 
     def accuracy_on(data) -> float:
-        return evaluate(task, model, data, device, settings.batch_size)[1]["accuracy"]
+        return accuracy_of(task, model, data, config)
 
     accuracy, val_accuracy, seconds = [accuracy_on(test)], [accuracy_on(val_data)], [0.0]
-    started = time.perf_counter()
-    for epoch in range(run.rounds(study.epoch_budget)):
-        t = time.perf_counter()
-        cfg = TrainConfig(settings.schedule, epochs=1, server_round=epoch + 1, epochs_before=epoch,
-                          batch_size=settings.batch_size, optimizer=settings.optimizer, momentum=settings.momentum,
-                          weight_decay=settings.weight_decay, seed=settings.seed * 1_000 + epoch)
-        train(task, model, train_data, cfg, device)
+    started = last = time.perf_counter()
+
+    def epoch_end(epoch: int) -> None:
+        nonlocal last
         accuracy.append(accuracy_on(test))
         val_accuracy.append(accuracy_on(val_data))
-        seconds.append(time.perf_counter() - t)
+        seconds.append(time.perf_counter() - last)
+        last = time.perf_counter()
+
+    # One optimizer and one scheduler for the whole run, as a plain PyTorch loop has them
+    # (momentum survives every epoch boundary); federated sites start a new one every round.
+    cfg = TrainConfig(settings.schedule, epochs=run.rounds(study.epoch_budget), batch_size=settings.batch_size,
+                      optimizer=settings.optimizer, momentum=settings.momentum, weight_decay=settings.weight_decay,
+                      seed=settings.seed)
+    train(task, model, train_data, cfg, device, epoch_end=epoch_end)
     return {"accuracy": accuracy, "val_accuracy": val_accuracy, "seconds": seconds,
             "wall_seconds": time.perf_counter() - started, "run_config": config}
 
@@ -303,17 +374,27 @@ def summarize(study: Study, run: PlannedRun, measured: dict, bytes_per_model: in
     from fedcycle.results import machine, versions
 
     val = [v for v in measured["val_accuracy"] if v is not None]
+    accuracy, averaged = measured["accuracy"], {}
+    if "swa_accuracy" in measured:
+        # the recipe delivers the server's mean of cycle ends, once it holds a model
+        delivered = [g if a is None else a for g, a in zip(accuracy, measured["swa_accuracy"])]
+        averaged = {"global_accuracy": accuracy, "swa_accuracy": measured["swa_accuracy"],
+                    "swa_val_accuracy": measured["swa_val_accuracy"]}
+        accuracy, val = delivered, [measured["swa_val_accuracy"]]
     return {
         "key": run.key, "profile": study.profile, "method": run.method, "split": run.split.name,
         "sites": run.sites if run.federated else None, "local_epochs": run.local_epochs if run.federated else None,
         "seed": run.seed, "lr": run.lr, "rounds": run.rounds(study.epoch_budget), "epochs": study.epoch_budget,
-        "accuracy": measured["accuracy"], "val_accuracy": measured["val_accuracy"], "seconds": measured["seconds"],
-        "final_accuracy": measured["accuracy"][-1], "best_accuracy": max(measured["accuracy"]),
+        "accuracy": accuracy, "val_accuracy": measured["val_accuracy"], "seconds": measured["seconds"],
+        **averaged,
+        "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy),
         "final_val_accuracy": val[-1] if val else None,
         "wall_seconds": measured["wall_seconds"],
         # training traffic: each round a site receives the global model and sends its own back
         # (the study's per-round evaluation message adds one more download, not counted here)
         "bytes_per_site_per_round": 2 * bytes_per_model if run.federated else 0,
+        # how the centralized baseline was trained (summaries made before had a new optimizer every epoch)
+        **({} if run.federated else {"optimizer": "one for the whole run"}),
         "run_config": measured["run_config"], "versions": versions(), "machine": machine(),
     }
 
@@ -352,6 +433,43 @@ def run_study(study: Study, data_root: str = "", max_runs: int | None = None, lo
     return _missing(study, done)
 
 
+def run_pilot(study: Study, epochs: int, data_root: str = "", log=print) -> Path:
+    """Centralized training at `epochs` epochs, with the first setting of each centralized
+    method's grid, to choose a study's epoch budget: where validation accuracy has flattened
+    (`flattened_epoch`). Summaries go to `<output>/pilot/`; a finished one is not run again."""
+    pilot = replace(study, epoch_budget=epochs)
+    out = study.output_dir() / "pilot"
+    runs = [PlannedRun(m, study.splits[0], study.tuning_sites, 1, study.seeds[0], dict(study.grid[GRID_OF[m]][0]))
+            for m in study.methods if m.startswith("centralized")]
+    lines = [f"# Pilot: centralized training for {epochs} epochs ({study.profile})", "",
+             "Flattened: the first epoch after which the best validation accuracy so far never improves by "
+             f"{100 * FLAT:g} points or more. Validation data only; never the test set.", "",
+             "| method | lr setting | validation accuracy every 5 epochs | best | flattened at epoch |", "|---|---|---|---|---|"]
+    for run in runs:
+        path = out / f"{run.key}.json"
+        if not path.exists():
+            write_summary(path, summarize(pilot, run, run_centralized(pilot, run, data_root), 0))
+        summary = json.loads(path.read_text())
+        val = summary["val_accuracy"]
+        every = ", ".join(f"{v:.4f}" for v in val[5::5])
+        lines.append(f"| {run.method} | `{run.lr}` | {every} | {max(val):.4f} | {flattened_epoch(val)} |")
+        log(f"pilot {run.key}: best validation accuracy {max(val):.4f}, flattened at epoch {flattened_epoch(val)}")
+    report = out / "PILOT.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+FLAT = 0.002  # "flattened": later epochs improve the best validation accuracy by less than 0.2 points
+
+
+def flattened_epoch(val_accuracy: list[float]) -> int:
+    """The first epoch e after which no later epoch beats the best so far by FLAT or more."""
+    for epoch in range(len(val_accuracy)):
+        if max(val_accuracy[epoch:]) - max(val_accuracy[: epoch + 1]) < FLAT:
+            return epoch
+    return len(val_accuracy) - 1
+
+
 VOLATILE_KEYS = ("results-dir", "run-name", "data-root")  # where a run ran, not what it computed
 
 
@@ -375,7 +493,7 @@ def load_done(runs_dir: Path) -> dict[str, dict]:
 def _missing(study: Study, done: dict) -> int:
     tuning = tuning_plan(study)
     if any(r.key not in done for r in tuning):
-        return sum(r.key not in done for r in tuning) + len(comparison_plan(study, {m: {} for m in METHODS}))
+        return sum(r.key not in done for r in tuning) + len(comparison_plan(study, {m: {} for m in study.methods}))
     return sum(r.key not in done for r in comparison_plan(study, choose(study, done)))
 
 
@@ -385,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="", help="where decoded data is cached (default ~/.cache/fedcycle)")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (run a study in parts)")
     parser.add_argument("--report-only", action="store_true", help="only write the report from the runs done")
+    parser.add_argument("--pilot", type=int, metavar="EPOCHS", default=0,
+                        help="only run centralized training this many epochs, to choose epoch_budget (writes pilot/PILOT.md)")
     args = parser.parse_args(argv)
     exit_on_termination()
     try:
@@ -392,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.pilot:
+        print(f"pilot: {run_pilot(study, args.pilot, args.data_root)}")
+        return 0
     try:
         missing = 0 if args.report_only else run_study(study, args.data_root, args.max_runs)
     except StudyError as err:

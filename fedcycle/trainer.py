@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -96,9 +96,12 @@ class StepLog:
             )
 
 
-def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.device) -> TrainResult:
+def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.device,
+          epoch_end: Callable[[int], None] | None = None) -> TrainResult:
     """Train `model` in place for `cfg.epochs` epochs over `data`, by the task's own loop if it
-    has one, else by fedcycle's."""
+    has one, else by fedcycle's, with one optimizer and one scheduler throughout.
+    `epoch_end(epoch)` is called after each epoch of fedcycle's loop (the centralized baseline
+    evaluates there); a task's own loop runs all its epochs in one call."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model.to(device).train()
@@ -121,7 +124,7 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
         returned = task._call("train", task.own_train, model, loader, optimizer, scheduler, cfg.epochs, device)
         loss, metrics = _own_loop_result(task, returned)
     else:
-        loss, metrics = fit(task, model, loader, optimizer, scheduler, cfg, device)
+        loss, metrics = fit(task, model, loader, optimizer, scheduler, cfg, device, epoch_end)
     log.close(task)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,7 +143,7 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
 
 
 def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig,
-        device: torch.device) -> tuple[float, dict[str, float]]:
+        device: torch.device, epoch_end: Callable[[int], None] | None = None) -> tuple[float, dict[str, float]]:
     """fedcycle's own loop: the task's loss, the schedule stepped after every optimizer step;
     returns the mean loss and metrics over the examples seen."""
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
@@ -148,7 +151,7 @@ def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     loss_sum = torch.zeros((), device=device)
     sums: dict[str, Any] = {}
     seen = 0
-    for _epoch in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         for inputs, targets in loader:
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -168,6 +171,9 @@ def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
                 for name, value in task.metrics(detach(outputs), targets).items():
                     sums[name] = sums.get(name, 0.0) + value * n
             seen += n
+        if epoch_end is not None:
+            epoch_end(epoch)
+            model.train()
     return float(loss_sum) / max(seen, 1), {k: float(v) / max(seen, 1) for k, v in sums.items()}
 
 

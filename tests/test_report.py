@@ -121,3 +121,23 @@ def test_summaries_group_seeds():
     (record,) = summarize_runs(runs)
     assert record["seeds"] == [0, 1, 2] and record["final_accuracy_mean"] == pytest.approx(0.85)
     assert record["final_accuracy_std"] == pytest.approx(0.05)
+
+
+def test_the_recipe_table_measures_fedcycle_against_centralized_and_plain_fedavg():
+    from fedcycle.report import recipe_table
+
+    def record(method, split, final, std=0.0, le=1):
+        central = method.startswith("centralized")
+        return {"method": method, "split": "pooled" if central else split, "sites": None if central else 4,
+                "local_epochs": None if central else le, "final_accuracy_mean": final, "final_accuracy_std": std}
+
+    records = [
+        record("centralized-cyclical", None, 0.90),
+        record("fedavg-constant", "iid", 0.88), record("fedavg-cyclical", "iid", 0.87), record("fedcycle", "iid", 0.898, 0.002),
+        record("fedavg-constant", "dirichlet-0.3", 0.80), record("fedcycle", "dirichlet-0.3", 0.84),
+        record("fedavg-constant", "iid", 0.88, le=5), record("fedcycle", "iid", 0.89, le=5),
+    ]
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in recipe_table(records).splitlines()[2:]}
+    assert rows[("iid", "4", "1")].endswith("| 0.8980 ± 0.0020 | -0.20 | +1.80 | 90% | met |")
+    assert rows[("iid", "4", "5")].endswith("| -1.00 | +1.00 | 50% | missed |")  # 1 point short of centralized
+    assert rows[("dirichlet-0.3", "4", "1")].endswith("| -6.00 | +4.00 | 40% | missed |")  # under half the gap closed

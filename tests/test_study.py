@@ -28,6 +28,7 @@ seeds: [0]
 lr_grid:
   constant: [{{lr-max: 0.05}}]
   cyclical: [{{lr-min: 0.005, lr-max: 0.1, cycle-rounds: 1, cycle-epochs: 1}}]
+  fedcycle: [{{lr-min: 0.005, lr-max: 0.1, lr-envelope: exponential, lr-decay: 0.5, swa-start-fraction: 0.5}}]
 run_config:
   train-pool: 600
   test-subset: 300
@@ -49,8 +50,8 @@ def test_an_interrupted_study_continues_without_redoing_finished_runs(tmp_path, 
     path.write_text(TINY.format(output=tmp_path / "out"))
     study = Study.load(path)
     out = study.output_dir()
-    assert len(tuning_plan(study)) == 4
-    # The whole comparison is the tuning cell here, so it reuses the 4 tuning runs.
+    assert len(tuning_plan(study)) == 5
+    # The whole comparison is the tuning cell here, so it reuses the 5 tuning runs.
     chosen = {r.method: r.lr for r in tuning_plan(study)}
     assert {r.key for r in comparison_plan(study, chosen)} == {r.key for r in tuning_plan(study)}
 
@@ -70,7 +71,7 @@ def test_an_interrupted_study_continues_without_redoing_finished_runs(tmp_path, 
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     after_interrupt = summaries(out)
-    assert 2 <= len(after_interrupt) <= 4
+    assert 2 <= len(after_interrupt) <= 5
     assert not list((out / "runs").glob(".*.tmp")), "a half-written summary was left behind"
     for name in after_interrupt:
         json.loads((out / "runs" / name).read_text())  # every summary is whole
@@ -79,12 +80,18 @@ def test_an_interrupted_study_continues_without_redoing_finished_runs(tmp_path, 
     rest = subprocess.run(study_command(path, data_root), capture_output=True, text=True, timeout=600)
     assert rest.returncode == 0, rest.stderr
     final = summaries(out)
-    assert len(final) == 4
+    assert len(final) == 5
     assert all(final[name] == stamp for name, stamp in after_interrupt.items())
     assert "runs still to do" not in rest.stdout
     report = (out / "REPORT.md").read_text()
-    assert "4 of 4 tuning runs done" in report and "## iid" in report
-    assert len(json.loads((out / "summary.json").read_text())) == 4
+    assert "5 of 5 tuning runs done" in report and "## iid" in report
+    assert len(json.loads((out / "summary.json").read_text())) == 5
+    # fedcycle's recipe: the envelope and the server's mean of cycle ends, from half the run on
+    ours = json.loads(next((out / "runs").glob("fedcycle-*.json")).read_text())
+    assert ours["run_config"]["swa-start"] == 1 and ours["run_config"]["lr-envelope"] == "exponential"
+    assert ours["swa_accuracy"][0] is None and ours["swa_accuracy"][1] == ours["final_accuracy"]
+    assert 0 < ours["final_val_accuracy"] == ours["swa_val_accuracy"] <= 1
+    assert "## fedcycle's recipe, cell by cell" in report
 
 
 def test_bad_study_files_name_the_key(tmp_path):
@@ -109,3 +116,31 @@ def test_a_finished_run_made_with_another_study_file_is_not_reused(tmp_path):
     saved["run_config"]["train-pool"] = 60000
     with pytest.raises(StudyError, match=r"differs in \['train-pool'\]"):
         check_same_config(study, run, saved, "/data")
+
+
+def test_the_centralized_baseline_keeps_one_optimizer_and_its_momentum_across_epochs(tmp_path, data_root):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from fedcycle.study import run_centralized
+
+    path = tmp_path / "two-epochs.yaml"
+    path.write_text(TINY.format(output=tmp_path / "out").replace("epoch_budget: 1", "epoch_budget: 2"))
+    study = Study.load(path)
+    run = next(r for r in tuning_plan(study) if r.method == "centralized-constant")
+    steps = []  # (optimizer, its first parameter's momentum buffer before the step)
+
+    def before_step(optimizer, args, kwargs):
+        first = optimizer.param_groups[0]["params"][0]
+        buffer = optimizer.state.get(first, {}).get("momentum_buffer")
+        steps.append((id(optimizer), None if buffer is None else buffer.clone()))
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        measured = run_centralized(study, run, data_root)
+    finally:
+        handle.remove()
+    per_epoch = -(-540 // 32)  # 600 pooled images, 10% held out, batches of 32
+    assert len(steps) == 2 * per_epoch and len(measured["accuracy"]) == 3  # before training, after each epoch
+    assert len({opt for opt, _ in steps}) == 1  # one optimizer for the whole run
+    carried = steps[per_epoch][1]  # the second epoch's first step finds the first epoch's momentum
+    assert carried is not None and carried.abs().sum() > 0
