@@ -7,12 +7,14 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedcycle import client_app
 from fedcycle.config import ConfigError, RunSettings
 from fedcycle.strategies import STRATEGIES, make_strategy, resolve_strategy
-from fedcycle.strategies.cyclical import CyclicalMixin
+from fedcycle.schedules import LRSchedule
+from fedcycle.strategies.cyclical import CyclicalMixin, schedule_summary
 from fedcycle.wire import train_reply_keys
 
 SHAPES = {"conv.weight": (4, 3), "conv.bias": (4,)}
@@ -35,10 +37,52 @@ def reply(node: int, weights: dict[str, np.ndarray], n: float, **metrics: float)
     return Message(content, reply_to=instruction)
 
 
+class Sites(Grid):
+    """The connected sites as a strategy's sampling sees them: node ids, nothing sent."""
+
+    def __init__(self, nodes) -> None:
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def pull_messages(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def push_messages(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def send_and_receive(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def set_run(self, *args, **kwargs):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+
+def start_round(strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord, nodes) -> dict[str, float]:
+    """Open a round as the round loop does (configure_train); the schedule metrics an honest
+    site with 10 examples reports for it."""
+    list(strategy.configure_train(server_round, arrays, ConfigRecord(), Sites(nodes)))
+    config = strategy.sent_config[server_round]
+    per_epoch, epochs = math.ceil(10 / config["batch-size"]), config["local-epochs"]
+    first, peak, last = schedule_summary(tuple(sorted(LRSchedule.from_config(config).to_config().items())),
+                                         per_epoch, epochs, server_round, config["epochs-before"])
+    return {"steps": float(per_epoch * epochs), "lr-first": first, "lr-peak": peak, "lr-last": last}
+
+
 @pytest.fixture
 def strategy(task_identity) -> CyclicalMixin:
+    """The default strategy holding a global model of zeros (norm 0: no update ratio can be
+    measured), set as a round sets it."""
     s = make_strategy(RunSettings(), num_sites=4)
-    s.global_arrays = ArrayRecord({k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()})
+    s.remember_global(ArrayRecord({k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()}))
     return s
 
 
@@ -68,13 +112,15 @@ def test_nan_and_wrong_shape_replies_are_left_out_and_recorded(strategy):
     inf = arrays(rng)
     inf["conv.weight"][0, 0] = np.inf
     wrong = arrays(rng, shapes={"conv.weight": (4, 2), "conv.bias": (4,)})
-    replies = [reply(1, good[0], 20), reply(2, nan, 20), reply(3, wrong, 20), reply(4, good[1], 60), reply(5, inf, 5)]
+    replies = [reply(1, good[0], 20), reply(2, nan, 20), reply(3, wrong, 20), reply(4, good[1], 60), reply(5, inf, 5),
+               reply(6, arrays(rng), 20, **{"train-loss": math.nan})]
     agg, _ = strategy.aggregate_train(2, replies)
     expected = weighted_mean(good, [20, 60])
     for key in SHAPES:
         np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-6, atol=1e-7)
     reasons = {e["node_id"]: e["reason"] for e in strategy.events[2]}
-    assert set(reasons) == {2, 3, 5}
+    assert set(reasons) == {2, 3, 5, 6}
+    assert reasons[6] == "metric train-loss=nan is not a finite number"
     assert "'conv.bias' holds NaN or Inf" in reasons[2]
     assert "'conv.weight' holds NaN or Inf" in reasons[5]
     assert "float32[4, 2], the global model's is float32[4, 3]" in reasons[3]
@@ -190,7 +236,7 @@ def test_resnet18_integer_buffers_keep_their_dtype_across_a_round(task_identity,
         for p in (0, 1)
     ]
     strategy = make_strategy(settings, num_sites=2)
-    strategy.global_arrays = start
+    strategy.remember_global(start)
     agg, _ = strategy.aggregate_train(1, replies)
     assert not strategy.events[1]
     counters = [k for k in start.keys() if k.endswith("num_batches_tracked")]
@@ -215,22 +261,25 @@ def test_preflight_reports_a_bad_node_config(task_identity, data_root):
     assert report["device"] == "cpu" and report["flwr"] == "1.42.0"
 
 
-@pytest.mark.parametrize("name", ["cyclical-fedavg", "fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum"])
-def test_integer_buffers_survive_every_aggregation_rule(task_identity, name):
-    # FedMedian and FedTrimmedAvg empty the replies' records while aggregating.
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_integer_buffers_survive_every_aggregation_rule_and_no_site_sets_them(task_identity, name):
+    # FedMedian and FedTrimmedAvg empty the replies' records while aggregating; one site sends a
+    # counter of 2**62, which a maximum over replies would take.
     shapes = {**SHAPES, "bn.num_batches_tracked": ()}
-    s = make_strategy(RunSettings(strategy=name), num_sites=5)
-    s.global_arrays = ArrayRecord(
-        {**{k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()}, "bn.num_batches_tracked": Array(np.asarray(3, np.int64))}
+    s = make_strategy(RunSettings(strategy=name, batch_size=4), num_sites=5)
+    start = ArrayRecord(
+        {**{k: Array(np.ones(v, np.float32)) for k, v in SHAPES.items()}, "bn.num_batches_tracked": Array(np.asarray(3, np.int64))}
     )
+    honest = start_round(s, 1, start, range(1, 6))  # 2 local epochs of 3 batches: 6 steps
     rng = np.random.default_rng(6)
     replies = []
-    for node, count in enumerate([7, 9, 8, 7, 9], start=1):
-        weights = {k: (rng.standard_normal(v)).astype(np.float32) for k, v in SHAPES.items()}
+    for node, count in enumerate([9, 2**62, 9, 8, 9], start=1):
+        weights = {k: (1 + 0.1 * rng.standard_normal(v)).astype(np.float32) for k, v in SHAPES.items()}
         weights["bn.num_batches_tracked"] = np.asarray(count, np.int64)
-        replies.append(reply(node, weights, 10))
+        replies.append(reply(node, weights, 10, **honest))
     agg, _ = s.aggregate_train(1, replies)
-    assert agg is not None and set(agg.keys()) == set(shapes)
+    assert agg is not None and set(agg.keys()) == set(shapes) and not s.events[1]
+    # the global model's 3 plus the round's 6 steps, whatever the sites sent
     assert agg["bn.num_batches_tracked"].dtype == "int64" and int(agg["bn.num_batches_tracked"].numpy()) == 9
     assert agg["conv.weight"].dtype == "float32"
 

@@ -142,8 +142,10 @@ class CyclicalMixin:
             problem = self._reply_problem(msg) or self._schedule_problem(server_round, msg.content["metrics"])
             ratio = None if problem else self.update_ratio(msg.content["arrays"])
             bound = self.settings.max_update_ratio
-            if ratio is not None and not math.isfinite(ratio):
-                problem = _non_finite(msg.content["arrays"]) or "its change to the global model overflows float32"
+            if not problem and (ratio is None or not math.isfinite(ratio)):
+                # a finite ratio has read every float value; without one, scan for NaN and Inf
+                problem = _non_finite(msg.content["arrays"]) or (
+                    None if ratio is None else "its change to the global model overflows float32")
             elif ratio is not None and bound and not ratio <= bound:
                 problem = (
                     f"its change to the global model has {ratio:.3g} times the model's norm, "
@@ -198,8 +200,9 @@ class CyclicalMixin:
                 return f"array {key!r} cannot be read: {err}"
             if values.dtype != np.dtype(array.dtype) or values.shape != tuple(array.shape):
                 return f"array {key!r} holds {values.dtype}{list(values.shape)} but declares {array.dtype}{list(array.shape)}"
-        if not self.global_floats:  # else the update's norm, measured next, finds NaN and Inf in the same pass
-            return _non_finite(arrays)
+        for key, value in metrics.items():
+            if not _finite_number(value):
+                return f"metric {key}={value!r} is not a finite number"
         return None
 
     def _schedule_problem(self, server_round: int, metrics: MetricRecord) -> str | None:
@@ -338,14 +341,17 @@ def _squared_distance(a: np.ndarray, b: np.ndarray | None) -> float:
 
 
 def integer_arrays(reference: ArrayRecord, replies: list[Message]) -> dict[str, np.ndarray]:
-    """For each integer array of the model (counters such as `num_batches_tracked`): the
-    largest value any accepted site sent. Counters are not averaged."""
+    """The model's integer arrays after the round, never taken from what one site sent: a batch
+    counter (BatchNorm's `num_batches_tracked`) moves on by the round's optimizer steps (the most
+    any accepted site took: each site's steps are checked against the server's schedule); any
+    other integer array stays the global model's. Integer arrays are not averaged."""
+    steps = max((int(m.content["metrics"]["steps"]) for m in replies), default=0)
     out = {}
     for key, ref in reference.items():
         dtype = np.dtype(ref.dtype)
         if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-            sent = np.stack([m.content["arrays"][key].numpy() for m in replies])
-            out[key] = np.asarray(sent.max(axis=0), dtype=dtype)
+            value = ref.numpy()
+            out[key] = np.asarray(value + steps, dtype=dtype) if key.endswith("num_batches_tracked") else value
     return out
 
 
