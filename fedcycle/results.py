@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
@@ -96,13 +97,13 @@ class RunResults:
 
     def append_round(self, line: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, default=jsonable) + "\n")
+            f.write(json_line(line))
             f.flush()
             os.fsync(f.fileno())
 
     def rewrite_rounds(self, lines: list[dict[str, Any]]) -> None:
         """metrics.jsonl holding exactly these lines (a resumed run's rounds so far)."""
-        data = "".join(json.dumps(line, default=jsonable) + "\n" for line in lines)
+        data = "".join(json_line(line) for line in lines)
         _atomic_write(self.metrics_path, data.encode())
 
     def save_model(self, name: str, state_dict: dict[str, torch.Tensor]) -> Path:
@@ -159,6 +160,24 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def json_line(line: dict[str, Any]) -> str:
+    """One line of strict JSON: a NaN or Inf (a diverged loss) is written as null, which every
+    JSON reader accepts; Python's json would write a bare NaN, which strict readers refuse."""
+    return json.dumps(_finite(line), default=jsonable, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a NumPy or torch scalar
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def jsonable(value: Any) -> Any:

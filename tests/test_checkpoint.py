@@ -147,3 +147,22 @@ def test_an_update_far_from_the_global_model_is_rejected(task_identity):
     unbounded.remember_global(ArrayRecord({k: Array(v) for k, v in global_model.items()}))
     unbounded.aggregate_train(1, [reply(1, near, 10), reply(2, scaled, 10)])
     assert not unbounded.events[1] and len(unbounded.site_metrics[1]) == 2
+
+
+def test_metrics_lines_are_strict_json_even_when_a_loss_diverges(tmp_path):
+    import json
+
+    import numpy as np
+
+    from fedcycle.results import RunResults
+
+    results = RunResults(tmp_path)
+    results.rewrite_rounds([{"round": 0, "loss": float("-inf")}, {"round": 1, "loss": torch.tensor(0.25)}])
+    results.append_round({"round": 2, "loss": float("nan"), "metrics": {"accuracy": np.float32("inf"), "mae": 0.5}})
+
+    def strict(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    lines = [json.loads(line, parse_constant=strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"round": 0, "loss": None}, {"round": 1, "loss": 0.25},
+                     {"round": 2, "loss": None, "metrics": {"accuracy": None, "mae": 0.5}}]
