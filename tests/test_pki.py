@@ -39,9 +39,11 @@ def test_adding_a_site_keeps_the_ca_the_certificate_and_the_other_sites_keys(tmp
     cert = (tmp_path / "superlink.crt").read_bytes()
     assert main(["certs", "--out", str(tmp_path), "--site", "b"]) == 0  # no --host: the certificate stays
     assert (tmp_path / "superlink.crt").read_bytes() == cert and (tmp_path / "sites" / "b.key").exists()
+    (tmp_path / "superlink.key").chmod(0o644)  # loosened by hand, say; it is rewritten 0600 with the new certificate
     make_pki(tmp_path, ["localhost", "new.example.org"], ["a", "c"])
     assert (tmp_path / "ca.crt").read_bytes() == ca and (tmp_path / "sites" / "a.key").read_bytes() == key_a
     assert (tmp_path / "superlink.crt").read_bytes() != cert
+    assert stat.S_IMODE((tmp_path / "superlink.key").stat().st_mode) == 0o600
 
 
 def test_bad_names_are_refused_before_anything_is_written(tmp_path, capsys):

@@ -61,7 +61,9 @@ class Pki:
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    mode = 0o600 if private else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # os.open's mode only applies to a file it creates: one rewritten keeps its old mode
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
