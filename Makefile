@@ -23,7 +23,7 @@ $(STAMP): requirements.txt pyproject.toml
 # Fashion-MNIST, complete and offline, from Debian's package; else torchvision downloads it.
 data: setup
 	@if [ ! -d $(FASHION_MNIST) ] && command -v apt-get >/dev/null; then \
-		echo "installing Debian's dataset-fashion-mnist"; \
+		echo "fedcycle: installing Debian's dataset-fashion-mnist (Fashion-MNIST, MIT licence) with apt-get: the data the demo and tests train on, offline"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
 	fi
@@ -45,6 +45,7 @@ deploy-demo: data deploy-tools
 # nginx (the fleet-only proxy) and docker-compose (to validate docker-compose.yml), from Debian.
 deploy-tools:
 	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] || ! command -v docker-compose >/dev/null; then \
+		echo "fedcycle: installing Debian's nginx-light and docker-compose with apt-get: nginx is the fleet-only proxy the deployment tests start and stop (not a system service), docker-compose validates docker-compose.yml"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx-light docker-compose; \
 	fi
