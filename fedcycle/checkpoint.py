@@ -1,12 +1,12 @@
 """Checkpoints: what a run needs to continue after its last finished round.
 
-One file per round, `<run>/checkpoints/round-0003.safetensors`, written atomically (a
-temporary file, fsync, then rename: a crash leaves the previous one whole); the last
+One file per round, `<run>/checkpoints/round-0003.safetensors`, written atomically
+(`fedcycle.files`: a crash leaves the previous one whole); the last
 `checkpoints-keep` are kept. Its tensors are the global model (`model/...`), the best model
 so far (`best/...`), the strategy's arrays (`strategy/...`: server optimizer moments,
 momentum), the server's running sum of cycle-end models (`swa/...`) and torch's RNG state; its metadata the round, the metrics lines so far, the best
 value of the task's primary metric, Python's RNG state (Flower samples sites with it), what the run trains (dataset,
-model, strategy, classes) and a SHA-256 of the tensors, so that a truncated or corrupted
+model, strategy, classes) and a SHA-256 of the tensors and that metadata, so that a truncated or corrupted
 file is refused with a clear error instead of resuming from garbage. safetensors: loading a
 checkpoint runs no code.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -27,9 +26,10 @@ from flwr.common.logger import log
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from fedcycle.files import atomic_write, fsync_folder
 from fedcycle.results import jsonable
 
-FORMAT = 2  # 2: the best model's primary metric (any task), not its accuracy
+FORMAT = 3  # 3: the checksum covers the metadata too (2: the best model's primary metric)
 
 
 class CheckpointError(RuntimeError):
@@ -77,22 +77,21 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep: int) -> Path:
         "swa_rounds": ckpt.swa_rounds,
         "python_rng": _jsonable_rng(random.getstate() if ckpt.python_rng is None else ckpt.python_rng),
     }
-    metadata = {"fedcycle": json.dumps(state, default=jsonable), "sha256": _digest(tensors)}
-    path = folder / f"round-{ckpt.round:04d}.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(save(tensors, metadata=metadata))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for old in checkpoint_files(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    text = json.dumps(state, default=jsonable)
+    metadata = {"fedcycle": text, "sha256": _digest(tensors, text)}
+    path = atomic_write(folder / f"round-{ckpt.round:04d}.safetensors", save(tensors, metadata=metadata))
+    old = checkpoint_files(run_dir)[:-keep]
+    for stale in old:
+        stale.unlink(missing_ok=True)
+    if old:
+        fsync_folder(folder)
     return path
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
-    """The run's checkpoint files, oldest round first."""
-    return sorted(checkpoint_dir(run_dir).glob("round-*.safetensors"))
+    """The run's checkpoint files, oldest round first (by number: round-10000 after round-9999)."""
+    files = [p for p in checkpoint_dir(run_dir).glob("round-*.safetensors") if p.stem[len("round-"):].isdigit()]
+    return sorted(files, key=lambda p: int(p.stem[len("round-"):]))
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -102,12 +101,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = json.loads(metadata["fedcycle"])
+        text = metadata["fedcycle"]
+        state = json.loads(text)
         digest = metadata["sha256"]
     except (SafetensorError, OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupted?): {err}") from None
-    if _digest(tensors) != digest:
-        raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the checksum written with them")
+    if _digest(tensors, text) != digest:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: its tensors and metadata do not match the checksum written with them"
+        )
     if state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {state.get('format')}; this fedcycle reads format {FORMAT}")
 
@@ -170,8 +172,10 @@ def check_identity(ckpt: Checkpoint, identity: dict[str, Any], model: dict[str, 
         )
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, torch.Tensor], metadata: str) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and of the metadata (round, metrics,
+    best value, RNG state, identity)."""
+    h = hashlib.sha256(metadata.encode())
     for key in sorted(tensors):
         t = tensors[key].contiguous()
         h.update(key.encode())

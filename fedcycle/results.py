@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedcycle.config import RunSettings
+from fedcycle.files import atomic_write
 
 PACKAGES = ("flwr", "torch", "torchvision", "numpy", "ray", "safetensors")
 
@@ -86,7 +87,7 @@ class RunResults:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }
-        _atomic_write(self.path / "config.json", json.dumps(record, indent=2, default=str).encode())
+        atomic_write(self.path / "config.json", json.dumps(record, indent=2, default=str).encode())
 
     def read_config(self) -> dict[str, Any]:
         """config.json as written, or {} when there is none that reads."""
@@ -104,14 +105,11 @@ class RunResults:
     def rewrite_rounds(self, lines: list[dict[str, Any]]) -> None:
         """metrics.jsonl holding exactly these lines (a resumed run's rounds so far)."""
         data = "".join(json_line(line) for line in lines)
-        _atomic_write(self.metrics_path, data.encode())
+        atomic_write(self.metrics_path, data.encode())
 
     def save_model(self, name: str, state_dict: dict[str, torch.Tensor]) -> Path:
-        path = self.path / f"{name}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp))
-        os.replace(tmp, path)
-        return path
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        return atomic_write(self.path / f"{name}.safetensors", save(tensors))
 
     def plot(self, metric: str = "accuracy") -> Path:
         """`<metric>.png`: the global model per round, and the server's mean of cycle ends if kept."""
@@ -149,17 +147,9 @@ def plot_metric(runs: dict[str, Iterable[dict]], out: Path, metric: str = "accur
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def json_line(line: dict[str, Any]) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -364,10 +363,9 @@ def run_centralized(study: Study, run: PlannedRun, data_root: str) -> dict:
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, path)
+    from fedcycle.files import atomic_write
+
+    atomic_write(path, json.dumps(summary, indent=1).encode())
 
 
 def summarize(study: Study, run: PlannedRun, measured: dict, bytes_per_model: int) -> dict:

@@ -79,11 +79,15 @@ def test_fedavgm_momentum_survives_a_checkpoint(tmp_path, task_identity):
     np.testing.assert_array_equal(fresh.momentum_vector[0], np.arange(4))
 
 
-def test_only_the_last_few_are_kept(tmp_path):
+def test_only_the_last_few_are_kept_in_round_order_past_round_9999(tmp_path):
     for r in range(5):
         save_checkpoint(tmp_path, checkpoint(RunSettings(), r), keep=2)
     assert [p.name for p in checkpoint_files(tmp_path)] == ["round-0003.safetensors", "round-0004.safetensors"]
     assert not list((tmp_path / "checkpoints").glob(".*tmp"))
+    for r in (9999, 10000):
+        save_checkpoint(tmp_path, checkpoint(RunSettings(), r), keep=2)
+    assert [p.name for p in checkpoint_files(tmp_path)] == ["round-9999.safetensors", "round-10000.safetensors"]
+    assert latest_checkpoint(tmp_path).round == 10000
 
 
 def test_a_truncated_checkpoint_is_refused_and_the_previous_one_loads(tmp_path):
@@ -101,10 +105,24 @@ def test_a_corrupted_checkpoint_is_refused(tmp_path):
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # a flipped byte in the weights: the file still parses
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupted: its tensors do not match the checksum"):
+    with pytest.raises(CheckpointError, match="corrupted: its tensors and metadata do not match the checksum"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="no checkpoint of the run can be read"):
         latest_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_whose_metadata_was_changed_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    path = save_checkpoint(tmp_path, checkpoint(RunSettings(), 1), keep=3)
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    # the same tensors and checksum, the round number and a metrics line edited
+    metadata["fedcycle"] = metadata["fedcycle"].replace('"round": 1', '"round": 7').replace("0.51", "0.99")
+    path.write_bytes(save(tensors, metadata=metadata))
+    with pytest.raises(CheckpointError, match="corrupted: its tensors and metadata do not match the checksum"):
+        load_checkpoint(path)
 
 
 def test_resume_refuses_another_model_or_dataset_and_a_missing_folder(tmp_path):

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from fedcycle.errors import ConfigError
+from fedcycle.files import atomic_write
 from fedcycle.datasets import ImageData
 
 # Debian's `dataset-fashion-mnist` package: the complete set, offline.
@@ -33,10 +34,7 @@ def _npy_cache(folder: Path, split: str, build: Callable[[], ImageData]) -> Imag
             (labels, lambda f: np.save(f, data.labels.astype(np.int64))),
             (meta, lambda f: f.write(json.dumps(list(data.classes)).encode())),
         ):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
+            atomic_write(path, write)
         return data
     return ImageData(np.load(images), np.load(labels), tuple(json.loads(meta.read_text())))
 
@@ -51,9 +49,8 @@ def fashion_mnist(split: str, root: Path, **_: object) -> ImageData:
             for gz in DEBIAN_FASHION_MNIST.glob("*.gz"):
                 target = raw / gz.stem
                 if not target.exists():
-                    with gzip.open(gz, "rb") as src, open(f"{target}.part", "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                    os.replace(f"{target}.part", target)
+                    with gzip.open(gz, "rb") as src:
+                        atomic_write(target, lambda dst: shutil.copyfileobj(src, dst))
         ds = FashionMNIST(str(root), train=split == "train", download=not _has_files(raw, 4))
         return ImageData(ds.data.numpy()[:, None], ds.targets.numpy().astype(np.int64), tuple(ds.classes))
 
