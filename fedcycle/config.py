@@ -183,6 +183,14 @@ class RunSettings:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def as_run_config(self) -> dict[str, Any]:
+        """The settings under their run-config keys, with the options of the chosen partitioner
+        and strategy as `name.option` (the other tables are not used)."""
+        plain = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        for table in (self.partitioner, self.strategy):
+            plain.update({f"{table}.{k}": v for k, v in self.options.get(table, {}).items()})
+        return plain
+
     def __hash__(self) -> int:  # the option tables are dicts; hash the whole settings by value
         return hash(json.dumps(self.as_dict(), sort_keys=True, default=str))
 

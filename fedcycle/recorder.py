@@ -32,16 +32,22 @@ from fedcycle.tasks import Task
 from fedcycle.trainer import evaluate, pick_device
 
 
+# Run-config keys a resumed run may change: where things are and how long to wait or go on,
+# not what is computed. Every other key must match the checkpoint's.
+RESUMABLE_KEYS = frozenset({
+    "num-server-rounds", "round-timeout", "round-retries", "min-replies", "min-reply-fraction", "min-sites",
+    "checkpoints-keep", "resume-from", "run-name", "results-dir", "data-root",
+})
+
+
 def run_identity(settings: RunSettings, task: Task) -> dict[str, Any]:
-    """What a run trains; a run resumes only from a checkpoint of the same."""
-    return {
-        "task": settings.task,
-        "dataset": settings.dataset,
-        "model": settings.model,
-        "strategy": settings.strategy,
-        "classes": task.classes,
-        "primary-metric": [task.primary_metric, task.direction],
-    }
+    """What a run computes: every run-config setting outside RESUMABLE_KEYS (with the chosen
+    partitioner's and strategy's options), the task's classes and primary metric. A run
+    resumes only from a checkpoint of the same."""
+    identity = {k: v for k, v in settings.as_run_config().items() if k not in RESUMABLE_KEYS}
+    if settings.lr_envelope == "cosine":  # the envelope spans the run: more rounds reshape the rest
+        identity["num-server-rounds"] = settings.num_server_rounds
+    return {**identity, "classes": task.classes, "primary-metric": [task.primary_metric, task.direction]}
 
 
 def load_resume_point(settings: RunSettings, task: Task, model: torch.nn.Module) -> tuple[Path, Checkpoint]:

@@ -142,6 +142,34 @@ def test_resume_refuses_another_model_or_dataset_and_a_missing_folder(tmp_path):
         load_resume_point(RunSettings(resume_from="/nowhere"), task_of(settings), build_model("small-cnn", (1, 28, 28), 10))
 
 
+def resume(tmp_path, **changed):
+    settings = RunSettings.from_run_config({"resume-from": str(tmp_path), **changed})
+    return load_resume_point(settings, task_of(settings), build_model("small-cnn", (1, 28, 28), 10))
+
+
+@pytest.mark.parametrize("key, value, saved", [
+    ("seed", 7, 42), ("partitioner", "dirichlet", "'iid'"), ("local-epochs", 5, 2), ("lr-max", 0.1, 0.05),
+    ("lr-envelope", "exponential", "'flat'"), ("swa-start", 3, 0), ("batch-size", 32, 64), ("train-subset", 500, 0),
+])
+def test_resume_refuses_any_setting_that_changes_the_computation(tmp_path, key, value, saved):
+    save_checkpoint(tmp_path, checkpoint(RunSettings(), 2), keep=3)
+    with pytest.raises(CheckpointError, match=f"made with {key}={saved}, this run has {key}={value!r}"):
+        resume(tmp_path, **{key: value})
+
+
+def test_resume_may_change_only_how_long_and_where(tmp_path):
+    save_checkpoint(tmp_path, checkpoint(RunSettings(), 2), keep=3)
+    _, ckpt = resume(tmp_path, **{"num-server-rounds": 50, "round-timeout": 60.0, "min-replies": 2, "data-root": "/elsewhere"})
+    assert ckpt.round == 2
+    cosine = RunSettings(lr_envelope="cosine")
+    save_checkpoint(tmp_path, checkpoint(cosine, 3), keep=3)
+    with pytest.raises(CheckpointError, match="made with num-server-rounds=5, this run has num-server-rounds=50"):
+        resume(tmp_path, **{"lr-envelope": "cosine", "num-server-rounds": 50})  # the cosine spans the run
+    with pytest.raises(CheckpointError, match="made with dirichlet.alpha=0.3, this run has dirichlet.alpha=0.5"):
+        save_checkpoint(tmp_path, checkpoint(RunSettings.from_run_config({"partitioner": "dirichlet", "dirichlet.alpha": 0.3}), 4), keep=3)
+        resume(tmp_path, **{"partitioner": "dirichlet", "dirichlet.alpha": 0.5})
+
+
 def test_an_update_far_from_the_global_model_is_rejected(task_identity):
     strategy = make_strategy(RunSettings(), num_sites=3)
     rng = np.random.default_rng(2)
