@@ -325,6 +325,32 @@ def prepare_data(run_config: dict | None = None) -> None:
         print(f"{settings.dataset} {split}: {len(data)} images {tuple(data.images.shape[1:])} in {data_root(settings)}")
 
 
+def check_run_config(overrides: str, task_path: str = "") -> None:
+    """The run config as the ServerApp will read it (pyproject.toml's defaults with the
+    overrides), checked here before anything starts: ConfigError or TaskError with one line."""
+    import tomllib
+
+    from flwr.common.config import parse_config_args
+
+    from fedcycle.config import RunSettings
+    from fedcycle.site import add_task_path
+    from fedcycle.strategies import check_strategy
+    from fedcycle.tasks import load_task
+
+    def flat(table: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in table.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    defaults = flat(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    run_config = {**defaults, **(parse_config_args([overrides]) if overrides.strip() else {})}
+    check_strategy(RunSettings.from_run_config(run_config))
+    if task_path:
+        add_task_path(task_path)
+    load_task(run_config)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedcycle.local", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -341,6 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-data":
         prepare_data()
         return 0
+    from fedcycle.errors import ConfigError, TaskError
+
+    try:
+        check_run_config(args.run_config, args.task_path)
+    except (ConfigError, TaskError, ValueError) as err:  # ValueError: a run config that does not parse
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     with LocalSimulation(Path(args.flwr_home), task_path=args.task_path) as sim_link:
         outcome = sim_link.run(args.sites, args.run_config, args.cpus_per_site)
     print_results(outcome)

@@ -11,31 +11,50 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from logging import ERROR, INFO
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 
 from fedcycle.config import RunSettings
-from fedcycle.errors import ConfigError
-from fedcycle.preflight import preflight
+from fedcycle.checkpoint import CheckpointError
+from fedcycle.errors import ConfigError, TaskError
+from fedcycle.preflight import PreflightError, preflight
 from fedcycle.recorder import RoundRecorder, load_resume_point
 from fedcycle.results import RunResults, resolve_run_dir
 from fedcycle.round_loop import RoundFailed, run_rounds
-from fedcycle.strategies import make_strategy, resolve_strategy
+from fedcycle.strategies import check_strategy, make_strategy
 from fedcycle.tasks import fingerprint, load_task
 
+# fedcycle's own errors: a bad run config or task, a site that cannot take part, a checkpoint
+# that does not fit, a round that failed. Each message says what is wrong and what to do.
+ONE_LINE_ERRORS = (ConfigError, TaskError, PreflightError, CheckpointError, RoundFailed)
+
+
+class OneLineErrors(logging.Filter):
+    """Flower logs an exception out of a ServerApp with its traceback, 30 lines through its own
+    internals for an error whose message already says everything: log fedcycle's own as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ONE_LINE_ERRORS):
+            record.msg, record.args, record.exc_info, record.exc_text = "fedcycle: %s", (error,), None, None
+        return True
+
+
+FLOWER_LOGGER.addFilter(OneLineErrors())
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
-    resolve_strategy(settings.strategy)
+    check_strategy(settings)
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)  # Flower samples the round's sites with the random module
     task = load_task(context.run_config)

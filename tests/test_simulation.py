@@ -100,8 +100,26 @@ def test_bad_run_config_fails_the_run_before_training(superlink, tmp_path, data_
     out = run(superlink, tmp_path, data_root, "lr-min=0.5 lr-max=0.1 run-name='bad'")
     assert out.run_id is not None
     assert out.status == "finished:failed"
-    assert "lr-min=0.5 must be between 0 and lr-max=0.1" in out.log
+    assert "fedcycle: lr-min=0.5 must be between 0 and lr-max=0.1" in out.log
+    assert "Traceback" not in out.log  # one line, not Flower's internals
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("dataset='no-such-set'", "error: dataset='no-such-set' is unknown; choose one of ['cifar10', 'fashion-mnist', 'image-folder']"),
+    ("strategy='fedprox' fedprox.proximal-mu=-1.0", "error: fedprox.proximal-mu=-1.0 must be a number in [0, inf)"),
+    ("learning-rate=0.1", "error: run config key 'learning-rate' is unknown"),
+])
+def test_the_launcher_checks_the_run_config_before_it_starts_anything(tmp_path, overrides, message):
+    import subprocess
+    import sys
+
+    home = tmp_path / "flwr-home"
+    out = subprocess.run([sys.executable, "-m", "fedcycle.local", "simulate", "--flwr-home", str(home),
+                          "--run-config", overrides], capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), out.stderr
+    assert not home.exists()  # no SuperLink was started
 
 
 def test_undeclared_key_is_refused_by_flower(superlink, tmp_path, data_root):

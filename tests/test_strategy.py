@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -314,3 +315,25 @@ def test_a_reply_whose_bytes_lie_about_their_dtype_is_left_out(strategy):
     reasons = {e["node_id"]: e["reason"] for e in strategy.events[1]}
     assert "holds int32[4] but declares float32[4]" in reasons[2]
     assert "'conv.weight' cannot be read" in reasons[3]
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"strategy": "fedprox", "fedprox.proximal-mu": -1.0}, "fedprox.proximal-mu=-1.0 must be a number in [0, inf)"),
+    ({"strategy": "fedavgm", "fedavgm.server-momentum": 1.0}, "fedavgm.server-momentum=1.0 must be a number in [0, 1)"),
+    ({"strategy": "fedadam", "fedadam.tau": 0.0}, "fedadam.tau=0.0 must be a number in (0, inf)"),
+    ({"strategy": "fedprox", "fedprox.proximal-muu": 0.1}, "fedprox.proximal-muu is not an option of strategy='fedprox'"),
+    ({"strategy": "cyclical-fedavg", "cyclical-fedavg.momentum": 0.9}, "cyclical-fedavg.momentum is not an option"),
+])
+def test_strategy_options_are_checked_before_the_run_starts(config, message):
+    from fedcycle.strategies import check_strategy
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_strategy(RunSettings.from_run_config(config))
+
+
+def test_good_strategy_options_pass():
+    from fedcycle.strategies import check_strategy
+
+    for config in ({"strategy": "fedprox", "fedprox.proximal-mu": 0.0}, {"strategy": "krum", "krum.num-malicious-nodes": 1},
+                   {"strategy": "fedtrimmedavg", "fedtrimmedavg.beta": 0.2}, {}):
+        check_strategy(RunSettings.from_run_config(config))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from typing import Any
 
 from flwr.serverapp.strategy import (
@@ -39,7 +40,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "krum": Krum,
 }
 
-__all__ = ["STRATEGIES", "CyclicalFedAvg", "CyclicalMixin", "make_cyclical", "make_strategy", "check_strategy_name"]
+__all__ = ["STRATEGIES", "CyclicalFedAvg", "CyclicalMixin", "make_cyclical", "make_strategy", "check_strategy",
+           "check_strategy_name"]
 
 
 def check_strategy_name(name: str) -> None:
@@ -51,6 +53,41 @@ def check_strategy_name(name: str) -> None:
         raise ConfigError(
             f"strategy={name!r} is unknown; choose one of {sorted(STRATEGIES)} or give 'package.module:Class'"
         )
+
+
+# What the built-in strategies' numeric options may be: option -> (low, high, low included).
+OPTION_RANGES: dict[str, tuple[float, float, bool]] = {
+    "proximal-mu": (0.0, math.inf, True),
+    "server-learning-rate": (0.0, math.inf, False),
+    "server-momentum": (0.0, 1.0, True),
+    "eta": (0.0, math.inf, False),
+    "eta-l": (0.0, math.inf, False),
+    "beta-1": (0.0, 1.0, True),
+    "beta-2": (0.0, 1.0, True),
+    "tau": (0.0, math.inf, False),
+    "beta": (0.0, 0.5, True),
+    "num-malicious-nodes": (0.0, math.inf, True),
+}
+
+
+def check_strategy(settings: RunSettings) -> type[Strategy]:
+    """The run's strategy class, once its options are known to be its own and in range:
+    ConfigError naming the option otherwise, before any site is asked anything."""
+    cls = resolve_strategy(settings.strategy)
+    base = cls.__mro__[cls.__mro__.index(CyclicalMixin) + 1] if issubclass(cls, CyclicalMixin) else cls
+    params = inspect.signature(base.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    own = sorted(k.replace("_", "-") for k in params if k not in ("self", "args", "kwargs"))
+    for key, value in settings.strategy_options.items():
+        if not takes_any and key.replace("-", "_") not in params:
+            raise ConfigError(f"{settings.strategy}.{key} is not an option of strategy={settings.strategy!r}; it takes {own}")
+        if key in OPTION_RANGES and settings.strategy in STRATEGIES:
+            low, high, low_included = OPTION_RANGES[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not (low <= value if low_included else low < value) or not value < high:
+                bounds = f"{'[' if low_included else '('}{low:g}, {high:g})"
+                raise ConfigError(f"{settings.strategy}.{key}={value!r} must be a number in {bounds}")
+    return cls
 
 
 def resolve_strategy(name: str) -> type[Strategy]:
