@@ -67,7 +67,6 @@ def bench_aggregation(repeat: int) -> dict:
     from fedcycle.config import RunSettings
     from fedcycle.models import build_model
     from fedcycle.strategies import make_strategy
-    from fedcycle.strategies.cyclical import FastFedAvg
     from fedcycle.wire import train_reply_keys
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -92,7 +91,6 @@ def bench_aggregation(repeat: int) -> dict:
 
     stock = timed(lambda: FedAvg().aggregate_train(1, replies), repeat)
     fast = timed(fedcycle_round, repeat)
-    mean_only = timed(lambda: FastFedAvg().aggregate_train(1, replies), repeat)
     big = np.ones(50_000_000)  # 400 MB
     dst = np.zeros_like(big)
     copy = timed(lambda: np.copyto(dst, big), repeat)
@@ -102,8 +100,6 @@ def bench_aggregation(repeat: int) -> dict:
         "parameters": int(sum(v.size for v in state.values())), "replies": len(replies),
         "stock_seconds": spread(stock), "fedcycle_seconds": spread(fast),
         "fedcycle_includes": "CyclicalFedAvg.aggregate_train: screening every reply (shapes, dtypes, NaN/Inf, the norm of its change), the mean, dtypes kept",
-        "mean_only_seconds": spread(mean_only),
-        "mean_only_speedup": statistics.median(stock) / statistics.median(mean_only),
         "speedup": statistics.median(stock) / statistics.median(fast),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "fedcycle_bandwidth_gb_s": traffic / statistics.median(fast) / 1e9,
@@ -505,11 +501,12 @@ def table(result: dict) -> str:
     a = result.get("aggregation")
     if a:
         rows += [
-            f"| aggregate 8 x ResNet-18 ({a['parameters'] / 1e6:.1f} M), s | {fmt(a['fedcycle_seconds'], '.3f')} | "
-            f"Flower FedAvg {fmt(a['stock_seconds'], '.3f')} | {a['speedup']:.2f}x | >= 3x: {miss(a['speedup'] >= 3)} |",
-            f"| of which the mean alone (FastFedAvg), s | {fmt(a['mean_only_seconds'], '.3f')} | | {a['mean_only_speedup']:.2f}x | |",
+            # Flower's own FedAvg computes the mean; fedcycle adds its reply checks (issue 10: a
+            # hand-built mean saved ~0.09 s on rounds of 17-70 s and was removed)
+            f"| aggregate 8 x ResNet-18 ({a['parameters'] / 1e6:.1f} M) with reply checks, s | "
+            f"{fmt(a['fedcycle_seconds'], '.3f')} | Flower FedAvg {fmt(a['stock_seconds'], '.3f')} | {a['speedup']:.2f}x | |",
             f"| aggregation bandwidth, GB/s | {a['fedcycle_bandwidth_gb_s']:.1f} | copy {a['copy_bandwidth_gb_s']:.1f} | "
-            f"{a['bandwidth_fraction']:.2f} | >= 0.5: {miss(a['bandwidth_fraction'] >= 0.5)} |",
+            f"{a['bandwidth_fraction']:.2f} | |",
         ]
     t = result.get("trainer")
     if t:

@@ -285,21 +285,6 @@ def test_integer_buffers_survive_every_aggregation_rule_and_no_site_sets_them(ta
     assert agg["conv.weight"].dtype == "float32"
 
 
-@pytest.mark.parametrize(
-    "values",
-    [np.arange(12, dtype=np.float32).reshape(3, 4), np.asarray(5, np.int64), np.zeros((2, 0)), np.ones((4, 3, 3, 3)),
-     np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))],
-)
-def test_fast_array_io_matches_flowers_own(values):
-    from fedcycle.strategies.cyclical import array_view, to_array
-
-    ours, flowers = to_array(values), Array(values)
-    np.testing.assert_array_equal(array_view(flowers), values)  # reading Flower's bytes in place
-    np.testing.assert_array_equal(ours.numpy(), values)  # Flower reads ours
-    if values.flags.c_contiguous:
-        assert ours.data == flowers.data  # byte for byte what Flower writes
-
-
 def test_a_reply_whose_bytes_lie_about_their_dtype_is_left_out(strategy):
     """The declared dtype says float32; the .npy bytes hold int32 NaN bit patterns."""
     rng = np.random.default_rng(7)

@@ -157,7 +157,7 @@ def test_the_server_leaves_out_a_reply_whose_rates_are_not_its_schedule(task_ide
     reasons = {e["node_id"]: e["reason"] for e in strategy.events[2]}
     assert reasons[2] == "lr-first=0.01, but the server's schedule gives 0.005 for round 2"
     assert reasons[3].startswith("steps=6, but the server's schedule has 8 optimizer steps (2 local epochs of 4 batches")
-    assert reasons[4] == "lr-peak=[0.05, 0.05] must be a finite number"
+    assert reasons[4] == "metric lr-peak=[0.05, 0.05] is not a finite number"
 
 
 # -- bad input: one line naming the task, the method and what was expected ---------------------

@@ -10,10 +10,8 @@ BatchNorm's `num_batches_tracked` are not averaged).
 from __future__ import annotations
 
 import functools
-import io
 import math
 import time
-import warnings
 from collections import defaultdict
 from logging import WARNING
 from typing import Any, Iterable
@@ -84,7 +82,7 @@ class CyclicalMixin:
         """The model sent out this round: replies are checked and measured against it."""
         self.global_arrays = arrays
         self.global_floats = {
-            k: array_view(a) for k, a in arrays.items() if np.issubdtype(np.dtype(a.dtype), np.floating)
+            k: _values(a) for k, a in arrays.items() if np.issubdtype(np.dtype(a.dtype), np.floating)
         }
         self.global_norm = math.sqrt(sum(_squared_distance(v, None) for v in self.global_floats.values()))
 
@@ -195,7 +193,7 @@ class CyclicalMixin:
             return f"num-examples={n} is larger than the {declared} the site declared in the pre-flight round"
         for key, array in arrays.items():
             try:
-                values = array_view(array)
+                values = _values(array)
             except (ValueError, TypeError, OSError) as err:
                 return f"array {key!r} cannot be read: {err}"
             if values.dtype != np.dtype(array.dtype) or values.shape != tuple(array.shape):
@@ -206,13 +204,11 @@ class CyclicalMixin:
         return None
 
     def _schedule_problem(self, server_round: int, metrics: MetricRecord) -> str | None:
-        """Why the learning rates a site reports are not those of the server's schedule, if they are not."""
+        """Why the learning rates a site reports are not those of the server's schedule, if they are not
+        (after `_reply_problem`: the metrics are finite numbers)."""
         config = self.sent_config.get(server_round)
         if config is None:
             return None
-        for key in ("steps", "lr-first", "lr-peak", "lr-last"):
-            if not _finite_number(metrics[key]):
-                return f"{key}={metrics[key]!r} must be a finite number"
         n, steps = metrics["num-examples"], metrics["steps"]
         batch, epochs = int(config["batch-size"]), int(config["local-epochs"])
         per_epoch = math.ceil(n / batch)
@@ -236,7 +232,7 @@ class CyclicalMixin:
         the global model's norm (None before a model was sent out)."""
         if not self.global_floats or not self.global_norm:
             return None
-        total = sum(_squared_distance(array_view(arrays[key]), ref) for key, ref in self.global_floats.items())
+        total = sum(_squared_distance(_values(arrays[key]), ref) for key, ref in self.global_floats.items())
         return math.sqrt(total) / self.global_norm
 
     # -- checkpoints -------------------------------------------------------------------
@@ -304,6 +300,11 @@ def schedule_summary(schedule: tuple, per_epoch: int, epochs: int, server_round:
     return lrs[0], max(lrs), lrs[-1]
 
 
+def _values(array: Array) -> np.ndarray:
+    """A Flower Array's values, through Flower's own reader (a copy; never pickle)."""
+    return array.numpy()
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -314,30 +315,16 @@ def _positive_finite(value: Any) -> bool:
 
 def _non_finite(arrays: ArrayRecord) -> str | None:
     for key, array in arrays.items():
-        values = array_view(array)
+        values = _values(array)
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"array {key!r} holds NaN or Inf"
     return None
 
 
 def _squared_distance(a: np.ndarray, b: np.ndarray | None) -> float:
-    """||a - b||^2 (||a||^2 without b), reading the arrays in place (a reply's views are
-    read-only) block by block, the difference in a block that stays in cache, the sum in
-    float64. NaN or Inf in either makes it non-finite."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        ta = torch.from_numpy(a.reshape(-1))
-        tb = None if b is None else torch.from_numpy(b.reshape(-1))
-    block = torch.empty(min(CHUNK, ta.numel()), dtype=ta.dtype)
-    total = 0.0
-    for start in range(0, ta.numel(), CHUNK):
-        part = ta[start : start + CHUNK]
-        if tb is not None:
-            part = torch.sub(part, tb[start : start + CHUNK], out=block[: part.numel()])
-        total += float(torch.dot(part, part))
-    return total
+    """||a - b||^2 (||a||^2 without b), in float64; NaN or Inf in either makes it non-finite."""
+    difference = a.astype(np.float64).ravel() - (0.0 if b is None else b.ravel())
+    return float(np.dot(difference, difference))
 
 
 def integer_arrays(reference: ArrayRecord, replies: list[Message]) -> dict[str, np.ndarray]:
@@ -374,86 +361,5 @@ def make_cyclical(strategy_class: type) -> type:
     return type(f"Cyclical{strategy_class.__name__}", (CyclicalMixin, strategy_class), {})
 
 
-@functools.lru_cache(maxsize=1024)
-def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
-    """The .npy header NumPy (and so Flower) writes for a C-ordered array of this dtype and shape."""
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-    )
-    return buffer.getvalue()
-
-
-def array_view(array: Array) -> np.ndarray:
-    """The values of a Flower Array, read in place when its bytes are the canonical .npy of its
-    declared dtype and shape (header, then exactly the values); otherwise through Flower's own
-    `Array.numpy()` (a copy; never pickle), whose dtype and shape the caller then checks."""
-    dtype, shape = np.dtype(array.dtype), tuple(array.shape)
-    if array.stype == "numpy.ndarray" and not dtype.hasobject:
-        header = _npy_header(dtype.str, shape)
-        if len(array.data) == len(header) + math.prod(shape) * dtype.itemsize and array.data.startswith(header):
-            return np.frombuffer(array.data, dtype=dtype, offset=len(header)).reshape(shape)
-    return array.numpy()
-
-
-CHUNK = 1 << 18  # elements per block: the running sum of a block stays in cache
-
-
-def weighted_mean(records: list[ArrayRecord], weights: list[float]) -> dict[str, np.ndarray]:
-    """The example-weighted mean of each array, reading each reply's memory once.
-
-    Replies are read in place (no copies), block by block, and summed with torch's fused
-    multiply-add into a block of the result that stays in cache; float arrays keep their
-    dtype, integer ones are averaged in float64."""
-    import torch
-
-    scale = [w / float(sum(weights)) for w in weights]
-    out = {}
-    with warnings.catch_warnings():  # the views are read-only, and are only read
-        warnings.simplefilter("ignore", UserWarning)
-        for key in records[0].keys():
-            views = [array_view(record[key]) for record in records]
-            shape = views[0].shape
-            dtype = views[0].dtype if np.issubdtype(views[0].dtype, np.floating) else np.dtype(np.float64)
-            flat = [torch.from_numpy(v.reshape(-1)).to(getattr(torch, dtype.name)) for v in views]
-            acc = torch.empty(flat[0].numel(), dtype=flat[0].dtype)
-            for start in range(0, acc.numel(), CHUNK):
-                block = acc[start : start + CHUNK]
-                torch.mul(flat[0][start : start + CHUNK], scale[0], out=block)
-                for part, w in zip(flat[1:], scale[1:]):
-                    block.add_(part[start : start + CHUNK], alpha=w)
-            out[key] = acc.numpy().reshape(shape)
-    return out
-
-
-def to_array(values: np.ndarray) -> Array:
-    """A Flower Array with the same .npy bytes `Array(values)` would hold, made with one copy
-    instead of np.save's two (into a BytesIO, then out of it)."""
-    values = np.require(values, requirements="C")  # (ascontiguousarray would make a 0-d array 1-d)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": np.lib.format.dtype_to_descr(values.dtype), "fortran_order": False, "shape": values.shape}
-    )
-    data = b"".join((header.getvalue(), memoryview(values.reshape(-1)).cast("B") if values.size else b""))
-    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray", data=data)
-
-
-class FastFedAvg(FedAvg):
-    """Flower's FedAvg with the weighted mean computed in one pass, without the copies and
-    temporaries of `aggregate_arrayrecords` (same result: see tests/test_strategy.py)."""
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if not valid:
-            return None, None
-        contents = [msg.content for msg in valid]
-        weights = [float(next(iter(c.metric_records.values()))[self.weighted_by_key]) for c in contents]
-        records = [next(iter(c.array_records.values())) for c in contents]
-        arrays = ArrayRecord({k: to_array(v) for k, v in weighted_mean(records, weights).items()})
-        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-
-
-class CyclicalFedAvg(CyclicalMixin, FastFedAvg):
+class CyclicalFedAvg(CyclicalMixin, FedAvg):
     """Weighted FedAvg whose every round's train config carries the cyclical LR and epochs."""
