@@ -1,11 +1,13 @@
 """fedcycle's own round loop, in place of Flower's `Strategy.start()`.
 
 `Strategy.start()` always counts rounds from 1, waits forever for `min_available_nodes`, and
-ends a round with whatever came back. fedcycle's loop starts at any round (a resumed run),
-never waits longer than `round-timeout` for sites, gives every message that lifetime (a late
-site does not go on to work on stale rounds), and retries a round with fewer usable replies
-than `min-replies` / `min-reply-fraction` up to `round-retries` times before it stops the run
-with a clear message. The strategy's own methods (configure, aggregate) do the rest.
+ends a round with whatever came back. fedcycle's loop starts at any round (a resumed run) and
+gives each round one deadline, `round-timeout` seconds from its start, that covers waiting for
+sites, training, every retry and the sites' evaluation: a round with fewer usable replies than
+`min-replies` / `min-reply-fraction` is tried again, up to `round-retries` times, while its
+deadline allows, and then the run stops with a clear message. Every message lives only until
+the deadline (a late site does not go on to work on a round the server has given up on). The
+strategy's own methods (configure, aggregate) do the rest.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def run_rounds(
     arrays: ArrayRecord,
     first_round: int,
     round_done: Callable[[int, ArrayRecord], None],
+    clock: Callable[[], float] = time.monotonic,
 ) -> ArrayRecord:
     """Rounds `first_round`..`num-server-rounds`; `round_done(round, arrays)` after each."""
     log(INFO, "Starting %s, rounds %d to %d:", type(strategy).__name__, first_round, settings.num_server_rounds)
@@ -45,31 +48,44 @@ def run_rounds(
     for server_round in range(first_round, settings.num_server_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_server_rounds)
-        accepted = train_round(grid, strategy, settings, server_round, arrays)
+        deadline = clock() + settings.round_timeout
+        accepted = train_round(grid, strategy, settings, server_round, arrays, deadline, clock)
         aggregated, _ = strategy.aggregate_accepted(server_round, accepted)
         if aggregated is not None:
             arrays = aggregated
         if strategy.evaluates_on_sites:
-            messages = _with_lifetime(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), settings)
-            metrics = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=settings.round_timeout))
+            left = deadline - clock()
+            replies = []
+            if left > 0:
+                messages = _with_lifetime(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), left)
+                replies = grid.send_and_receive(messages, timeout=left)
+            else:
+                strategy.events[server_round].append(
+                    {"event": "evaluation-skipped", "reason": f"round-timeout={settings.round_timeout}s spent on training"})
+            metrics = strategy.aggregate_evaluate(server_round, replies)
             log(INFO, "Round %d: the sites' evaluation of the global model: %s", server_round, metrics)
         round_done(server_round, arrays)
     return arrays
 
 
 def train_round(
-    grid: Grid, strategy: CyclicalMixin, settings: RunSettings, server_round: int, arrays: ArrayRecord
+    grid: Grid, strategy: CyclicalMixin, settings: RunSettings, server_round: int, arrays: ArrayRecord,
+    deadline: float, clock: Callable[[], float] = time.monotonic,
 ) -> list[Message]:
-    """The round's usable train replies; retried while too few, RoundFailed in the end."""
+    """The round's usable train replies, retried while too few and the deadline allows;
+    RoundFailed in the end."""
     attempts = settings.round_retries + 1
     for attempt in range(1, attempts + 1):
-        connected = wait_for_sites(grid, settings.min_replies, settings.round_timeout)
+        connected = wait_for_sites(grid, settings.min_replies, deadline, clock)
+        left = deadline - clock()
         if connected < settings.min_replies:
             shortfall = f"only {connected} site(s) connected, min-replies={settings.min_replies}"
+        elif left <= 0:
+            shortfall = f"the round's deadline (round-timeout={settings.round_timeout}s) passed"
         else:
             limit_sampling(strategy, connected)
-            messages = _with_lifetime(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), settings)
-            replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+            messages = _with_lifetime(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), left)
+            replies = list(grid.send_and_receive(messages, timeout=left))
             accepted = strategy.screen_round(server_round, replies)
             needed = max(settings.min_replies, math.ceil(settings.min_reply_fraction * len(messages)))
             if len(accepted) >= needed:
@@ -81,20 +97,22 @@ def train_round(
             )
         strategy.events[server_round].append({"event": "round-attempt-failed", "attempt": attempt, "reason": shortfall})
         log(WARNING, "Round %d, attempt %d of %d: %s", server_round, attempt, attempts, shortfall)
+        if clock() >= deadline:
+            break
     raise RoundFailed(
         server_round,
-        f"round {server_round} failed {attempts} time(s) (round-retries={settings.round_retries}): {shortfall}. "
+        f"round {server_round} failed {attempt} time(s) (round-retries={settings.round_retries}, "
+        f"round-timeout={settings.round_timeout}s for the whole round): {shortfall}. "
         "The checkpoints of the finished rounds are kept: bring the sites back and resume the run with "
         "resume-from, or lower min-replies / min-reply-fraction"
     )
 
 
-def wait_for_sites(grid: Grid, wanted: int, timeout: float) -> int:
-    """How many sites are connected, once `wanted` are or `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while (connected := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
+def wait_for_sites(grid: Grid, wanted: int, deadline: float, clock: Callable[[], float] = time.monotonic) -> int:
+    """How many sites are connected, once `wanted` are or the deadline has passed."""
+    while (connected := len(list(grid.get_node_ids()))) < wanted and clock() < deadline:
         log(INFO, "Waiting for sites: %d connected, %d needed", connected, wanted)
-        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(5.0, max(0.0, deadline - clock())))
     return connected
 
 
@@ -107,10 +125,10 @@ def limit_sampling(strategy: CyclicalMixin, connected: int) -> None:
             setattr(strategy, name, cap)
 
 
-def _with_lifetime(messages, settings: RunSettings) -> list[Message]:
-    """The messages, each to expire after round-timeout: a site that comes back late does not
-    start work on a round the server has given up on."""
+def _with_lifetime(messages, seconds: float) -> list[Message]:
+    """The messages, each to expire at the round's deadline: a site that comes back late does
+    not start work on a round the server has given up on."""
     messages = list(messages)
     for message in messages:
-        message.metadata.ttl = settings.round_timeout
+        message.metadata.ttl = seconds
     return messages

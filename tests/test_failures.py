@@ -206,7 +206,8 @@ def test_a_round_with_too_few_usable_replies_is_retried_then_the_run_stops(deplo
     finally:
         stop_sites(deployment, names)
     assert outcome.status == "finished:failed"
-    assert "round 1 failed 2 time(s) (round-retries=1): 1 usable reply of 2 sampled site(s), at least 2 needed" in outcome.log
+    assert ("round 1 failed 2 time(s) (round-retries=1, round-timeout=120.0s for the whole round): 1 usable reply of 2 "
+            "sampled site(s), at least 2 needed") in outcome.log
     rounds = read_metrics(tmp_path / "short" / "metrics.jsonl")
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["accuracy"] is None
     assert rounds[1]["failed"].startswith("round 1 failed 2 time(s)")

@@ -71,6 +71,11 @@ def start_round(strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord,
     """Open a round as the round loop does (configure_train); the schedule metrics an honest
     site with 10 examples reports for it."""
     list(strategy.configure_train(server_round, arrays, ConfigRecord(), Sites(nodes)))
+    return honest_schedule(strategy, server_round)
+
+
+def honest_schedule(strategy: CyclicalMixin, server_round: int) -> dict[str, float]:
+    """The steps and learning rates an honest site with 10 examples reports for an open round."""
     config = strategy.sent_config[server_round]
     per_epoch, epochs = math.ceil(10 / config["batch-size"]), config["local-epochs"]
     first, peak, last = schedule_summary(tuple(sorted(LRSchedule.from_config(config).to_config().items())),
