@@ -14,7 +14,7 @@ import math
 import time
 from collections import defaultdict
 from logging import WARNING
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -25,6 +25,9 @@ from flwr.serverapp.strategy import FedAvg
 from fedcycle.config import RunSettings
 from fedcycle.schedules import LRSchedule
 from fedcycle.wire import evaluate_reply_keys, train_reply_keys
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CyclicalMixin:
