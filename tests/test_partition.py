@@ -13,7 +13,7 @@ import pytest
 
 from fedcycle.datasets.partition import PARTITIONERS, partition
 
-ALL = ("iid", "dirichlet", "label-shards", "quantity-skew")
+ALL = tuple(PARTITIONERS)  # every registered partitioner goes through every test below
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -64,8 +64,14 @@ def same_split(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 # ----------------------------------------------------------------------------- every partitioner
 
 
-def test_registry_holds_the_four_partitioners():
-    assert sorted(PARTITIONERS) == sorted(ALL)
+def test_every_partitioner_is_documented_and_an_unknown_one_is_refused_by_name():
+    from pathlib import Path
+
+    row = next(line for line in (Path(__file__).parent.parent / "README.md").read_text().splitlines()
+               if line.startswith("| `partitioner` |"))
+    assert all(f"`{name}`" in row for name in PARTITIONERS), row
+    with pytest.raises(ValueError, match=r"partitioner='shards' is unknown; choose one of \['dirichlet', 'iid'"):
+        partition("shards", np.zeros(10, np.int64), 2, 0)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -72,8 +72,10 @@ def test_proximal_term_keeps_weights_near_the_global_model(task, small):
     assert drift[10.0] < 0.8 * drift[0.0]
 
 
-def test_device_choice():
-    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert pick_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match="device='tpu' is not a device"):
+def test_device_choice_refuses_what_the_machine_does_not_have():
+    gpus = torch.cuda.device_count()
+    assert pick_device("auto").type == ("cuda" if gpus else "cpu") and pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=f"device='cuda:{gpus}' is not available: this machine has {gpus} CUDA device"):
+        pick_device(f"cuda:{gpus}")  # one past the last
+    with pytest.raises(ValueError, match="device='tpu' is not a device; use auto, cpu, cuda or cuda:N"):
         pick_device("tpu")
