@@ -327,3 +327,18 @@ def test_good_strategy_options_pass():
     for config in ({"strategy": "fedprox", "fedprox.proximal-mu": 0.0}, {"strategy": "krum", "krum.num-malicious-nodes": 1},
                    {"strategy": "fedtrimmedavg", "fedtrimmedavg.beta": 0.2}, {}):
         check_strategy(RunSettings.from_run_config(config))
+
+
+def test_a_site_that_joins_after_the_preflight_round_is_not_sent_work(task_identity):
+    s = make_strategy(RunSettings(batch_size=4, min_reply_fraction=1.0), num_sites=2)
+    s.declared_examples = {1: 10, 2: 10}
+    model = ArrayRecord({k: Array(np.ones(v, np.float32)) for k, v in SHAPES.items()})
+    honest = start_round(s, 1, model, [1, 2, 9])  # node 9 connected after the pre-flight round
+    assert sorted(s.sampled[1]) == [1, 2]
+    assert [(e["node_id"], e["event"]) for e in s.events[1]] == [(9, "not-sampled")]
+    rng = np.random.default_rng(8)
+    replies = [reply(n, {k: (1 + 0.01 * rng.standard_normal(v)).astype(np.float32) for k, v in SHAPES.items()}, 10, **honest)
+               for n in (1, 2)]
+    assert len(s.screen_round(1, replies)) == 2 and len(s.events[1]) == 1  # nobody missing: 9 was never asked
+    start_round(s, 2, model, [1, 2, 9])
+    assert sorted(s.sampled[2]) == [1, 2] and not s.events[2]  # named once

@@ -40,6 +40,7 @@ class CyclicalMixin:
         self.expect_metrics(["accuracy"])
         self.declared_examples: dict[int, int] = {}  # node id -> train examples, from pre-flight
         self.site_names: dict[int, str] = {}  # node id -> the site's name, from pre-flight
+        self.late_nodes: set[int] = set()  # connected after the pre-flight round: never sent work
         self.events: dict[int, list[dict]] = defaultdict(list)  # round -> replies left out, sites missing
         self.site_metrics: dict[int, list[dict]] = defaultdict(list)  # round -> accepted replies' metrics
         self.sent_config: dict[int, dict] = {}  # round -> the train config the sites received
@@ -76,10 +77,30 @@ class CyclicalMixin:
         self.remember_global(arrays)
         self.site_metrics[server_round] = []  # a retried round keeps only its last attempt's replies
         config = ConfigRecord({**dict(config), **self.round_train_config(server_round)})
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self.preflighted(server_round, super().configure_train(server_round, arrays, config, grid))
         self.sent_config[server_round] = dict(config)  # with what the strategy added (server-round, proximal-mu)
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.preflighted(server_round, super().configure_evaluate(server_round, arrays, config, grid))
+
+    def preflighted(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        """The messages to sites that passed the pre-flight round. A site that connected after it
+        is not sent work (its data, model and classes were never checked) and does not count
+        against the round; it is named once, and takes part in the next run."""
+        messages = list(messages)
+        if not self.declared_examples:
+            return messages
+        for node in sorted({m.metadata.dst_node_id for m in messages} - set(self.declared_examples) - self.late_nodes):
+            self.late_nodes.add(node)
+            self.events[server_round].append({"node_id": node, "site": None, "event": "not-sampled",
+                                              "reason": "it connected after the pre-flight round, which never checked it"})
+            log(WARNING, "Round %d: node %d connected after the pre-flight round; it is not sent work in this run",
+                server_round, node)
+        return [m for m in messages if m.metadata.dst_node_id in self.declared_examples]
 
     def remember_global(self, arrays: ArrayRecord) -> None:
         """The model sent out this round: replies are checked and measured against it."""
