@@ -174,9 +174,9 @@ def test_nan_and_scaled_updates_are_rejected_and_a_robust_strategy_survives_them
         default = deployment.run(
             config(data_root, tmp_path, "num-server-rounds=2 round-timeout=120 run-name='hostile'"), stream=False
         )
-        # without the norm bound the scaled site is averaged in, unless the strategy is robust
+        # without the norm bounds the scaled site is averaged in, unless the strategy is robust
         robust = deployment.run(
-            config(data_root, tmp_path, "num-server-rounds=2 round-timeout=120 max-update-ratio=0 "
+            config(data_root, tmp_path, "num-server-rounds=2 round-timeout=120 max-update-ratio=0 peer-norm-ratio=0 "
                    "strategy='fedmedian' run-name='robust'"),
             stream=False,
         )
@@ -195,6 +195,28 @@ def test_nan_and_scaled_updates_are_rejected_and_a_robust_strategy_survives_them
     rounds = read_metrics(tmp_path / "robust" / "metrics.jsonl")
     for r in rounds[1:]:
         assert "partition 3/4" in [s["site"] for s in r["sites"]]  # averaged in: the median shrugs it off
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+
+
+def test_a_flipped_a_lying_and_a_replaying_site_are_named_every_round_and_the_run_learns(deployment, data_root, tmp_path):
+    names = start_sites(deployment, "rogue", ["", "", "flip:3", "lie:1000000", "replay"])
+    try:
+        outcome = deployment.run(config(data_root, tmp_path, "num-server-rounds=2 round-timeout=300 run-name='rogues'"),
+                                 stream=False)
+    finally:
+        stop_sites(deployment, names)
+    assert outcome.completed, outcome.log[-4000:]
+    rounds = read_metrics(tmp_path / "rogues" / "metrics.jsonl")
+    flipped, liar, replayer = "partition 2/5", "partition 3/5", "partition 4/5"
+    for r in rounds[1:]:
+        accepted = {s["site"] for s in r["sites"]}
+        assert {"partition 0/5", "partition 1/5", liar} <= accepted and flipped not in accepted
+        assert not [e for e in r["events"] if e.get("site") in ("partition 0/5", "partition 1/5")]  # no honest reply rejected
+        reason = events(r, flipped, "rejected")[0]["reason"]
+        assert "points away from the round's median update" in reason or "times the round's median" in reason
+        assert "num-examples=1e+06 is above max-weight-ratio=4.0" in events(r, liar, "weight-capped")[0]["reason"]
+    assert replayer in {s["site"] for s in rounds[1]["sites"]}  # round 1: its weights are new
+    assert "identical to node" in events(rounds[2], replayer, "rejected")[0]["reason"]
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
 
 

@@ -342,3 +342,62 @@ def test_a_site_that_joins_after_the_preflight_round_is_not_sent_work(task_ident
     assert len(s.screen_round(1, replies)) == 2 and len(s.events[1]) == 1  # nobody missing: 9 was never asked
     start_round(s, 2, model, [1, 2, 9])
     assert sorted(s.sampled[2]) == [1, 2] and not s.events[2]  # named once
+
+
+def honest_updates(rng, model: dict[str, np.ndarray], sites: int) -> list[dict[str, np.ndarray]]:
+    """Sites whose updates share a direction (they learn the same task) plus their own noise."""
+    shared = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()}
+    return [{k: model[k] + 0.05 * (shared[k] + 0.5 * rng.standard_normal(v.shape).astype(np.float32))
+             for k, v in model.items()} for _ in range(sites)]
+
+
+@pytest.fixture
+def peer_round(task_identity):
+    s = make_strategy(RunSettings(), num_sites=5)
+    rng = np.random.default_rng(11)
+    model = {k: rng.standard_normal(v).astype(np.float32) for k, v in SHAPES.items()}
+    s.remember_global(ArrayRecord({k: Array(v) for k, v in model.items()}))
+    return s, rng, model
+
+
+def test_a_sign_flipped_update_of_ordinary_size_is_left_out_and_named(peer_round):
+    s, rng, model = peer_round
+    sent = honest_updates(rng, model, 4)
+    flipped = {k: model[k] - (v - model[k]) for k, v in sent[3].items()}  # its own update, reversed: same length
+    assert s.update_ratio(ArrayRecord({k: Array(v) for k, v in flipped.items()})) < s.settings.max_update_ratio
+    accepted = s.screen_round(1, [reply(n, w, 10) for n, w in enumerate([*sent[:3], flipped], start=1)])
+    assert [m.metadata.src_node_id for m in accepted] == [1, 2, 3]
+    (event,) = s.events[1]
+    assert event["node_id"] == 4 and "points away from the round's median update" in event["reason"]
+    assert all(m["peer-cosine"] > 0.5 for m in s.site_metrics[1])
+
+
+def test_an_update_far_longer_than_its_peers_is_left_out(peer_round):
+    s, rng, model = peer_round
+    sent = honest_updates(rng, model, 4)
+    sent[0] = {k: model[k] + 5 * (v - model[k]) for k, v in sent[0].items()}
+    accepted = s.screen_round(1, [reply(n, w, 10) for n, w in enumerate(sent, start=1)])
+    assert [m.metadata.src_node_id for m in accepted] == [2, 3, 4]
+    assert "times the round's median, above peer-norm-ratio=3.0" in s.events[1][0]["reason"]
+
+
+def test_a_site_cannot_inflate_its_weight(peer_round):
+    s, rng, model = peer_round
+    sent = honest_updates(rng, model, 4)
+    agg, _ = s.aggregate_train(1, [reply(1, sent[0], 10), reply(2, sent[1], 12), reply(3, sent[2], 11), reply(4, sent[3], 1e9)])
+    (event,) = s.events[1]
+    assert event["node_id"] == 4 and event["event"] == "weight-capped" and "averaged with weight 46" in event["reason"]
+    expected = weighted_mean(sent, [10, 12, 11, 46])  # 4 x the median of (10, 12, 11, 1e9)
+    for key in SHAPES:
+        np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_replayed_reply_is_left_out_but_a_retried_round_may_repeat_itself(peer_round):
+    s, rng, model = peer_round
+    first = honest_updates(rng, model, 3)
+    assert len(s.screen_round(1, [reply(n, w, 10) for n, w in enumerate(first, start=1)])) == 3
+    assert len(s.screen_round(1, [reply(1, first[0], 10)])) == 1  # round 1 tried again: the same training
+    later = honest_updates(rng, model, 3)
+    accepted = s.screen_round(2, [reply(1, later[0], 10), reply(2, later[1], 10), reply(3, first[2], 10)])
+    assert [m.metadata.src_node_id for m in accepted] == [1, 2]
+    assert s.events[2][0]["reason"] == "its weights are identical to node 3's reply in round 1 (a replay)"

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedcycle.config import RunSettings
 from fedcycle.schedules import LRSchedule
+from fedcycle.strategies import peers
 from fedcycle.wire import evaluate_reply_keys, train_reply_keys
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class CyclicalMixin:
         self.declared_examples: dict[int, int] = {}  # node id -> train examples, from pre-flight
         self.site_names: dict[int, str] = {}  # node id -> the site's name, from pre-flight
         self.late_nodes: set[int] = set()  # connected after the pre-flight round: never sent work
+        self.reply_digests: dict[str, tuple[int, int]] = {}  # a reply's weights -> (round, node) that first sent them
         self.events: dict[int, list[dict]] = defaultdict(list)  # round -> replies left out, sites missing
         self.site_metrics: dict[int, list[dict]] = defaultdict(list)  # round -> accepted replies' metrics
         self.sent_config: dict[int, dict] = {}  # round -> the train config the sites received
@@ -157,10 +159,11 @@ class CyclicalMixin:
     # -- checks ----------------------------------------------------------------------
 
     def screen_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """The replies fit to average; each other one is logged and recorded with its reason."""
-        accepted = []
+        """The replies fit to average; each other one is logged and recorded with its reason.
+        Each reply is first checked on its own (form, finite values, the server's schedule,
+        its change to the global model), then against the round's other replies."""
+        candidates = []
         for msg in replies:
-            node = msg.metadata.src_node_id
             problem = self._reply_problem(msg) or self._schedule_problem(server_round, msg.content["metrics"])
             ratio = None if problem else self.update_ratio(msg.content["arrays"])
             bound = self.settings.max_update_ratio
@@ -174,13 +177,59 @@ class CyclicalMixin:
                     f"above max-update-ratio={bound}"
                 )
             if problem:
-                self._record(server_round, node, "rejected", problem)
+                self._record(server_round, msg.metadata.src_node_id, "rejected", problem)
             else:
-                accepted.append(msg)
-                self.site_metrics[server_round].append(
-                    {"node_id": node, "site": self.site_names.get(node), **dict(msg.content["metrics"]), "update-ratio": ratio}
-                )
-        return accepted
+                candidates.append((msg, {"update-ratio": ratio}))
+        accepted = self._screen_against_peers(server_round, candidates)
+        for msg, measured in accepted:
+            node = msg.metadata.src_node_id
+            self.site_metrics[server_round].append(
+                {"node_id": node, "site": self.site_names.get(node), **dict(msg.content["metrics"]), **measured}
+            )
+        return [msg for msg, _ in accepted]
+
+    def _screen_against_peers(self, server_round: int, candidates: list[tuple[Message, dict]]) -> list[tuple[Message, dict]]:
+        """The candidates that are not a replay and, with 3 or more, whose update is not far
+        longer than the round's median (peer-norm-ratio) nor points away from the median update
+        (min-peer-cosine); a claimed example count above max-weight-ratio times the round's
+        median is capped there, and the site named."""
+        s = self.settings
+        fresh = []
+        for msg, measured in candidates:
+            node, seen = msg.metadata.src_node_id, peers.digest(msg.content["arrays"])
+            earlier = self.reply_digests.setdefault(seen, (server_round, node))
+            if earlier != (server_round, node):  # a retried round may bring back a site's own reply
+                self._record(server_round, node, "rejected",
+                             f"its weights are identical to node {earlier[1]}'s reply in round {earlier[0]} (a replay)")
+            else:
+                fresh.append((msg, measured))
+        if len(fresh) < 3 or not self.global_floats:
+            return fresh
+        updates = [{k: _values(m.content["arrays"][k]) - ref for k, ref in self.global_floats.items()} for m, _ in fresh]
+        norms, cosines, median_norm = peers.updates_against_peers(updates)
+        cap = peers.weight_cap([float(m.content["metrics"]["num-examples"]) for m, _ in fresh], s.max_weight_ratio)
+        kept = []
+        for (msg, measured), norm, cosine in zip(fresh, norms, cosines):
+            node = msg.metadata.src_node_id
+            measured.update({"update-norm-to-median": norm / median_norm if median_norm else 1.0, "peer-cosine": cosine})
+            if s.peer_norm_ratio and median_norm and norm > s.peer_norm_ratio * median_norm:
+                self._record(server_round, node, "rejected",
+                             f"its update's norm is {norm / median_norm:.3g} times the round's median, above "
+                             f"peer-norm-ratio={s.peer_norm_ratio}")
+            elif cosine < s.min_peer_cosine:
+                self._record(server_round, node, "rejected",
+                             f"its update points away from the round's median update (cosine {cosine:.3f}, "
+                             f"min-peer-cosine={s.min_peer_cosine})")
+            else:
+                kept.append((msg, measured))
+        for msg, _ in kept:
+            n = float(msg.content["metrics"]["num-examples"])
+            if cap is not None and n > cap:
+                msg.content["metrics"]["num-examples"] = cap
+                self._record(server_round, msg.metadata.src_node_id, "weight-capped",
+                             f"num-examples={n:g} is above max-weight-ratio={s.max_weight_ratio} times the round's "
+                             f"median; it is averaged with weight {cap:g}")
+        return kept
 
     def _reply_problem(self, msg: Message) -> str | None:
         if msg.has_error():

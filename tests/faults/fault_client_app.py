@@ -1,39 +1,85 @@
 """fedcycle's ClientApp with the fault a site's node config names, for tests/test_failures.py.
 
-`fault` in the node config: `nan` (the reply's float weights are NaN), `scale:F` (the reply's
-weights times F), `sleep:R:S` (in round R, sleep S seconds before training). A site without
-`fault` runs fedcycle's own handlers unchanged. The tests build an app whose clientapp is
-this module; the ServerApp is fedcycle's own.
+`fault` in the node config:
+- `nan`: the reply's float weights are NaN; `scale:F`: the reply's weights times F;
+- `flip:F`: the reply is global - F x (its update): a sign-flipped update, F times as long;
+- `lie:N`: the site claims N training examples, in the pre-flight round and in every reply, with
+  the step count and learning rates the server's schedule gives for N (a careful liar);
+- `replay`: from round 2 on, the site sends its round-1 weights again;
+- `sleep:R:S`: in round R, sleep S seconds before training.
+A site without `fault` runs fedcycle's own handlers unchanged. The tests build an app whose
+clientapp is this module; the ServerApp is fedcycle's own.
 """
 
 from __future__ import annotations
 
+import math
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedcycle import client_app as fedcycle
+from fedcycle.schedules import LRSchedule
+from fedcycle.strategies.cyclical import schedule_summary
 
 app = ClientApp()
-app.query()(fedcycle.preflight)
 app.evaluate()(fedcycle.evaluate_round)
+
+
+def fault(context: Context) -> tuple[str, str]:
+    kind, _, argument = str(context.node_config.get("fault", "")).partition(":")
+    return kind, argument
+
+
+@app.query()
+def preflight(msg: Message, context: Context) -> Message:
+    reply = fedcycle.preflight(msg, context)
+    kind, argument = fault(context)
+    if kind == "lie":
+        reply.content["report"]["num-train"] = int(argument)
+    return reply
+
+
+def each_float(arrays: ArrayRecord, change) -> ArrayRecord:
+    out = {}
+    for key, array in arrays.items():
+        values = array.numpy()
+        out[key] = Array(change(key, values) if np.issubdtype(values.dtype, np.floating) else values)
+    return ArrayRecord(out)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    kind, _, argument = str(context.node_config.get("fault", "")).partition(":")
+    kind, argument = fault(context)
+    config, server_round = msg.content["config"], int(msg.content["config"]["server-round"])
     if kind == "sleep":
         in_round, seconds = argument.split(":")
-        if int(msg.content["config"]["server-round"]) == int(in_round):
+        if server_round == int(in_round):
             time.sleep(float(seconds))
     reply = fedcycle.train_round(msg, context)
+    arrays, metrics = reply.content["arrays"], reply.content["metrics"]
     if kind in ("nan", "scale"):
         factor = float("nan") if kind == "nan" else float(argument)
-        arrays = {}
-        for key, array in reply.content["arrays"].items():
-            values = array.numpy()
-            arrays[key] = Array(values * values.dtype.type(factor) if np.issubdtype(values.dtype, np.floating) else values)
-        reply.content["arrays"] = ArrayRecord(arrays)
+        reply.content["arrays"] = each_float(arrays, lambda key, v: v * v.dtype.type(factor))
+    elif kind == "flip":
+        sent = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        factor = float(argument)
+        reply.content["arrays"] = each_float(arrays, lambda key, v: sent[key] - v.dtype.type(factor) * (v - sent[key]))
+    elif kind == "lie":
+        n, batch, epochs = int(argument), int(config["batch-size"]), int(config["local-epochs"])
+        per_epoch = math.ceil(n / batch)
+        schedule = tuple(sorted(LRSchedule.from_config(dict(config)).to_config().items()))
+        first, peak, last = schedule_summary(schedule, per_epoch, epochs, server_round, int(config["epochs-before"]))
+        metrics.update({"num-examples": n, "steps": per_epoch * epochs, "lr-first": first, "lr-peak": peak, "lr-last": last})
+    elif kind == "replay":
+        kept = Path(tempfile.gettempdir()) / f"fedcycle-replay-{msg.metadata.run_id}-{context.node_id}.npz"
+        if server_round == 1:
+            np.savez(kept, **{k: a.numpy() for k, a in arrays.items()})
+        else:
+            with np.load(kept, allow_pickle=False) as old:
+                reply.content["arrays"] = ArrayRecord({k: Array(old[k]) for k in arrays.keys()})
     return reply

@@ -1,0 +1,56 @@
+"""Judging a round's replies against each other, not against the global model alone.
+
+A reply can be well-formed, finite, on the server's schedule and of ordinary size, and still be
+wrong: a sign-flipped update, a site that claims a huge data set to dominate the average, a
+replay of an old reply. With three or more candidate replies in a round, their coordinate-wise
+median update is a reference no single site controls: an update far longer than the round's
+median norm, or pointing away from the median update, is left out; a claimed example count far
+above the round's median is capped. With two sites there is no majority: neither can be told
+apart from the other (see README, "When things fail").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+
+def updates_against_peers(updates: list[dict[str, np.ndarray]]) -> tuple[list[float], list[float], float]:
+    """Each update's L2 norm, its cosine with the coordinate-wise median of all updates, and the
+    median of the norms. Updates map array names to float arrays (the reply minus the global
+    model); the median is taken array by array, so memory stays at one array's worth per reply."""
+    norms_sq = [0.0] * len(updates)
+    dots = [0.0] * len(updates)
+    median_sq = 0.0
+    for key in updates[0]:
+        stacked = np.stack([u[key].ravel() for u in updates])
+        median = np.median(stacked, axis=0).astype(np.float64)
+        median_sq += float(median @ median)
+        for i, row in enumerate(stacked):
+            row = row.astype(np.float64)
+            norms_sq[i] += float(row @ row)
+            dots[i] += float(row @ median)
+    norms = [math.sqrt(v) for v in norms_sq]
+    median_norm = math.sqrt(median_sq)
+    cosines = [d / (n * median_norm) if n and median_norm else 1.0 for d, n in zip(dots, norms)]
+    return norms, cosines, statistics.median(norms)
+
+
+def weight_cap(examples: list[float], ratio: float) -> float | None:
+    """The most examples one reply may weigh: `ratio` times the round's median (None: no cap)."""
+    if not ratio or len(examples) < 3:
+        return None
+    return ratio * statistics.median(examples)
+
+
+def digest(arrays: ArrayRecord) -> str:
+    """A SHA-256 of a reply's arrays (names and bytes): the same weights sent twice match."""
+    h = hashlib.sha256()
+    for key, array in arrays.items():
+        h.update(key.encode())
+        h.update(array.data)
+    return h.hexdigest()
