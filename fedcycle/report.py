@@ -260,6 +260,17 @@ def write_report(study: "Study", command: str) -> Path:
                  f"dirichlet-0.3 at least half of fedavg-constant's gap to centralized-cyclical closed. "
                  "Differences in accuracy points; ± is the standard deviation over seeds.", "",
                  recipe_table(records), ""]
+    screened = [r for r in compared if "screened" in r]
+    if screened:
+        text += ["## The reply screen on honest runs", "",
+                 "Every site in these runs is honest, so a reply the screen left out is a false alarm. "
+                 "Replies left out (`rejected`) and weights capped (`weight-capped`), of all replies, per split and sites:", "",
+                 "| split | sites | runs | replies | rejected | weight-capped |", "|---|---|---|---|---|---|"]
+        for split, sites in sorted({(r["split"], r["sites"]) for r in screened}, key=str):
+            group = [r for r in screened if (r["split"], r["sites"]) == (split, sites)]
+            text.append(f"| {split} | {sites} | {len(group)} | {sum(r['replies'] for r in group)} | "
+                        f"{sum(r['screened']['rejected'] for r in group)} | {sum(r['screened']['weight-capped'] for r in group)} |")
+        text.append("")
     text += ["## Set-up", "",
              f"{study.dataset}, {study.model}, {study.epoch_budget} epochs over the data for every method "
              f"(federated: {study.epoch_budget} / local epochs rounds); sites {list(study.sites)}; splits "

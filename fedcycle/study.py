@@ -293,6 +293,11 @@ def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: P
         "seconds": [r["seconds"] for r in rounds],
         "wall_seconds": wall,
         "run_config": config,
+        # every site is honest here: what the reply screen left out or capped is a false alarm
+        "screened": {kind: sum(1 for r in rounds for e in r.get("events", []) if e["event"] == kind)
+                     for kind in ("rejected", "weight-capped", "missing")},
+        "replies": sum(len(r.get("sites", [])) for r in rounds) + sum(
+            1 for r in rounds for e in r.get("events", []) if e["event"] == "rejected"),
     }
     if config.get("swa-start"):
         # The server's mean of cycle ends is the model this recipe delivers; its validation
@@ -385,6 +390,7 @@ def summarize(study: Study, run: PlannedRun, measured: dict, bytes_per_model: in
         "seed": run.seed, "lr": run.lr, "rounds": run.rounds(study.epoch_budget), "epochs": study.epoch_budget,
         "accuracy": accuracy, "val_accuracy": measured["val_accuracy"], "seconds": measured["seconds"],
         **averaged,
+        **{k: measured[k] for k in ("screened", "replies") if k in measured},
         "final_accuracy": accuracy[-1], "best_accuracy": max(accuracy),
         "final_val_accuracy": val[-1] if val else None,
         "wall_seconds": measured["wall_seconds"],
