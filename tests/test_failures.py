@@ -2,8 +2,10 @@
 the fleet proxy and SuperNodes on loopback, as in tests/test_deploy.py.
 
 The sites run fedcycle's ClientApp through tests/faults/fault_client_app.py, which adds the
-fault a site's node config names (NaN or scaled weights, a sleep); the ServerApp, strategy,
-trainer and data are fedcycle's own.
+fault a site's node config names (NaN, scaled or flipped weights, a lie about its data, a replay,
+a stall the test releases); the ServerApp, strategy, trainer and data are fedcycle's own. Where a
+test needs a site mid-round, the site says so (a file) and waits for the test: no sleep races a
+timeout.
 """
 
 from __future__ import annotations
@@ -111,6 +113,13 @@ def wait_for_round(metrics: Path, server_round: int, timeout: float = 300) -> No
     raise AssertionError(f"round {server_round} did not finish within {timeout}s")
 
 
+def wait_for_file(path: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout}s"
+        time.sleep(0.2)
+
+
 def kill(deployment: LoopbackDeployment, name: str) -> None:
     """SIGKILL a process's whole session: no goodbye to anyone."""
     proc = deployment.processes.procs[name]
@@ -124,12 +133,12 @@ def events(line: dict, site: str, event: str) -> list[dict]:
 
 
 def test_a_site_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, data_root, tmp_path):
-    names = start_sites(deployment, "kill", ["", "", ""])
+    never = tmp_path / "never"  # site 2 stalls in round 2 and is killed there
+    names = start_sites(deployment, "kill", ["", "", f"stall:2:{never}"])
     try:
         run = Background(deployment, config(data_root, tmp_path, "num-server-rounds=3 round-timeout=45 run-name='killed'"))
         metrics = tmp_path / "killed" / "metrics.jsonl"
-        wait_for_round(metrics, 1)
-        time.sleep(2)  # round 2 is under way
+        wait_for_file(Path(f"{never}.stalled"))  # round 2 is under way at site 2
         kill(deployment, "supernode-kill-2")
         kill(deployment, "superexec-kill-2")
         outcome = run.join()
@@ -147,24 +156,28 @@ def test_a_site_killed_mid_round_is_dropped_and_the_run_goes_on(deployment, data
     assert rounds[-1]["accuracy"] >= rounds[1]["accuracy"]
 
 
-def test_a_site_that_sleeps_past_the_timeout_is_dropped_then_takes_part_again(deployment, data_root, tmp_path):
-    # round 2 gives up on the sleeper after 60 s; once awake it pays a ClientApp process per
-    # message (5-15 s on a loaded 2-core machine), which the 60 s lifetime of round 3's leaves room for
-    names = start_sites(deployment, "slow", ["", "sleep:2:75"])
+def test_a_site_that_stalls_past_the_timeout_is_dropped_then_takes_part_again(deployment, data_root, tmp_path):
+    # The stalled site goes on only when the test says so: after the server has given up on it
+    # (round 2 is in metrics.jsonl), never in a race with the timeout.
+    release = tmp_path / "release"
+    names = start_sites(deployment, "slow", ["", f"stall:2:{release}"])
+    metrics = tmp_path / "straggler" / "metrics.jsonl"
     try:
-        outcome = deployment.run(
-            config(data_root, tmp_path, "num-server-rounds=4 round-timeout=60 run-name='straggler'"), stream=False
-        )
+        run = Background(deployment, config(data_root, tmp_path, "num-server-rounds=3 round-timeout=60 run-name='straggler'"))
+        wait_for_round(metrics, 2)
+        release.touch()
+        outcome = run.join()
     finally:
+        release.touch()
         stop_sites(deployment, names)
     assert outcome.completed, outcome.log[-4000:]
-    rounds = read_metrics(tmp_path / "straggler" / "metrics.jsonl")
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    rounds = read_metrics(metrics)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     slow = "partition 1/2"
     assert slow in [s["site"] for s in rounds[1]["sites"]]
     assert events(rounds[2], slow, "missing"), rounds[2]["events"]
     assert slow not in [s["site"] for s in rounds[2]["sites"]]
-    assert any(slow in [s["site"] for s in r["sites"]] for r in rounds[3:5]), [r["sites"] for r in rounds]
+    assert slow in [s["site"] for s in rounds[3]["sites"]], rounds[3]["events"]
     assert f"({slow}) missing" in outcome.log
 
 

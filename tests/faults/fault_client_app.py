@@ -6,7 +6,9 @@
 - `lie:N`: the site claims N training examples, in the pre-flight round and in every reply, with
   the step count and learning rates the server's schedule gives for N (a careful liar);
 - `replay`: from round 2 on, the site sends its round-1 weights again;
-- `sleep:R:S`: in round R, sleep S seconds before training.
+- `stall:R:PATH`: in round R, create PATH.stalled, then wait before training until the test
+  creates the file PATH (the test knows the site is mid-round and decides when it goes on, not a
+  sleep racing a timeout).
 A site without `fault` runs fedcycle's own handlers unchanged. The tests build an app whose
 clientapp is this module; the ServerApp is fedcycle's own.
 """
@@ -56,10 +58,13 @@ def each_float(arrays: ArrayRecord, change) -> ArrayRecord:
 def train(msg: Message, context: Context) -> Message:
     kind, argument = fault(context)
     config, server_round = msg.content["config"], int(msg.content["config"]["server-round"])
-    if kind == "sleep":
-        in_round, seconds = argument.split(":")
+    if kind == "stall":
+        in_round, release = argument.split(":", 1)
         if server_round == int(in_round):
-            time.sleep(float(seconds))
+            Path(f"{release}.stalled").touch()
+        deadline = time.monotonic() + 900  # a test that never releases does not leave a process behind forever
+        while server_round == int(in_round) and not Path(release).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
     reply = fedcycle.train_round(msg, context)
     arrays, metrics = reply.content["arrays"], reply.content["metrics"]
     if kind in ("nan", "scale"):
