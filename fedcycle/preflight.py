@@ -67,6 +67,10 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
         if missing:
             problems.append(f"node {node}: its pre-flight report lacks {missing} (another fedcycle version?)")
             continue
+        malformed = report_malformed(report)
+        if malformed:
+            problems.append(f"node {node}: its pre-flight report has {malformed}")
+            continue
         answered[node] = report
     want = {k: v for k, v in expected.items() if v is not None}
     for key in ("metric-names", "inputs", "targets", "classes"):  # what the server cannot know: the majority's
@@ -95,6 +99,24 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
 
 
 REPORT_KEYS = ("site", "num-train", "num-val", "metric-names", "inputs", "targets", "model", "device", "torch", "flwr")
+
+
+def report_malformed(report: dict[str, Any]) -> str | None:
+    """What in a report has the wrong kind of value, in one line; None if nothing."""
+    for key in ("num-train", "num-val"):
+        value = report[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{key}={value!r}; expected a whole number of examples, 0 or more"
+    if not report["num-train"]:
+        return "num-train=0; a site needs training data"
+    for key in ("model", "metric-names"):
+        value = report[key]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return f"{key}={_short(value)}; expected a list of strings"
+    if "classes" in report and not (isinstance(report["classes"], (list, tuple))
+                                    and all(isinstance(c, str) for c in report["classes"])):
+        return f"classes={_short(report['classes'])}; expected a list of class names"
+    return None
 
 
 def report_difference(report: dict[str, Any], want: dict[str, Any]) -> str | None:

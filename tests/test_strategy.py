@@ -401,3 +401,32 @@ def test_a_replayed_reply_is_left_out_but_a_retried_round_may_repeat_itself(peer
     accepted = s.screen_round(2, [reply(1, later[0], 10), reply(2, later[1], 10), reply(3, first[2], 10)])
     assert [m.metadata.src_node_id for m in accepted] == [1, 2]
     assert s.events[2][0]["reason"] == "its weights are identical to node 3's reply in round 1 (a replay)"
+
+
+def test_a_malformed_preflight_report_stops_the_run_naming_the_site_and_the_key(task_identity, data_root):
+    from fedcycle.preflight import PreflightError, preflight
+
+    run_config = {"data-root": data_root, "train-subset": 100}
+    query = Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=1, message_type="query")
+    good = dict(client_app.preflight(query, context(run_config, {"partition-id": 0, "num-partitions": 2})).content["report"])
+    reports = {
+        1: good,
+        2: {k: v for k, v in good.items() if k != "classes"},
+        3: {**good, "num-train": "many"},
+        4: {k: v for k, v in good.items() if k != "model"},
+        5: {**good, "metric-names": "accuracy"},
+    }
+
+    class Reporting(Sites):
+        def send_and_receive(self, messages, timeout=None):
+            return [Message(RecordDict({"report": ConfigRecord(reports[m.metadata.dst_node_id])}), reply_to=m)
+                    for m in messages]
+
+    expected = {"model": good["model"], "classes": good["classes"], "metric-names": None, "inputs": None, "targets": None}
+    with pytest.raises(PreflightError) as failed:
+        preflight(Reporting(reports), RunSettings.from_run_config(run_config), expected)
+    lines = sorted(str(failed.value).splitlines()[1:])  # one line per site that cannot take part
+    assert [line.split(":")[0].strip() for line in lines] == ["node 2 (partition 0/2)", "node 3", "node 4", "node 5"]
+    assert "classes None differ from the run's" in lines[0]
+    assert "num-train='many'; expected a whole number of examples" in lines[1]
+    assert "lacks ['model']" in lines[2] and "metric-names='accuracy'; expected a list of strings" in lines[3]
