@@ -22,7 +22,7 @@ from fedcycle.models import build_model
 from fedcycle.recorder import load_resume_point, run_identity
 from fedcycle.strategies import make_strategy
 from fedcycle.tasks import Task
-from tests.test_strategy import SHAPES, arrays, reply
+from tests.test_strategy import SHAPES, arrays, reply, start_round
 
 
 def task_of(settings: RunSettings) -> Task:
@@ -43,11 +43,15 @@ def checkpoint(settings: RunSettings, server_round: int, **extra) -> Checkpoint:
 
 
 def test_a_checkpoint_holds_model_metrics_rng_and_the_strategy_state(tmp_path, task_identity):
-    settings = RunSettings(strategy="fedadam")
-    strategy = make_strategy(settings, num_sites=2)
+    settings = RunSettings(strategy="fedadam", batch_size=4)
+    strategy = make_strategy(settings, num_sites=3)
     rng = np.random.default_rng(0)
-    strategy.m_t = {"w": rng.standard_normal((3, 2)).astype(np.float32)}
-    strategy.v_t = {"w": rng.random((3, 2)).astype(np.float32)}
+    start = ArrayRecord({k: Array(v) for k, v in arrays(rng).items()})
+    honest = start_round(strategy, 1, start, [1, 2, 3])  # a real round: FedAdam's moments come from it
+    sent = [{k: a.numpy() + 0.01 * rng.standard_normal(a.shape).astype(np.float32) for k, a in start.items()}
+            for _ in range(3)]
+    after_round_1, _ = strategy.aggregate_train(1, [reply(n, w, 10, **honest) for n, w in enumerate(sent, start=1)])
+    assert after_round_1 is not None and set(strategy.m_t) == set(SHAPES) and not strategy.events[1]
     random.seed(5)
     expected_draw = random.random()
     random.seed(5)
@@ -58,10 +62,20 @@ def test_a_checkpoint_holds_model_metrics_rng_and_the_strategy_state(tmp_path, t
     assert loaded.round == 3 and loaded.best_value == pytest.approx(0.53)
     assert [m["round"] for m in loaded.metrics] == [0, 1, 2, 3]
     assert loaded.identity == run_identity(settings, task_of(settings))
-    fresh = make_strategy(settings, num_sites=2)
+    fresh = make_strategy(settings, num_sites=3)  # the resumed server's
     fresh.restore_state_arrays(loaded.strategy_arrays)
-    np.testing.assert_array_equal(fresh.m_t["w"], strategy.m_t["w"])
-    np.testing.assert_array_equal(fresh.v_t["w"], strategy.v_t["w"])
+    for key in SHAPES:
+        np.testing.assert_array_equal(fresh.m_t[key], strategy.m_t[key])
+        np.testing.assert_array_equal(fresh.v_t[key], strategy.v_t[key])
+    # round 2 from the restored moments is round 2 of the uninterrupted server
+    replies = [{k: a.numpy() + 0.01 * rng.standard_normal(a.shape).astype(np.float32) for k, a in after_round_1.items()}
+               for _ in range(3)]
+    results = []
+    for server in (strategy, fresh):
+        honest = start_round(server, 2, after_round_1, [1, 2, 3])
+        results.append(server.aggregate_train(2, [reply(n, w, 10, **honest) for n, w in enumerate(replies, start=1)])[0])
+    for key in SHAPES:
+        np.testing.assert_array_equal(results[0][key].numpy(), results[1][key].numpy())
     random.setstate(loaded.python_rng)
     assert random.random() == expected_draw
     model = build_model("small-cnn", (1, 28, 28), 10).state_dict()
