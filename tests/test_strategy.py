@@ -430,3 +430,18 @@ def test_a_malformed_preflight_report_stops_the_run_naming_the_site_and_the_key(
     assert "classes None differ from the run's" in lines[0]
     assert "num-train='many'; expected a whole number of examples" in lines[1]
     assert "lacks ['model']" in lines[2] and "metric-names='accuracy'; expected a list of strings" in lines[3]
+
+
+def test_bad_evaluate_replies_are_left_out_and_named(strategy):
+    def evaluation(node: int, **metrics) -> Message:
+        instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="evaluate")
+        values = {"loss": 0.5, "accuracy": 0.8, "num-examples": 100, **metrics}
+        return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=instruction)
+
+    replies = [evaluation(1), evaluation(2, accuracy=0.6, **{"num-examples": 300}), evaluation(3, loss=math.nan),
+               evaluation(4, **{"num-examples": 0}), evaluation(5, extra=1.0)]
+    result = strategy.aggregate_evaluate(3, replies)
+    assert result["accuracy"] == pytest.approx((0.8 * 100 + 0.6 * 300) / 400)  # sites 1 and 2, by examples
+    reasons = {e["node_id"]: e["reason"] for e in strategy.events[3] if e["event"] == "rejected-evaluation"}
+    assert sorted(reasons) == [3, 4, 5]
+    assert "not a finite number" in reasons[3] and "num-examples=0" in reasons[4] and "extra" in reasons[5]
