@@ -11,8 +11,11 @@ Where a cycle sits in time is set by `cycle_unit` and `cycle_length`:
   round trains one whole cycle, so the server averages end-of-cycle snapshots);
 - `epochs`: one cycle spans `cycle_length` local epochs;
 - `steps`: one cycle spans `cycle_length` optimizer steps.
-The schedule runs on across rounds: a site starts round r at the step it would have
-reached had it trained every earlier round without stopping.
+The schedule runs on across rounds: a site starts round r where its cycle stands (with
+cycles of rounds, at the round's place in its cycle, also when local epochs grow), and
+exp_range's decay counts the steps it actually trained before. Every schedule's rate is a
+closed-form function of the step, so a site (and a resumed run) sets its scheduler there at
+once, in constant time.
 
 Across rounds the server may also move the schedule's peak (`Envelope`): a warm-up over the
 first rounds, and a decay of the peak from cycle to cycle (exponential, or a cosine over the
@@ -39,33 +42,40 @@ CYCLE_UNITS = ("round", "epochs", "steps")
 ENVELOPES = ("flat", "exponential", "cosine")
 
 
-def _constant(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int) -> LRScheduler:
+Builder = Callable[[torch.optim.Optimizer, "LRSchedule", int, int], LRScheduler]
+
+
+def _constant(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int, decay_lag: int) -> LRScheduler:
     return ConstantLR(opt, factor=1.0, total_iters=0)
 
 
-def _cyclic(mode: str) -> Callable[[torch.optim.Optimizer, "LRSchedule", int], LRScheduler]:
-    def build(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int) -> LRScheduler:
-        half = cycle_steps / 2
+def _cyclic(mode: str) -> Builder:
+    def build(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int, decay_lag: int) -> LRScheduler:
+        up = max(1, math.floor(cycle_steps / 2))  # a 1-step cycle: up 1, down 0, period 1
+        # exp_range decays with the steps a site has trained, which lag the cycle's clock when
+        # local epochs grow (the clock places a round-long cycle; see LRSchedule.start_step)
+        decay = {"scale_fn": lambda step: s.gamma ** (step - decay_lag), "scale_mode": "iterations"} if mode == "exp_range" else {}
         return CyclicLR(
             opt,
             base_lr=s.lr_min,
             max_lr=s.lr_max,
-            step_size_up=max(1, math.floor(half)),
-            step_size_down=max(1, math.ceil(half)),
+            step_size_up=up,
+            step_size_down=cycle_steps - up,
             mode=mode,
             gamma=s.gamma,
             cycle_momentum=False,
+            **decay,
         )
 
     return build
 
 
-def _cosine(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int) -> LRScheduler:
+def _cosine(opt: torch.optim.Optimizer, s: "LRSchedule", cycle_steps: int, decay_lag: int) -> LRScheduler:
     return CosineAnnealingWarmRestarts(opt, T_0=cycle_steps, eta_min=s.lr_min)
 
 
-# name -> builder(optimizer, schedule, steps per cycle). Adding a schedule is one entry.
-SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, "LRSchedule", int], LRScheduler]] = {
+# name -> builder(optimizer, schedule, steps per cycle, decay lag). Adding a schedule is one entry.
+SCHEDULES: dict[str, Builder] = {
     "constant": _constant,
     "triangular": _cyclic("triangular"),
     "triangular2": _cyclic("triangular2"),
@@ -137,44 +147,45 @@ class LRSchedule:
     def start_step(
         self, steps_per_epoch: int, epochs_this_round: int, server_round: int, epochs_before: int
     ) -> int:
-        """The step at which round `server_round` begins, on this site's clock."""
+        """The step at which round `server_round` begins on this site's cycle clock. With cycles
+        of rounds, the clock counts rounds of this round's length, so each round starts at its
+        place in its cycle (and triangular2 halves per cycle) even when local epochs grow; the
+        steps actually trained before (`epochs_before` x steps per epoch) drive exp_range's decay."""
         if self.cycle_unit == "round":
             return (server_round - 1) * epochs_this_round * steps_per_epoch
         return epochs_before * steps_per_epoch
 
     def build(
-        self, optimizer: torch.optim.Optimizer, cycle_steps: int, start_step: int = 0
+        self, optimizer: torch.optim.Optimizer, cycle_steps: int, start_step: int = 0, steps_before: int | None = None
     ) -> LRScheduler:
-        """A PyTorch scheduler, advanced to `start_step`; call `.step()` after each batch."""
+        """A PyTorch scheduler at `start_step` of its clock (`steps_before`: the optimizer steps
+        the site actually trained before, for exp_range's decay; default `start_step`); call
+        `.step()` after each batch. Every schedule's rate is a closed-form function of the step,
+        so the scheduler is set there at once, not stepped there."""
         for group in optimizer.param_groups:
             group["lr"] = self.lr_max if self.name in ("constant", "cosine") else self.lr_min
             group.pop("initial_lr", None)
-        scheduler = SCHEDULES[self.name](optimizer, self, cycle_steps)
-        # The cycle's position is a pure function of the step count, so replaying the
-        # steps is exact; PyTorch warns when a scheduler steps before the optimizer.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start_step % self._period(cycle_steps)):
-                scheduler.step()
+        lag = start_step - (start_step if steps_before is None else steps_before)
+        scheduler = SCHEDULES[self.name](optimizer, self, cycle_steps, lag)
+        if start_step:
+            with warnings.catch_warnings():  # PyTorch warns when a scheduler steps before the optimizer
+                warnings.simplefilter("ignore", UserWarning)
+                if isinstance(scheduler, CosineAnnealingWarmRestarts):
+                    scheduler.step(start_step)
+                else:
+                    scheduler.last_epoch = start_step - 1
+                    scheduler.step()
         return scheduler
-
-    def _period(self, cycle_steps: int) -> int:
-        """Steps after which the schedule repeats exactly (triangular2/exp_range never do)."""
-        if self.name in ("triangular", "cosine"):
-            return cycle_steps
-        if self.name == "constant":
-            return 1
-        return 2**62
 
     def lr_at(self, step: int, cycle_steps: int) -> float:
         """The learning rate at a step, computed by the same PyTorch scheduler."""
         return self.lrs(step, 1, cycle_steps)[0]
 
-    def lrs(self, start_step: int, steps: int, cycle_steps: int) -> list[float]:
+    def lrs(self, start_step: int, steps: int, cycle_steps: int, steps_before: int | None = None) -> list[float]:
         """The learning rates of `steps` optimizer steps from `start_step`, as a site's scheduler sets them."""
         param = torch.nn.Parameter(torch.zeros(1))
         opt = torch.optim.SGD([param], lr=self.lr_max)
-        scheduler = self.build(opt, cycle_steps, start_step=start_step)
+        scheduler = self.build(opt, cycle_steps, start_step=start_step, steps_before=steps_before)
         out = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)

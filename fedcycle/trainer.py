@@ -113,6 +113,7 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
         optimizer,
         cfg.schedule.cycle_steps(spe, cfg.epochs),
         cfg.schedule.start_step(spe, cfg.epochs, cfg.server_round, cfg.epochs_before),
+        steps_before=cfg.epochs_before * spe,
     )
     log = StepLog(optimizer, scheduler)
     if task.own_train is not None:

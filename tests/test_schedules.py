@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
+import torch
 
 from fedcycle.config import ConfigError, RunSettings
-from fedcycle.schedules import Envelope, LRSchedule, local_epochs_for_round
+from fedcycle.schedules import SCHEDULES, Envelope, LRSchedule, local_epochs_for_round
 
 LO, HI, CYCLE = 0.01, 0.11, 10  # a 10-step cycle between 0.01 and 0.11
 
@@ -148,3 +150,53 @@ def test_the_server_sends_each_round_its_enveloped_peak():
 def test_bad_envelopes_name_the_key(config, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         RunSettings.from_run_config(config)
+
+
+def uninterrupted(schedule: LRSchedule, steps: int, cycle: int) -> list[float]:
+    """One scheduler stepped from 0 without stopping: what every later start must agree with."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    scheduler = schedule.build(opt, cycle)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("cycle", [1, 2, 7, 10])
+def test_every_schedule_starts_anywhere_where_an_uninterrupted_one_would_be(name, cycle):
+    schedule = LRSchedule(name=name, lr_min=LO, lr_max=HI, gamma=0.97)
+    steps = uninterrupted(schedule, 60, cycle)
+    for start in (0, 1, cycle, 23, 59):  # a round (or a resumed run) starting at `start`
+        assert schedule.lrs(start, 60 - start, cycle) == pytest.approx(steps[start:], rel=1e-12, abs=1e-15)
+
+
+def test_a_one_step_cycle_repeats_every_step():
+    one = LRSchedule(name="triangular", lr_min=LO, lr_max=HI)
+    assert [one.lr_at(step, 1) for step in range(5)] == pytest.approx([LO] * 5)  # period 1, not 2
+    assert [LRSchedule(name="cosine", lr_min=LO, lr_max=HI).lr_at(step, 1) for step in range(3)] == pytest.approx([HI] * 3)
+
+
+def test_the_steps_unit_counts_the_steps_trained_before():
+    s = LRSchedule(name="triangular", lr_min=LO, lr_max=HI, cycle_unit="steps", cycle_length=4)
+    start = s.start_step(steps_per_epoch=3, epochs_this_round=1, server_round=3, epochs_before=2)
+    assert start == 6  # 2 epochs of 3 steps: half-way through the second 4-step cycle
+    assert s.lrs(start, 3, s.cycle_steps(3, 1)) == pytest.approx([HI, 0.06, LO])
+
+
+def test_growing_local_epochs_keep_each_round_a_whole_cycle_and_decay_by_the_steps_trained():
+    # 5 steps per epoch; local epochs 1, 2, 3 in rounds 1, 2, 3: round 3 has 15 steps, 15 trained before it
+    s = LRSchedule(name="exp_range", lr_min=LO, lr_max=HI, gamma=0.9)
+    start = s.start_step(steps_per_epoch=5, epochs_this_round=3, server_round=3, epochs_before=3)
+    rates = s.lrs(start, 15, s.cycle_steps(5, 3), steps_before=15)
+    assert rates[0] == pytest.approx(LO)  # the round starts its own cycle
+    # its peak, 7 steps in, decayed by the 15 + 7 steps trained so far (not 30 + 7)
+    assert max(rates) == pytest.approx(LO + (HI - LO) * 0.9 ** (15 + 7))
+    assert max(rates) == pytest.approx(rates[7])
+    # triangular2 halves per cycle: round 3 is the third cycle
+    t2 = LRSchedule(name="triangular2", lr_min=LO, lr_max=HI)
+    assert max(t2.lrs(start, 15, t2.cycle_steps(5, 3), steps_before=15)) == pytest.approx(LO + (HI - LO) / 4)

@@ -72,7 +72,7 @@ def test_fedcycles_loop_trains_a_users_regression(on_path):
 def schedule_for(cfg: TrainConfig, per_epoch: int) -> list[float]:
     s = cfg.schedule
     start = s.start_step(per_epoch, cfg.epochs, cfg.server_round, cfg.epochs_before)
-    return s.lrs(start, per_epoch * cfg.epochs, s.cycle_steps(per_epoch, cfg.epochs))
+    return s.lrs(start, per_epoch * cfg.epochs, s.cycle_steps(per_epoch, cfg.epochs), steps_before=cfg.epochs_before * per_epoch)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

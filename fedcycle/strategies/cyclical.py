@@ -369,7 +369,8 @@ def schedule_summary(schedule: tuple, per_epoch: int, epochs: int, server_round:
     """(first, peak, last) learning rate of a site's round under the server's schedule."""
     s = LRSchedule.from_config(dict(schedule))
     steps = per_epoch * epochs
-    lrs = s.lrs(s.start_step(per_epoch, epochs, server_round, epochs_before), steps, s.cycle_steps(per_epoch, epochs))
+    lrs = s.lrs(s.start_step(per_epoch, epochs, server_round, epochs_before), steps, s.cycle_steps(per_epoch, epochs),
+                steps_before=epochs_before * per_epoch)
     return lrs[0], max(lrs), lrs[-1]
 
 
