@@ -30,16 +30,19 @@ def run_config(data_root: str, results: Path, extra: str = "") -> str:
 
 
 @pytest.fixture(scope="module")
-def site_folder(tmp_path_factory, data_root) -> Path:
-    """A data center's own files: 40 real Fashion-MNIST images per class as PNGs in class folders."""
-    folder = tmp_path_factory.mktemp("hospital-b") / "images"
+def site_folders(tmp_path_factory, data_root) -> tuple[Path, Path]:
+    """Two data centers' own files: 40 real Fashion-MNIST images per class each, as PNGs in class
+    folders, no image in both."""
     train = load(RunSettings(data_root=data_root), "train")
     rng = np.random.default_rng(0)
+    folders = tuple(tmp_path_factory.mktemp(f"hospital-{x}") / "images" for x in "ab")
     for label, name in enumerate(FOLDERS):
-        (folder / name).mkdir(parents=True)
-        for i in rng.choice(np.flatnonzero(train.labels == label), 40, replace=False):
-            Image.fromarray(train.images[i, 0]).save(folder / name / f"{i}.png")
-    return folder
+        chosen = rng.choice(np.flatnonzero(train.labels == label), 80, replace=False)
+        for folder, part in zip(folders, (chosen[:40], chosen[40:])):
+            (folder / name).mkdir(parents=True)
+            for i in part:
+                Image.fromarray(train.images[i, 0]).save(folder / name / f"{i}.png")
+    return folders
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +61,15 @@ def deployment(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_site_run(deployment, site_folder, data_root, tmp_path_factory):
-    """Site A trains on a partition of Fashion-MNIST, site B on its own ImageFolder: 2 rounds."""
-    deployment.add_site("site-a", "partition-id=0 num-partitions=2")
-    deployment.add_site("site-b", f"data-dir='{site_folder}'")
-    deployment.start_site("site-a")
-    deployment.start_site("site-b")
+def two_site_run(deployment, site_folders, data_root, tmp_path_factory):
+    """Two sites, each on its own ImageFolder (dataset 'image-folder': the server holds no test
+    data, so the sites evaluate every round's model, the initial one too): 2 rounds."""
+    for name, folder in zip(("site-a", "site-b"), site_folders):
+        deployment.add_site(name, f"data-dir='{folder}'")
+        deployment.start_site(name)
     deployment.wait_for_sites(2)
     results = tmp_path_factory.mktemp("results")
-    return deployment.run(run_config(data_root, results, "run-name='deployed'"), stream=False)
+    return deployment.run(run_config(data_root, results, "dataset='image-folder' run-name='deployed'"), stream=False)
 
 
 def test_run_over_tls_with_node_auth_completes_and_learns(two_site_run):
@@ -78,13 +81,18 @@ def test_run_over_tls_with_node_auth_completes_and_learns(two_site_run):
     assert (two_site_run.results_dir / "config.json").exists()
 
 
-def test_a_site_on_its_own_folder_trains_beside_a_partition(two_site_run, site_folder):
+def test_each_site_trains_on_its_own_folder_and_the_sites_evaluate_every_model(two_site_run, site_folders):
     config = json.loads((two_site_run.results_dir / "config.json").read_text())
     sites = {report["site"]: report for report in config["sites"].values()}
-    assert sites[f"data-dir:{site_folder}"]["num-train"] == 360  # 400 images, 10% held out
-    assert sites["partition 0/2"]["num-train"] == 400  # train-subset
-    for r in read_metrics(two_site_run.results_dir / "metrics.jsonl")[1:]:
-        assert sorted(s["num-examples"] for s in r["sites"]) == [360, 400] and r["events"] == []
+    for folder in site_folders:
+        assert sites[f"data-dir:{folder}"]["num-train"] == 360 and sites[f"data-dir:{folder}"]["num-val"] == 40
+    rounds = read_metrics(two_site_run.results_dir / "metrics.jsonl")
+    assert [r["metrics_source"] for r in rounds] == ["sites-weighted"] * 3  # round 0 too
+    for r in rounds:  # the example-weighted mean of the two sites' 40 held-out images each
+        assert r["accuracy"] == pytest.approx(r["sites_evaluation"]["accuracy"]) and r["accuracy"] * 80 == pytest.approx(
+            round(r["accuracy"] * 80))
+    for r in rounds[1:]:
+        assert sorted(s["num-examples"] for s in r["sites"]) == [360, 360] and r["events"] == []
 
 
 def test_control_api_is_not_reachable_through_the_sites_address(deployment):
