@@ -3,6 +3,7 @@ training, retries and evaluation. The sites are stand-ins that answer at once or
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
@@ -41,8 +42,6 @@ class BrokenSites(SilentSites):
     def send_and_receive(self, messages, timeout=None):
         self.timeouts.append(timeout)
         self.clock.now += 10
-        import numpy as np
-
         rng = np.random.default_rng(0)
         bad = {k: v * np.nan for k, v in arrays(rng).items()}
         return [reply(m.metadata.dst_node_id, bad, 10) for m in messages]
@@ -50,7 +49,7 @@ class BrokenSites(SilentSites):
 
 def start(settings: RunSettings):
     strategy = make_strategy(settings, num_sites=2)
-    return strategy, ArrayRecord({k: Array(v) for k, v in arrays(__import__("numpy").random.default_rng(1)).items()})
+    return strategy, ArrayRecord({k: Array(v) for k, v in arrays(np.random.default_rng(1)).items()})
 
 
 def test_silent_sites_use_up_one_deadline_not_one_per_retry(task_identity):
