@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from logging import WARNING
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -29,6 +31,17 @@ from fedcycle.wire import evaluate_reply_keys, train_reply_keys
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass
+class Candidate:
+    """A reply that passed the checks on its own, with its update (reply minus global model, per
+    float array) and the update's norm, computed once and used by the checks against peers."""
+
+    msg: Message
+    update: dict[str, np.ndarray] | None
+    norm: float | None
+    measured: dict[str, Any]
 
 
 class CyclicalMixin:
@@ -161,57 +174,62 @@ class CyclicalMixin:
     def screen_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
         """The replies fit to average; each other one is logged and recorded with its reason.
         Each reply is first checked on its own (form, finite values, the server's schedule,
-        its change to the global model), then against the round's other replies."""
+        its change to the global model), then against the round's other replies. Each reply's
+        arrays are decoded once, here."""
         candidates = []
         for msg in replies:
-            problem = self._reply_problem(msg) or self._schedule_problem(server_round, msg.content["metrics"])
-            ratio = None if problem else self.update_ratio(msg.content["arrays"])
-            bound = self.settings.max_update_ratio
-            if not problem and (ratio is None or not math.isfinite(ratio)):
-                # a finite ratio has read every float value; without one, scan for NaN and Inf
-                problem = _non_finite(msg.content["arrays"]) or (
-                    None if ratio is None else "its change to the global model overflows float32")
-            elif ratio is not None and bound and not ratio <= bound:
-                problem = (
-                    f"its change to the global model has {ratio:.3g} times the model's norm, "
-                    f"above max-update-ratio={bound}"
-                )
+            problem, values = self._read_reply(msg)
+            problem = problem or self._schedule_problem(server_round, msg.content["metrics"]) or _non_finite(values)
+            update = norm = ratio = None
+            if not problem and self.global_floats:
+                update = {k: values[k] - ref for k, ref in self.global_floats.items()}
+                norm = math.sqrt(sum(_squared_distance(u, None) for u in update.values()))
+                ratio = norm / self.global_norm if self.global_norm else None
+                bound = self.settings.max_update_ratio
+                if not math.isfinite(norm):
+                    problem = "its change to the global model overflows float32"
+                elif ratio is not None and bound and not ratio <= bound:
+                    problem = (
+                        f"its change to the global model has {ratio:.3g} times the model's norm, "
+                        f"above max-update-ratio={bound}"
+                    )
             if problem:
                 self._record(server_round, msg.metadata.src_node_id, "rejected", problem)
             else:
-                candidates.append((msg, {"update-ratio": ratio}))
+                candidates.append(Candidate(msg, update, norm, {"update-ratio": ratio}))
         accepted = self._screen_against_peers(server_round, candidates)
-        for msg, measured in accepted:
-            node = msg.metadata.src_node_id
+        for c in accepted:
+            node = c.msg.metadata.src_node_id
             self.site_metrics[server_round].append(
-                {"node_id": node, "site": self.site_names.get(node), **dict(msg.content["metrics"]), **measured}
+                {"node_id": node, "site": self.site_names.get(node), **dict(c.msg.content["metrics"]), **c.measured}
             )
-        return [msg for msg, _ in accepted]
+        return [c.msg for c in accepted]
 
-    def _screen_against_peers(self, server_round: int, candidates: list[tuple[Message, dict]]) -> list[tuple[Message, dict]]:
+    def _screen_against_peers(self, server_round: int, candidates: list["Candidate"]) -> list["Candidate"]:
         """The candidates that are not a replay and, with 3 or more, whose update is not far
         longer than the round's median (peer-norm-ratio) nor points away from the median update
         (min-peer-cosine); a claimed example count above max-weight-ratio times the round's
         median is capped there, and the site named."""
         s = self.settings
         fresh = []
-        for msg, measured in candidates:
-            node, seen = msg.metadata.src_node_id, peers.digest(msg.content["arrays"])
+        for c in candidates:
+            node, seen = c.msg.metadata.src_node_id, peers.digest(c.msg.content["arrays"])
             earlier = self.reply_digests.setdefault(seen, (server_round, node))
             if earlier != (server_round, node):  # a retried round may bring back a site's own reply
                 self._record(server_round, node, "rejected",
                              f"its weights are identical to node {earlier[1]}'s reply in round {earlier[0]} (a replay)")
             else:
-                fresh.append((msg, measured))
+                fresh.append(c)
         if len(fresh) < 3 or not self.global_floats:
             return fresh
-        updates = [{k: _values(m.content["arrays"][k]) - ref for k, ref in self.global_floats.items()} for m, _ in fresh]
-        norms, cosines, median_norm = peers.updates_against_peers(updates)
-        cap = peers.weight_cap([float(m.content["metrics"]["num-examples"]) for m, _ in fresh], s.max_weight_ratio)
+        norms = [c.norm for c in fresh]
+        cosines = peers.cosines_to_median([c.update for c in fresh], norms)
+        median_norm = statistics.median(norms)
+        cap = peers.weight_cap([float(c.msg.content["metrics"]["num-examples"]) for c in fresh], s.max_weight_ratio)
         kept = []
-        for (msg, measured), norm, cosine in zip(fresh, norms, cosines):
-            node = msg.metadata.src_node_id
-            measured.update({"update-norm-to-median": norm / median_norm if median_norm else 1.0, "peer-cosine": cosine})
+        for c, norm, cosine in zip(fresh, norms, cosines):
+            node = c.msg.metadata.src_node_id
+            c.measured.update({"update-norm-to-median": norm / median_norm if median_norm else 1.0, "peer-cosine": cosine})
             if s.peer_norm_ratio and median_norm and norm > s.peer_norm_ratio * median_norm:
                 self._record(server_round, node, "rejected",
                              f"its update's norm is {norm / median_norm:.3g} times the round's median, above "
@@ -221,17 +239,31 @@ class CyclicalMixin:
                              f"its update points away from the round's median update (cosine {cosine:.3f}, "
                              f"min-peer-cosine={s.min_peer_cosine})")
             else:
-                kept.append((msg, measured))
-        for msg, _ in kept:
-            n = float(msg.content["metrics"]["num-examples"])
+                kept.append(c)
+        for c in kept:
+            n = float(c.msg.content["metrics"]["num-examples"])
             if cap is not None and n > cap:
-                msg.content["metrics"]["num-examples"] = cap
-                self._record(server_round, msg.metadata.src_node_id, "weight-capped",
+                c.msg.content["metrics"]["num-examples"] = cap
+                self._record(server_round, c.msg.metadata.src_node_id, "weight-capped",
                              f"num-examples={n:g} is above max-weight-ratio={s.max_weight_ratio} times the round's "
                              f"median; it is averaged with weight {cap:g}")
         return kept
 
-    def _reply_problem(self, msg: Message) -> str | None:
+    def _read_reply(self, msg: Message) -> tuple[str | None, dict[str, np.ndarray]]:
+        """What is wrong with the reply's form, else None and its arrays' values."""
+        problem, values = self._form_problem(msg), {}
+        if problem is None:
+            for key, array in msg.content["arrays"].items():
+                try:
+                    values[key] = _values(array)
+                except (ValueError, TypeError, OSError) as err:
+                    return f"array {key!r} cannot be read: {err}", {}
+                if values[key].dtype != np.dtype(array.dtype) or values[key].shape != tuple(array.shape):
+                    return (f"array {key!r} holds {values[key].dtype}{list(values[key].shape)} "
+                            f"but declares {array.dtype}{list(array.shape)}"), {}
+        return problem, values
+
+    def _form_problem(self, msg: Message) -> str | None:
         if msg.has_error():
             return f"failed: {msg.error.reason}"
         node = msg.metadata.src_node_id
@@ -264,13 +296,6 @@ class CyclicalMixin:
         declared = self.declared_examples.get(node)
         if declared is not None and n > declared:
             return f"num-examples={n} is larger than the {declared} the site declared in the pre-flight round"
-        for key, array in arrays.items():
-            try:
-                values = _values(array)
-            except (ValueError, TypeError, OSError) as err:
-                return f"array {key!r} cannot be read: {err}"
-            if values.dtype != np.dtype(array.dtype) or values.shape != tuple(array.shape):
-                return f"array {key!r} holds {values.dtype}{list(values.shape)} but declares {array.dtype}{list(array.shape)}"
         for key, value in metrics.items():
             if not _finite_number(value):
                 return f"metric {key}={value!r} is not a finite number"
@@ -278,7 +303,7 @@ class CyclicalMixin:
 
     def _schedule_problem(self, server_round: int, metrics: MetricRecord) -> str | None:
         """Why the learning rates a site reports are not those of the server's schedule, if they are not
-        (after `_reply_problem`: the metrics are finite numbers)."""
+        (after `_form_problem`: the metrics are finite numbers)."""
         config = self.sent_config.get(server_round)
         if config is None:
             return None
@@ -299,14 +324,6 @@ class CyclicalMixin:
             if not math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-12):
                 return f"{key}={got:.6g}, but the server's schedule gives {expected:.6g} for round {server_round}"
         return None
-
-    def update_ratio(self, arrays: ArrayRecord) -> float | None:
-        """The L2 norm of the reply's change to the global model's float arrays, relative to
-        the global model's norm (None before a model was sent out)."""
-        if not self.global_floats or not self.global_norm:
-            return None
-        total = sum(_squared_distance(_values(arrays[key]), ref) for key, ref in self.global_floats.items())
-        return math.sqrt(total) / self.global_norm
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -387,10 +404,9 @@ def _positive_finite(value: Any) -> bool:
     return _finite_number(value) and value > 0
 
 
-def _non_finite(arrays: ArrayRecord) -> str | None:
-    for key, array in arrays.items():
-        values = _values(array)
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+def _non_finite(values: dict[str, np.ndarray]) -> str | None:
+    for key, v in values.items():
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
             return f"array {key!r} holds NaN or Inf"
     return None
 

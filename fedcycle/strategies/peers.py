@@ -19,11 +19,10 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 
-def updates_against_peers(updates: list[dict[str, np.ndarray]]) -> tuple[list[float], list[float], float]:
-    """Each update's L2 norm, its cosine with the coordinate-wise median of all updates, and the
-    median of the norms. Updates map array names to float arrays (the reply minus the global
-    model); the median is taken array by array, so memory stays at one array's worth per reply."""
-    norms_sq = [0.0] * len(updates)
+def cosines_to_median(updates: list[dict[str, np.ndarray]], norms: list[float]) -> list[float]:
+    """Each update's cosine with the coordinate-wise median of all updates. Updates map array
+    names to float arrays (the reply minus the global model), `norms` are their L2 norms; the
+    median is taken array by array, so memory stays at one array's worth per reply."""
     dots = [0.0] * len(updates)
     median_sq = 0.0
     for key in updates[0]:
@@ -31,13 +30,9 @@ def updates_against_peers(updates: list[dict[str, np.ndarray]]) -> tuple[list[fl
         median = np.median(stacked, axis=0).astype(np.float64)
         median_sq += float(median @ median)
         for i, row in enumerate(stacked):
-            row = row.astype(np.float64)
-            norms_sq[i] += float(row @ row)
-            dots[i] += float(row @ median)
-    norms = [math.sqrt(v) for v in norms_sq]
+            dots[i] += float(row.astype(np.float64) @ median)
     median_norm = math.sqrt(median_sq)
-    cosines = [d / (n * median_norm) if n and median_norm else 1.0 for d, n in zip(dots, norms)]
-    return norms, cosines, statistics.median(norms)
+    return [d / (n * median_norm) if n and median_norm else 1.0 for d, n in zip(dots, norms)]
 
 
 def weight_cap(examples: list[float], ratio: float) -> float | None:
