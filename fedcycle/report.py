@@ -264,12 +264,14 @@ def write_report(study: "Study", command: str) -> Path:
     if screened:
         text += ["## The reply screen on honest runs", "",
                  "Every site in these runs is honest, so a reply the screen left out is a false alarm. "
-                 "Replies left out (`rejected`) and weights capped (`weight-capped`), of all replies, per split and sites:", "",
-                 "| split | sites | runs | replies | rejected | weight-capped |", "|---|---|---|---|---|---|"]
+                 "Replies left out (`rejected`), updates scaled down to the round's norm bound (`clipped`) and weights "
+                 "capped (`weight-capped`), of all replies, per split and sites:", "",
+                 "| split | sites | runs | replies | rejected | clipped | weight-capped |", "|---|---|---|---|---|---|---|"]
         for split, sites in sorted({(r["split"], r["sites"]) for r in screened}, key=str):
             group = [r for r in screened if (r["split"], r["sites"]) == (split, sites)]
             text.append(f"| {split} | {sites} | {len(group)} | {sum(r['replies'] for r in group)} | "
-                        f"{sum(r['screened']['rejected'] for r in group)} | {sum(r['screened']['weight-capped'] for r in group)} |")
+                        f"{sum(r['screened']['rejected'] for r in group)} | {sum(r['screened'].get('clipped', 0) for r in group)} | "
+                        f"{sum(r['screened']['weight-capped'] for r in group)} |")
         text.append("")
     text += ["## Set-up", "",
              f"{study.dataset}, {study.model}, {study.epoch_budget} epochs over the data for every method "

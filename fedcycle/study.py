@@ -295,7 +295,7 @@ def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: P
         "run_config": config,
         # every site is honest here: what the reply screen left out or capped is a false alarm
         "screened": {kind: sum(1 for r in rounds for e in r.get("events", []) if e["event"] == kind)
-                     for kind in ("rejected", "weight-capped", "missing")},
+                     for kind in ("rejected", "clipped", "weight-capped", "missing")},
         "replies": sum(len(r.get("sites", [])) for r in rounds) + sum(
             1 for r in rounds for e in r.get("events", []) if e["event"] == "rejected"),
     }

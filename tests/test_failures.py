@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -24,24 +23,18 @@ import torch
 from fedcycle.checkpoint import load_checkpoint
 from fedcycle.config import RunSettings
 from fedcycle.deploy.loopback import LoopbackDeployment
-from fedcycle.local import REPO, RunOutcome
+from fedcycle.local import RunOutcome
 from fedcycle.results import load_model, read_metrics
 from fedcycle.strategies import make_strategy
 
-FAULT_APP = Path(__file__).parent / "faults" / "fault_client_app.py"
+from faults.fault_client_app import build_app
+from faults.rogues import start_sites, stop_sites
 
 
 @pytest.fixture(scope="module")
 def fault_app(tmp_path_factory) -> Path:
     """fedcycle's app with tests/faults/fault_client_app.py as its ClientApp."""
-    app_dir = tmp_path_factory.mktemp("fault-app")
-    pyproject = (REPO / "pyproject.toml").read_text()
-    component = 'clientapp = "fedcycle.client_app:app"'
-    assert component in pyproject
-    (app_dir / "pyproject.toml").write_text(pyproject.replace(component, 'clientapp = "fault_client_app:app"'))
-    shutil.copy(REPO / "README.md", app_dir)
-    shutil.copy(FAULT_APP, app_dir)
-    return app_dir
+    return build_app(tmp_path_factory.mktemp("fault-app"))
 
 
 @pytest.fixture(scope="module")
@@ -57,27 +50,6 @@ def deployment(tmp_path_factory, fault_app):
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.killpg(pid, 0)
-
-
-def start_sites(deployment: LoopbackDeployment, prefix: str, faults: list[str]) -> list[str]:
-    """One site per entry of `faults` ('' for none), each on its partition of len(faults)."""
-    names = []
-    for i, fault in enumerate(faults):
-        name = f"{prefix}-{i}"
-        extra = f" fault='{fault}'" if fault else ""
-        deployment.add_site(name, f"partition-id={i} num-partitions={len(faults)}{extra}")
-        deployment.start_site(name, max_retries=1000)  # they outlive a SuperLink restart
-        names.append(name)
-    deployment.wait_for_sites(len(names))
-    return names
-
-
-def stop_sites(deployment: LoopbackDeployment, names: list[str]) -> None:
-    for name in names:
-        deployment.stop_site(name)
-    deadline = time.monotonic() + 120  # the SuperLink sees them go within its heartbeat patience
-    while deployment.online_sites() and time.monotonic() < deadline:
-        time.sleep(2)
 
 
 def config(data_root: str, results: Path, extra: str) -> str:

@@ -373,13 +373,21 @@ def test_a_sign_flipped_update_of_ordinary_size_is_left_out_and_named(peer_round
     assert all(m["peer-cosine"] > 0.5 for m in s.site_metrics[1])
 
 
-def test_an_update_far_longer_than_its_peers_is_left_out(peer_round):
+def test_an_update_far_longer_than_its_peers_is_scaled_down_to_the_bound(peer_round):
     s, rng, model = peer_round
     sent = honest_updates(rng, model, 4)
     sent[0] = {k: model[k] + 5 * (v - model[k]) for k, v in sent[0].items()}
-    accepted = s.screen_round(1, [reply(n, w, 10) for n, w in enumerate(sent, start=1)])
-    assert [m.metadata.src_node_id for m in accepted] == [2, 3, 4]
-    assert "times the round's median, above peer-norm-ratio=3.0" in s.events[1][0]["reason"]
+    agg, _ = s.aggregate_train(1, [reply(n, w, 10) for n, w in enumerate(sent, start=1)])
+    assert [m["node_id"] for m in s.site_metrics[1]] == [1, 2, 3, 4]
+    (event,) = s.events[1]
+    assert event["node_id"] == 1 and event["event"] == "clipped"
+    assert "times the round's median; it is averaged scaled down to peer-norm-ratio=3.0" in event["reason"]
+    norms = [math.sqrt(sum(float(np.sum((w[k] - model[k]) ** 2)) for k in SHAPES)) for w in sent]
+    factor = 3.0 * float(np.median(norms)) / norms[0]  # the median of the 4 norms, the long one among them
+    clipped = {k: model[k] + factor * (sent[0][k] - model[k]) for k in SHAPES}
+    expected = weighted_mean([clipped, *sent[1:]], [10, 10, 10, 10])
+    for key in SHAPES:
+        np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-5, atol=1e-6)
 
 
 def test_a_site_cannot_inflate_its_weight(peer_round):

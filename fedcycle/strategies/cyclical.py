@@ -206,10 +206,12 @@ class CyclicalMixin:
         return [c.msg for c in accepted]
 
     def _screen_against_peers(self, server_round: int, candidates: list["Candidate"]) -> list["Candidate"]:
-        """The candidates that are not a replay and, with 3 or more, whose update is not far
-        longer than the round's median (peer-norm-ratio) nor points away from the median update
-        (min-peer-cosine); a claimed example count above max-weight-ratio times the round's
-        median is capped there, and the site named."""
+        """The candidates that are not a replay and, with 3 or more, whose update does not point
+        away from the median update (min-peer-cosine). An update far longer than the round's
+        median (peer-norm-ratio) is scaled down to that bound, not left out: under strong label
+        skew an honest site's update can be several times its peers' (measured: 5.8 times at
+        Dirichlet 0.1, README); a claimed example count above max-weight-ratio times the round's
+        median is capped there. Each site so treated is named."""
         s = self.settings
         fresh = []
         for c in candidates:
@@ -230,16 +232,17 @@ class CyclicalMixin:
         for c, norm, cosine in zip(fresh, norms, cosines):
             node = c.msg.metadata.src_node_id
             c.measured.update({"update-norm-to-median": norm / median_norm if median_norm else 1.0, "peer-cosine": cosine})
-            if s.peer_norm_ratio and median_norm and norm > s.peer_norm_ratio * median_norm:
-                self._record(server_round, node, "rejected",
-                             f"its update's norm is {norm / median_norm:.3g} times the round's median, above "
-                             f"peer-norm-ratio={s.peer_norm_ratio}")
-            elif cosine < s.min_peer_cosine:
+            if cosine < s.min_peer_cosine:
                 self._record(server_round, node, "rejected",
                              f"its update points away from the round's median update (cosine {cosine:.3f}, "
                              f"min-peer-cosine={s.min_peer_cosine})")
-            else:
-                kept.append(c)
+                continue
+            if s.peer_norm_ratio and median_norm and norm > s.peer_norm_ratio * median_norm:
+                self._clip(c, s.peer_norm_ratio * median_norm / norm)
+                self._record(server_round, node, "clipped",
+                             f"its update's norm is {norm / median_norm:.3g} times the round's median; it is averaged "
+                             f"scaled down to peer-norm-ratio={s.peer_norm_ratio} times the median")
+            kept.append(c)
         for c in kept:
             n = float(c.msg.content["metrics"]["num-examples"])
             if cap is not None and n > cap:
@@ -262,6 +265,15 @@ class CyclicalMixin:
                     return (f"array {key!r} holds {values[key].dtype}{list(values[key].shape)} "
                             f"but declares {array.dtype}{list(array.shape)}"), {}
         return problem, values
+
+    def _clip(self, c: Candidate, factor: float) -> None:
+        """Scale a reply's update by `factor` (< 1): the reply becomes global + factor x update."""
+        arrays = c.msg.content["arrays"]
+        c.msg.content["arrays"] = ArrayRecord({
+            k: Array((self.global_floats[k] + factor * c.update[k]).astype(self.global_floats[k].dtype))
+            if k in self.global_floats else a for k, a in arrays.items()
+        })
+        c.update = {k: factor * u for k, u in c.update.items()}
 
     def _form_problem(self, msg: Message) -> str | None:
         if msg.has_error():

@@ -10,12 +10,13 @@
   creates the file PATH (the test knows the site is mid-round and decides when it goes on, not a
   sleep racing a timeout).
 A site without `fault` runs fedcycle's own handlers unchanged. The tests build an app whose
-clientapp is this module; the ServerApp is fedcycle's own.
+clientapp is this module (`build_app`); the ServerApp is fedcycle's own.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,20 @@ from flwr.clientapp import ClientApp
 from fedcycle import client_app as fedcycle
 from fedcycle.schedules import LRSchedule
 from fedcycle.strategies.cyclical import schedule_summary
+
+
+def build_app(app_dir: Path) -> Path:
+    """fedcycle's app in `app_dir`, with this module as its ClientApp."""
+    from fedcycle.local import REPO
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    component = 'clientapp = "fedcycle.client_app:app"'
+    assert component in pyproject, "pyproject.toml no longer names fedcycle's ClientApp as expected"
+    (app_dir / "pyproject.toml").write_text(pyproject.replace(component, 'clientapp = "fault_client_app:app"'))
+    shutil.copy(REPO / "README.md", app_dir)
+    shutil.copy(__file__, app_dir)
+    return app_dir
+
 
 app = ClientApp()
 app.evaluate()(fedcycle.evaluate_round)
