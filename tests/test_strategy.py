@@ -390,6 +390,17 @@ def test_an_update_far_longer_than_its_peers_is_scaled_down_to_the_bound(peer_ro
         np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-5, atol=1e-6)
 
 
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(peer_round):
+    s, rng, model = peer_round
+    sent = honest_updates(rng, model, 4)
+    later = make_strategy(RunSettings(), num_sites=5)
+    later.remember_global(ArrayRecord({k: Array(v) for k, v in model.items()}))
+    first, _ = s.aggregate_train(1, [reply(n, sent[n - 1], 10 + 7 * n) for n in (1, 2, 3, 4)])
+    again, _ = later.aggregate_train(1, [reply(n, sent[n - 1], 10 + 7 * n) for n in (4, 2, 1, 3)])
+    for key in SHAPES:
+        assert first[key].numpy().tobytes() == again[key].numpy().tobytes(), key
+
+
 def test_a_site_cannot_inflate_its_weight(peer_round):
     s, rng, model = peer_round
     sent = honest_updates(rng, model, 4)

@@ -151,6 +151,10 @@ class CyclicalMixin:
         # Some strategies (FedMedian, FedTrimmedAvg) empty the replies' records while
         # aggregating: take the integer counters out first.
         counters = integer_arrays(self.global_arrays, accepted) if self.global_arrays is not None else {}
+        # in the sites' order, not the replies' arrival order: float sums depend on their order,
+        # and the same sites with the same seed must give the same model
+        accepted = sorted(accepted, key=lambda m: (str(self.site_names.get(m.metadata.src_node_id, "")),
+                                                   m.metadata.src_node_id))
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.global_arrays is not None:
             arrays = keep_dtypes(arrays, self.global_arrays, counters)
