@@ -32,8 +32,9 @@ data: setup
 demo: data
 	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "results-dir='$(RESULTS)'"
 
+# PYTEST_ARGS adds pytest options, e.g. make test PYTEST_ARGS="--durations=30 -x".
 test: data deploy-tools
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:
 	rm -rf .flwr-home .pytest_cache
