@@ -8,7 +8,16 @@ STAMP := $(VENV)/.fedcycle-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 RESULTS := $(CURDIR)/results
 
-.PHONY: setup data demo test clean deploy-demo deploy-tools reproduce bench
+.PHONY: setup data demo test clean deploy-demo deploy-tools reproduce bench demo-tabular demo-text demo-audio
+
+# $(call apt-install,PACKAGES,WHY): install Debian packages with apt-get, saying what and why first
+# (a comma inside WHY is written $(,)).
+, := ,
+define apt-install
+	echo "fedcycle: installing Debian's $(1) with apt-get: $(2)"; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(1)
+endef
 
 setup: $(STAMP)
 
@@ -23,9 +32,7 @@ $(STAMP): requirements.txt pyproject.toml
 # Fashion-MNIST, complete and offline, from Debian's package; else torchvision downloads it.
 data: setup
 	@if [ ! -d $(FASHION_MNIST) ] && command -v apt-get >/dev/null; then \
-		echo "fedcycle: installing Debian's dataset-fashion-mnist (Fashion-MNIST, MIT licence) with apt-get: the data the demo and tests train on, offline"; \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+		$(call apt-install,dataset-fashion-mnist,Fashion-MNIST (MIT licence)$(,) the data the demo and tests train on$(,) offline); \
 	fi
 	$(BIN)/python -m fedcycle.local prepare-data
 
@@ -46,9 +53,7 @@ deploy-demo: data deploy-tools
 # nginx (the fleet-only proxy) and docker-compose (to validate docker-compose.yml), from Debian.
 deploy-tools:
 	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] || ! command -v docker-compose >/dev/null; then \
-		echo "fedcycle: installing Debian's nginx-light and docker-compose with apt-get: nginx is the fleet-only proxy the deployment tests start and stop (not a system service), docker-compose validates docker-compose.yml"; \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx-light docker-compose; \
+		$(call apt-install,nginx-light docker-compose,nginx is the fleet-only proxy the deployment tests start and stop (not a system service)$(,) docker-compose validates docker-compose.yml); \
 	fi
 
 # The reproduction study (studies/$(PROFILE).yaml). The default profile writes docs/results/,
@@ -60,3 +65,21 @@ reproduce: data
 # Where every second of a round goes (a benchmark, not a test): results/bench/bench.{json,md}.
 bench: data
 	$(BIN)/python -m fedcycle.bench
+
+# The built-in tasks on real data made offline (README, "Built-in tasks"): the data, then a
+# short simulation of each. fedcycle.demo_data prints the run config that points at the data.
+DEMO_DATA := $(RESULTS)/demo-data
+
+demo-tabular: setup
+	@cfg=$$($(BIN)/python -m fedcycle.demo_data tabular $(DEMO_DATA)/tabular) && \
+	$(BIN)/python -m fedcycle.local simulate --sites 3 --run-config "$$cfg num-server-rounds=5 local-epochs=5 batch-size=32 results-dir='$(RESULTS)' run-name='demo-tabular'"
+
+demo-text: setup
+	@[ -d /usr/share/games/fortunes/pl ] || { $(call apt-install,fortunes-min fortunes-de fortunes-es fortunes-it fortunes-pl,fortune cookies in 5 languages (BSD and GPL-2+)$(,) the text demo's documents); }
+	@cfg=$$($(BIN)/python -m fedcycle.demo_data text $(DEMO_DATA)/text) && \
+	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "$$cfg partitioner='dirichlet' dirichlet.alpha=0.5 num-server-rounds=5 optimizer='adamw' lr-min=0.0005 lr-max=0.005 results-dir='$(RESULTS)' run-name='demo-text'"
+
+demo-audio: setup
+	@command -v espeak-ng >/dev/null || { $(call apt-install,espeak-ng,a speech synthesiser (GPL-3+)$(,) whose voices make the audio demo's spoken digits); }
+	@cfg=$$($(BIN)/python -m fedcycle.demo_data audio $(DEMO_DATA)/audio) && \
+	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "$$cfg num-server-rounds=10 local-epochs=2 batch-size=32 results-dir='$(RESULTS)' run-name='demo-audio'"

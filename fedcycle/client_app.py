@@ -59,6 +59,7 @@ def train_round(msg: Message, context: Context) -> Message:
     entered = time.perf_counter()
     site = load_site(context.run_config, context.node_config)
     config = msg.content["config"]
+    site.use_statistics(config)
     model = site.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(site.device)
@@ -113,6 +114,7 @@ def train_round(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_round(msg: Message, context: Context) -> Message:
     site = load_site(context.run_config, context.node_config)
+    site.use_statistics(msg.content["config"])
     model = site.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     metrics = {**held_out(site, model), "num-examples": len(site.val)}

@@ -128,6 +128,11 @@ class RunSettings:
         return self.options.get(self.strategy, {})
 
     @property
+    def task_options(self) -> dict[str, Any]:
+        """The `<task>.option` keys of a built-in task (`tabular.label-column`, ...)."""
+        return self.options.get(self.task, {})
+
+    @property
     def class_list(self) -> list[str]:
         return [c.strip() for c in self.classes.split(",") if c.strip()]
 
@@ -191,10 +196,10 @@ class RunSettings:
         return asdict(self)
 
     def as_run_config(self) -> dict[str, Any]:
-        """The settings under their run-config keys, with the options of the chosen partitioner
-        and strategy as `name.option` (the other tables are not used)."""
+        """The settings under their run-config keys, with the options of the chosen partitioner,
+        strategy and task as `name.option` (the other tables are not used)."""
         plain = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "options"}
-        for table in (self.partitioner, self.strategy):
+        for table in (self.partitioner, self.strategy, self.task):
             plain.update({f"{table}.{k}": v for k, v in self.options.get(table, {}).items()})
         return plain
 

@@ -21,6 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedcycle.config import RunSettings
+from fedcycle.tasks import add_statistics
 
 
 class PreflightError(RuntimeError):
@@ -116,7 +117,31 @@ def report_malformed(report: dict[str, Any]) -> str | None:
     if "classes" in report and not (isinstance(report["classes"], (list, tuple))
                                     and all(isinstance(c, str) for c in report["classes"])):
         return f"classes={_short(report['classes'])}; expected a list of class names"
+    if "statistics" in report:
+        try:
+            sums = json.loads(report["statistics"])
+        except (TypeError, ValueError):
+            sums = None
+        if not (isinstance(sums, dict) and all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+                                               for v in sums.values())):
+            return f"statistics={_short(report['statistics'])}; expected JSON of name -> list of numbers"
     return None
+
+
+def summed_statistics(reports: dict[int, dict[str, Any]]) -> dict[str, list[float]] | None:
+    """The task statistics of all sites added up, key by key (None: the task keeps none).
+    Raise PreflightError naming each site whose statistics do not fit the others'."""
+    totals: dict[str, list[float]] = {}
+    problems = []
+    for node, report in sorted(reports.items()):
+        if "statistics" not in report:
+            continue
+        problem = add_statistics(totals, json.loads(report["statistics"]))
+        if problem:
+            problems.append(f"node {node} ({report['site']}): {problem}")
+    if problems:
+        raise PreflightError("pre-flight failed, no training started:\n  " + "\n  ".join(problems))
+    return totals or None
 
 
 def report_difference(report: dict[str, Any], want: dict[str, Any]) -> str | None:

@@ -42,7 +42,7 @@ RESUMABLE_KEYS = frozenset({
 
 def run_identity(settings: RunSettings, task: Task) -> dict[str, Any]:
     """What a run computes: every run-config setting outside RESUMABLE_KEYS (with the chosen
-    partitioner's and strategy's options), the task's classes and primary metric. A run
+    partitioner's, strategy's and task's options), the task's classes and primary metric. A run
     resumes only from a checkpoint of the same."""
     identity = {k: v for k, v in settings.as_run_config().items() if k not in RESUMABLE_KEYS}
     if settings.lr_envelope == "cosine":  # the envelope spans the run: more rounds reshape the rest

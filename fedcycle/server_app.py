@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcycle.config import RunSettings
 from fedcycle.checkpoint import CheckpointError
 from fedcycle.errors import ConfigError, TaskError
-from fedcycle.preflight import PreflightError, preflight
+from fedcycle.preflight import PreflightError, preflight, summed_statistics
 from fedcycle.recorder import RoundRecorder, load_resume_point
 from fedcycle.results import RunResults, resolve_run_dir
 from fedcycle.round_loop import RoundFailed, run_rounds
@@ -87,7 +87,10 @@ def main(grid: Grid, context: Context) -> None:
 
     expected = {"model": fingerprint(model), "classes": task.classes, **{k: checked.get(k) for k in ("metric-names", "inputs", "targets")}}
     reports = preflight(grid, settings, expected, needs_val=settings.evaluates_on_sites(test is not None))
+    statistics = summed_statistics(reports)
+    task.use_statistics(statistics)
     strategy = make_strategy(settings, num_sites=len(reports), has_test_data=test is not None)
+    strategy.task_statistics = statistics
     strategy.expect_metrics(next(iter(reports.values()))["metric-names"])
     strategy.declared_examples = {node: int(r["num-train"]) for node, r in reports.items()}
     strategy.site_names = {node: str(r["site"]) for node, r in reports.items()}

@@ -1,7 +1,7 @@
 """One data center as the ClientApp sees it: its settings, task, device and data, loaded once.
 
 Knows the node config (`device`, `num-workers`, `task-path`, and whatever the task reads:
-`partition-id`/`num-partitions` or `data-dir` for the built-in image task) but nothing of
+`partition-id`/`num-partitions`, or a site's own `data-dir` or `data-file`) but nothing of
 Flower's messages, so the pre-flight report and the trainer calls stay testable without a
 network.
 """
@@ -9,6 +9,7 @@ network.
 from __future__ import annotations
 
 import functools
+import json
 import platform
 import sys
 import zlib
@@ -38,8 +39,9 @@ class Site:
 
     @property
     def label(self) -> str:
-        if "data-dir" in self.node_config:
-            return f"data-dir:{self.node_config['data-dir']}"
+        own = [f"{k}:{self.node_config[k]}" for k in ("data-dir", "data-file") if k in self.node_config]
+        if own:
+            return " ".join(own)
         if "partition-id" in self.node_config:
             return f"partition {self.node_config['partition-id']}/{self.node_config.get('num-partitions', '?')}"
         return " ".join(f"{k}={v}" for k, v in sorted(self.node_config.items()) if k not in SITE_KEYS) or "site"
@@ -89,7 +91,15 @@ class Site:
         classes = getattr(self.train, "classes", None)
         if classes is not None:
             report["classes"] = [str(c) for c in classes]
+        sums = self.task.statistics(self.train)
+        if sums is not None:
+            report["statistics"] = json.dumps(sums)
         return report
+
+    def use_statistics(self, config: Mapping[str, Any]) -> None:
+        """The sites' summed task statistics the server sends with every message, if any."""
+        if "task-statistics" in config:
+            self.task.use_statistics(json.loads(str(config["task-statistics"])))
 
 
 @functools.lru_cache(maxsize=2)

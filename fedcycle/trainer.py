@@ -150,7 +150,7 @@ def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
     autocast = cfg.mixed_precision and device.type == "cuda"
     loss_sum = torch.zeros((), device=device)
-    sums: dict[str, Any] = {}
+    tracker = task.metric_tracker(device)
     seen = 0
     for epoch in range(cfg.epochs):
         for inputs, targets in loader:
@@ -169,13 +169,12 @@ def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
             n = batch_size_of(targets)
             with torch.no_grad():
                 loss_sum += loss.detach() * n
-                for name, value in task.metrics(detach(outputs), targets).items():
-                    sums[name] = sums.get(name, 0.0) + value * n
+                tracker.update(detach(outputs), targets)
             seen += n
         if epoch_end is not None:
             epoch_end(epoch)
             model.train()
-    return float(loss_sum) / max(seen, 1), {k: float(v) / max(seen, 1) for k, v in sums.items()}
+    return float(loss_sum) / max(seen, 1), {k: float(v) for k, v in tracker.compute().items()}
 
 
 def _own_loop_result(task: Task, returned: Any) -> tuple[float, dict[str, float]]:
@@ -199,11 +198,11 @@ def _number(task: Task, key: str, value: Any) -> float:
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module, data, device: torch.device, batch_size: int = 256,
              num_workers: int = 0) -> tuple[float, dict[str, float]]:
-    """(mean loss, mean metrics) of `model` on `data`; each metric a mean over examples,
-    weighted by batch size."""
+    """(mean loss, metrics) of `model` on `data`: the loss a mean over examples, the metrics the
+    task's (means over examples, or computed over the whole split)."""
     model.to(device).eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    sums: dict[str, Any] = {}
+    tracker = task.metric_tracker(device)
     seen = 0
     for inputs, targets in batches(data, batch_size, device, shuffle=False, num_workers=num_workers):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
@@ -211,8 +210,6 @@ def evaluate(task: Task, model: nn.Module, data, device: torch.device, batch_siz
         outputs = outputs.float() if isinstance(outputs, torch.Tensor) else outputs
         n = batch_size_of(targets)
         loss_sum += task.loss(outputs, targets).double() * n
-        for name, value in task.metrics(outputs, targets).items():
-            sums[name] = sums.get(name, 0.0) + (value.double() if isinstance(value, torch.Tensor) else value) * n
+        tracker.update(outputs, targets)
         seen += n
-    n = max(seen, 1)
-    return float(loss_sum) / n, {k: float(v) / n for k, v in sums.items()}
+    return float(loss_sum) / max(seen, 1), {k: float(v) for k, v in tracker.compute().items()}

@@ -122,15 +122,21 @@ def load(settings: "RunSettings", split: str, node_config: dict | None = None) -
     return data
 
 
-def _train_val(data: ImageData, settings: "RunSettings", seed: int) -> tuple[ImageData, ImageData]:
-    """Hold out `val-fraction` of a site's data (seeded), cap the rest at `train-subset`."""
-    order = np.random.default_rng(seed).permutation(len(data))
+def train_val_indices(n: int, settings: "RunSettings", seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out `val-fraction` of a site's `n` examples (seeded), cap the rest at `train-subset`:
+    the sorted (train, validation) indices."""
+    order = np.random.default_rng(seed).permutation(n)
     n_val = int(round(len(order) * settings.val_fraction))
     val, train = order[:n_val], order[n_val:]
     if settings.train_subset:
         train = train[: settings.train_subset]
         val = val[: max(1, int(round(settings.train_subset * settings.val_fraction)))] if n_val else val
-    return data.subset(np.sort(train)), data.subset(np.sort(val))
+    return np.sort(train), np.sort(val)
+
+
+def _train_val(data: ImageData, settings: "RunSettings", seed: int) -> tuple[ImageData, ImageData]:
+    train, val = train_val_indices(len(data), settings, seed)
+    return data.subset(train), data.subset(val)
 
 
 def site_split(settings: "RunSettings", node_config: dict) -> tuple[ImageData, ImageData]:
@@ -141,10 +147,31 @@ def site_split(settings: "RunSettings", node_config: dict) -> tuple[ImageData, I
     """
     if node_config.get("data-dir"):
         return _train_val(load(settings, "train", node_config), settings, settings.seed)
-    pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
     full = load(settings, "train", node_config)
-    index = partition(settings.partitioner, full.labels, parts, settings.seed, **_partition_options(settings))
-    return _train_val(full.subset(index[pid]), settings, settings.seed + pid)
+    train, val = partition_indices(settings, full.labels, node_config)
+    return full.subset(train), full.subset(val)
+
+
+def check_partition(node_config: dict, own_data_key: str) -> None:
+    """Raise ConfigError unless the node config names a simulated site's part: `partition-id`
+    of `num-partitions` (a real site names its own data under `own_data_key` instead)."""
+    for key in ("partition-id", "num-partitions"):
+        if not isinstance(node_config.get(key), int) or isinstance(node_config.get(key), bool):
+            raise ConfigError(f"{key}={node_config.get(key)!r} in the node config must be an integer (or set {own_data_key})")
+    parts, pid = node_config["num-partitions"], node_config["partition-id"]
+    if parts < 1:
+        raise ConfigError(f"num-partitions={parts} must be at least 1")
+    if not 0 <= pid < parts:
+        raise ConfigError(f"partition-id={pid} must be in 0..{parts - 1} (num-partitions={parts})")
+
+
+def partition_indices(settings: "RunSettings", labels: np.ndarray, node_config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A simulated site's part of a labelled set: part `partition-id` of `num-partitions` by the
+    run's partitioner, as (train, validation) indices into `labels`."""
+    pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    index = partition(settings.partitioner, labels, parts, settings.seed, **_partition_options(settings))[pid]
+    train, val = train_val_indices(len(index), settings, settings.seed + pid)
+    return index[train], index[val]
 
 
 def test_split(settings: "RunSettings") -> ImageData | None:

@@ -10,6 +10,7 @@ BatchNorm's `num_batches_tracked` are not averaged).
 from __future__ import annotations
 
 import functools
+import json
 import math
 import statistics
 import time
@@ -65,6 +66,7 @@ class CyclicalMixin:
         self.global_arrays: ArrayRecord | None = None  # the model sent out this round
         self.global_floats: dict[str, np.ndarray] = {}  # its float arrays, to measure updates against
         self.global_norm = 0.0
+        self.task_statistics: dict[str, list[float]] | None = None  # the sites' summed task statistics
         self.evaluates_on_sites = False  # set by make_strategy: whether each round ends with an evaluate message
 
     def expect_metrics(self, names: Iterable[str]) -> None:
@@ -103,10 +105,15 @@ class CyclicalMixin:
         return self.preflighted(server_round, super().configure_evaluate(server_round, arrays, config, grid))
 
     def preflighted(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
-        """The messages to sites that passed the pre-flight round. A site that connected after it
-        is not sent work (its data, model and classes were never checked) and does not count
-        against the round; it is named once, and takes part in the next run."""
+        """The messages to sites that passed the pre-flight round, each with the task's summed
+        statistics (a site's ClientApp may be a fresh process every message). A site that
+        connected after the pre-flight round is not sent work (its data, model and classes were
+        never checked) and does not count against the round; it is named once, and takes part
+        in the next run."""
         messages = list(messages)
+        if self.task_statistics is not None:
+            for msg in messages:
+                msg.content["config"]["task-statistics"] = json.dumps(self.task_statistics)
         if not self.declared_examples:
             return messages
         for node in sorted({m.metadata.dst_node_id for m in messages} - set(self.declared_examples) - self.late_nodes):

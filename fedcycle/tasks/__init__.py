@@ -8,8 +8,13 @@
         # optional:
         def loss(self, outputs, targets) -> torch.Tensor: ...                  # default: cross-entropy
         def metrics(self, outputs, targets) -> dict[str, float]: ...           # default: accuracy
+        def metric_collection(self) -> torchmetrics.MetricCollection: ...      # instead of metrics(): over a
+                                                                                 # whole split (AUROC)
         primary_metric = ("accuracy", "max")                                     # what "best" means
         def train(self, model, loader, optimizer, scheduler, epochs, device) -> dict: ...  # the site's own loop
+        def statistics(self, train) -> dict[str, list[float]]: ...  # sums over a site's train split; the
+        def use_statistics(self, totals: dict[str, list[float]]): ...  # server adds them up across sites
+                                                                         # and hands every site the totals
 
 named in the run config as `task = "mypackage.tasks:KidneyTask"` (built-ins by short name).
 `Task` wraps one: it fills in the defaults for what the class leaves out, and turns each mistake
@@ -29,11 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedcycle.batches import batches, describe, map_tensors, to_device
+from fedcycle.batches import batch_size_of, batches, describe, map_tensors, to_device
 from fedcycle.errors import ConfigError, TaskError
 
 # Built-in tasks by short name. Adding one is writing its class and one line here.
-BUILTIN = {"image-classification": "fedcycle.tasks.image:ImageClassification"}
+BUILTIN = {
+    "image-classification": "fedcycle.tasks.image:ImageClassification",
+    "tabular": "fedcycle.tasks.tabular:TabularClassification",
+    "text": "fedcycle.tasks.text:TextClassification",
+    "audio": "fedcycle.tasks.audio:AudioClassification",
+}
 DIRECTIONS = ("max", "min")
 # Metric names that would collide with a metrics.jsonl line's keys or a reply's own keys.
 RESERVED_METRIC_NAMES = frozenset({
@@ -48,6 +58,36 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"accuracy": (outputs.argmax(1) == targets).double().mean()}
+
+
+class BatchMeans:
+    """A split's metrics as means over its examples of a task's per-batch `metrics()`."""
+
+    def __init__(self, metrics: Callable) -> None:
+        self.metrics, self.sums, self.seen = metrics, {}, 0
+
+    def update(self, outputs: Any, targets: Any) -> None:
+        n = batch_size_of(targets)
+        for name, value in self.metrics(outputs, targets).items():
+            self.sums[name] = self.sums.get(name, 0.0) + (value.double() if isinstance(value, torch.Tensor) else value) * n
+        self.seen += n
+
+    def compute(self) -> dict[str, Any]:
+        return {k: v / max(self.seen, 1) for k, v in self.sums.items()}
+
+
+class WholeSplit:
+    """A split's metrics from a task's `metric_collection()` (torchmetrics: updated batch by
+    batch, computed over everything seen, so AUROC is the split's, not a mean of batches')."""
+
+    def __init__(self, collection: Any, device: torch.device) -> None:
+        self.collection = collection.to(device)
+
+    def update(self, outputs: Any, targets: Any) -> None:
+        self.collection.update(outputs, targets)
+
+    def compute(self) -> dict[str, Any]:
+        return dict(self.collection.compute())
 
 
 def resolve(spec: str) -> type:
@@ -87,6 +127,7 @@ class Task:
         self.impl = self._call("__init__", resolve(spec), dict(run_config))
         self.loss: Callable = getattr(self.impl, "loss", None) or cross_entropy
         self.metrics: Callable = getattr(self.impl, "metrics", None) or accuracy
+        self.metric_collection: Callable | None = getattr(self.impl, "metric_collection", None)
         self.own_train: Callable | None = getattr(self.impl, "train", None)
         self.primary_metric, self.direction = self._primary_metric()
         classes = getattr(self.impl, "classes", None)
@@ -116,6 +157,32 @@ class Task:
         if value is None or not math.isfinite(value):
             return False
         return best is None or (value > best if self.direction == "max" else value < best)
+
+    def metric_tracker(self, device: torch.device) -> BatchMeans | WholeSplit:
+        """What accumulates the task's metrics over a split, batch by batch."""
+        if self.metric_collection is None:
+            return BatchMeans(self.metrics)
+        collection = self._call("metric_collection", self.metric_collection)
+        if not all(callable(getattr(collection, m, None)) for m in ("update", "compute", "to")):
+            raise TaskError(f"task={self.name!r}: metric_collection() returned {type(collection).__name__}, "
+                            "not a torchmetrics Metric or MetricCollection")
+        return WholeSplit(collection, device)
+
+    def statistics(self, train) -> dict[str, list[float]] | None:
+        """The task's sums over a site's train split (None: the task needs none)."""
+        if not callable(getattr(self.impl, "statistics", None)):
+            return None
+        sums = self._call("statistics", self.impl.statistics, train)
+        if not (isinstance(sums, dict) and all(isinstance(k, str) and isinstance(v, (list, tuple))
+                                               and all(_is_number(x) for x in v) for k, v in sums.items())):
+            raise TaskError(f"task={self.name!r}: statistics() returned {type(sums).__name__}; it returns a dict of "
+                            "name -> list of numbers (sums the server adds up across sites)")
+        return {k: [float(x) for x in v] for k, v in sums.items()}
+
+    def use_statistics(self, totals: dict[str, list[float]] | None) -> None:
+        """Hand the task the sites' summed statistics (a no-op for a task without them)."""
+        if totals is not None and callable(getattr(self.impl, "use_statistics", None)):
+            self._call("use_statistics", self.impl.use_statistics, totals)
 
     # -- what the task gives -------------------------------------------------------------
 
@@ -190,7 +257,9 @@ class Task:
                 ) from err
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
                 raise TaskError(f"task={self.name!r}: loss() returned {describe(loss)}; it must return one number (a 0-d tensor)")
-            metrics = self._call("metrics", self.metrics, outputs, targets)
+            tracker = self.metric_tracker(device)
+            self._call("metrics", tracker.update, outputs, targets)
+            metrics = self._call("metrics", tracker.compute)
         if not (isinstance(metrics, dict) and metrics and all(isinstance(k, str) for k in metrics)):
             raise TaskError(f"task={self.name!r}: metrics() returned {metrics!r}; it returns a dict of metric name -> number")
         reserved = sorted(RESERVED_METRIC_NAMES & set(metrics))
@@ -205,6 +274,24 @@ class Task:
             "inputs": describe(first(inputs)),
             "targets": describe(first(targets)),
         }
+
+
+def add_statistics(totals: dict[str, list[float]], sums: dict[str, list[float]]) -> str | None:
+    """Add one site's sums into `totals` (in place); what does not fit the others, if anything."""
+    if totals and set(sums) != set(totals):
+        return f"statistics keys {sorted(sums)} differ from the other sites' {sorted(totals)}"
+    for key, values in sums.items():
+        if key in totals and len(values) != len(totals[key]):
+            return f"statistics {key!r} has {len(values)} numbers, the other sites' {len(totals[key])}"
+        if not all(math.isfinite(v) for v in values):
+            return f"statistics {key!r} holds NaN or Inf"
+    for key, values in sums.items():
+        totals[key] = [a + b for a, b in zip(totals[key], values)] if key in totals else list(values)
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def first(value: Any) -> Any:

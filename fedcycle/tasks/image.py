@@ -14,7 +14,7 @@ from typing import Any
 
 from fedcycle.batches import InMemoryImages
 from fedcycle.config import RunSettings
-from fedcycle.datasets import DATASETS, ImageData, site_split, test_split
+from fedcycle.datasets import DATASETS, ImageData, check_partition, site_split, test_split
 from fedcycle.datasets.partition import PARTITIONERS
 from fedcycle.errors import ConfigError
 from fedcycle.models import build_model, check_fits
@@ -84,14 +84,7 @@ def check_node_config(node_config: dict[str, Any], settings: RunSettings) -> Non
         return  # the folder itself is checked when it is read
     if DATASETS[settings.dataset].site_local:
         raise ConfigError(f"data-dir is missing from the node config; dataset={settings.dataset!r} reads each site's own folder")
-    for key in ("partition-id", "num-partitions"):
-        if not isinstance(node_config.get(key), int) or isinstance(node_config.get(key), bool):
-            raise ConfigError(f"{key}={node_config.get(key)!r} in the node config must be an integer (or set data-dir)")
-    parts, pid = node_config["num-partitions"], node_config["partition-id"]
-    if parts < 1:
-        raise ConfigError(f"num-partitions={parts} must be at least 1")
-    if not 0 <= pid < parts:
-        raise ConfigError(f"partition-id={pid} must be in 0..{parts - 1} (num-partitions={parts})")
+    check_partition(node_config, "data-dir")
 
 
 def _check_partitioner_options(s: RunSettings) -> None:
