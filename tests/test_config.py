@@ -39,7 +39,7 @@ def test_defaults_are_valid_and_match_pyproject():
         ({"augment": "crop,rotate"}, "augment='crop,rotate': unknown ['rotate']"),
         ({"optimizer": "lion"}, "optimizer='lion' is unknown; choose one of ['adamw', 'sgd']"),
         ({"task": "no_such_pkg.tasks:Kidney"}, "task='no_such_pkg.tasks:Kidney' cannot be imported"),
-        ({"task": "kidney"}, "task='kidney' is neither a built-in task ['image-classification'] nor 'package.module:Class'"),
+        ({"task": "kidney"}, "task='kidney' is neither a built-in task ['audio', 'image-classification', 'tabular', 'text'] nor 'package.module:Class'"),
         ({"task": "fedcycle.batches:InMemoryImages"}, "task='fedcycle.batches:InMemoryImages' lacks build_model(), site_data()"),
         ({"lr-schedule": "step"}, "lr-schedule='step' is unknown; choose one of ['constant', 'cosine', 'exp_range', 'triangular', 'triangular2']"),
         ({"partitioner": "random"}, "partitioner='random' is unknown; choose one of"),
