@@ -75,7 +75,7 @@ demo-tabular: setup
 	$(BIN)/python -m fedcycle.local simulate --sites 3 --run-config "$$cfg num-server-rounds=5 local-epochs=5 batch-size=32 results-dir='$(RESULTS)' run-name='demo-tabular'"
 
 demo-text: setup
-	@[ -d /usr/share/games/fortunes/pl ] || { $(call apt-install,fortunes-min fortunes-de fortunes-es fortunes-it fortunes-pl,fortune cookies in 5 languages (BSD and GPL-2+)$(,) the text demo's documents); }
+	@[ -d /usr/share/games/fortunes/pl ] && [ -f /usr/share/games/fortunes/science ] || { $(call apt-install,fortunes fortunes-de fortunes-es fortunes-it fortunes-pl,fortune cookies in 5 languages (BSD and GPL-2+)$(,) the text demo's documents); }
 	@cfg=$$($(BIN)/python -m fedcycle.demo_data text $(DEMO_DATA)/text) && \
 	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "$$cfg partitioner='dirichlet' dirichlet.alpha=0.5 num-server-rounds=5 optimizer='adamw' lr-min=0.0005 lr-max=0.005 results-dir='$(RESULTS)' run-name='demo-text'"
 

@@ -24,7 +24,7 @@ import numpy as np
 from fedcycle.files import atomic_write
 
 FORTUNES = Path("/usr/share/games/fortunes")
-# Language -> the fortune folders that hold it (fortunes-min, -de, -es, -it, -pl).
+# Language -> the fortune folders that hold it (fortunes, fortunes-de, -es, -it, -pl).
 LANGUAGES = {"en": [FORTUNES], "de": [FORTUNES / "de"], "es": [FORTUNES / "es"], "it": [FORTUNES / "it"],
              "pl": [FORTUNES / "pl"]}
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -60,7 +60,9 @@ def tabular(out: Path, seed: int = 0) -> str:
 def fortunes(folder: Path) -> list[str]:
     """The fortune cookies of one folder's files (entries between '%' lines), whitespace collapsed."""
     texts = []
-    for file in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix not in (".dat", ".u8")):
+    # fortunes-it links its Italian files into the top (English) folder: only real files count
+    for file in sorted(p for p in folder.iterdir()
+                       if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8")):
         for entry in re.split(r"\n%\n", file.read_text(encoding="utf-8", errors="replace")):
             text = " ".join(entry.split())
             if 20 <= len(text) <= 400 and "\ufffd" not in text:
@@ -75,7 +77,7 @@ def text(out: Path, per_language: int = 1500, test_per_language: int = 300, seed
     for language, folders in LANGUAGES.items():
         texts = sorted({t for f in folders if f.is_dir() for t in fortunes(f)})
         if len(texts) < per_language + test_per_language:
-            sys.exit(f"fedcycle: {len(texts)} fortunes in {language} ({folders[0]}); install Debian's fortunes-min "
+            sys.exit(f"fedcycle: {len(texts)} fortunes in {language} ({folders[0]}); install Debian's fortunes "
                      "fortunes-de fortunes-es fortunes-it fortunes-pl (make demo-text does)")
         picked = [texts[i] for i in rng.permutation(len(texts))[: per_language + test_per_language]]
         train += [{"text": t, "label": language} for t in picked[:per_language]]

@@ -21,7 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedcycle.config import RunSettings
-from fedcycle.tasks import add_statistics
+from fedcycle.tasks import add_up, statistics_mismatch
 
 
 class PreflightError(RuntimeError):
@@ -131,17 +131,19 @@ def report_malformed(report: dict[str, Any]) -> str | None:
 def summed_statistics(reports: dict[int, dict[str, Any]]) -> dict[str, list[float]] | None:
     """The task statistics of all sites added up, key by key (None: the task keeps none).
     Raise PreflightError naming each site whose statistics do not fit the others'."""
-    totals: dict[str, list[float]] = {}
-    problems = []
+    sums, problems = [], []
     for node, report in sorted(reports.items()):
         if "statistics" not in report:
             continue
-        problem = add_statistics(totals, json.loads(report["statistics"]))
+        site = json.loads(report["statistics"])
+        problem = statistics_mismatch(site, sums[0] if sums else None)
         if problem:
             problems.append(f"node {node} ({report['site']}): {problem}")
+        else:
+            sums.append(site)
     if problems:
         raise PreflightError("pre-flight failed, no training started:\n  " + "\n  ".join(problems))
-    return totals or None
+    return add_up(sums) if sums else None
 
 
 def report_difference(report: dict[str, Any], want: dict[str, Any]) -> str | None:

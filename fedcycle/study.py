@@ -320,9 +320,12 @@ def pooled_site_data(config: dict, sites: int):
 
     task = load_task(config)
     parts = [task.site_data({"partition-id": i, "num-partitions": sites}) for i in range(sites)]
-    train = join([s[0] for s in parts])
-    task.use_statistics(task.statistics(train))  # the sums over the pool: what the sites' sums add up to
-    return task, train, join([s[1] for s in parts])
+    sums = [task.statistics(train) for train, _ in parts]
+    if sums[0] is not None:  # what the sites' sums add up to: the pool's
+        from fedcycle.tasks import add_up
+
+        task.use_statistics(add_up(sums))
+    return task, join([s[0] for s in parts]), join([s[1] for s in parts])
 
 
 def accuracy_of(task, model, data, config: dict) -> float:

@@ -73,6 +73,19 @@ def test_a_bad_table_stops_naming_the_file_line_and_column(tmp_path, change, mes
     assert message in str(failed.value) and path in str(failed.value)
 
 
+def test_files_that_cannot_be_read_as_tables_are_named(tmp_path):
+    index = write(tmp_path / "index.csv", "," + PATIENTS.replace("\n", "\n0,", PATIENTS.count("\n") - 1))
+    with pytest.raises(ConfigError, match=r"index.csv: every column needs a name of its own .* a row index"):
+        reads(tabular_config(index))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(PATIENTS.replace("yes", "s\xed").encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.csv: not UTF-8 text"):
+        reads(tabular_config(str(latin), **{"tabular.categorical": "smoker: s\xed, no"}))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + PATIENTS.encode())
+    assert len(reads(tabular_config(str(bom)))[0]) == 6  # the byte-order mark is not part of 'age'
+
+
 def test_parquet_and_jsonl_tables_read_as_the_csv_does(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -149,6 +162,8 @@ def test_documents_are_bytes_cut_or_padded_and_bad_ones_are_named(tmp_path):
     config = {"task": "text", "text.data-file": path, "classes": "en,de", "val-fraction": 0.0}
     with pytest.raises(ConfigError, match=r"d.jsonl, line 3, column 'label': label 'fr' is not one of the run's classes"):
         reads(config)
+    separators = write(tmp_path / "s.jsonl", json.dumps({"text": "a\u2028b\x85c", "label": "en"}, ensure_ascii=False) + "\n")
+    assert len(reads({**config, "text.data-file": separators})[0]) == 1  # JSON strings may hold line separators
     csv_path = write(tmp_path / "d.csv", "body,label\nguten Tag,de\n,en\n")
     with pytest.raises(ConfigError, match=r"d.csv: no column 'text' \(text.text-column\); its columns are \['body', 'label'\]"):
         reads({**config, "text.data-file": csv_path})
@@ -182,6 +197,10 @@ def test_wav_files_of_another_rate_or_channel_count_are_refused_unless_resamplin
         read_wav(other_rate, fmt)
     with pytest.raises(ConfigError, match=r"stereo.wav: 16000 Hz with 2 channel"):
         read_wav(write_wav(tmp_path / "stereo.wav", 16000, channels=2), fmt)
+    truncated = tmp_path / "cut.wav"
+    truncated.write_bytes(other_rate.read_bytes()[:-1])
+    with pytest.raises(ConfigError, match=r"cut.wav: .* not a whole number of 1-channel 16-bit frames"):
+        read_wav(truncated, AudioFormat(22050, 1, False, 16000, 40))
     allowed = AudioFormat(16000, 1, True, 16000, 40)
     audio = read_wav(other_rate, allowed)
     assert audio.shape == (16000,) and torch.all(audio[8000:] == 0)  # 0.5 s of tone, padded to 1 s

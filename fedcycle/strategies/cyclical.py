@@ -111,9 +111,10 @@ class CyclicalMixin:
         never checked) and does not count against the round; it is named once, and takes part
         in the next run."""
         messages = list(messages)
-        if self.task_statistics is not None:
+        if self.task_statistics is not None:  # a copy per message: Flower's FedAvg shares one config
             for msg in messages:
-                msg.content["config"]["task-statistics"] = json.dumps(self.task_statistics)
+                msg.content["config"] = ConfigRecord({**dict(msg.content["config"]),
+                                                      "task-statistics": json.dumps(self.task_statistics)})
         if not self.declared_examples:
             return messages
         for node in sorted({m.metadata.dst_node_id for m in messages} - set(self.declared_examples) - self.late_nodes):
@@ -158,10 +159,11 @@ class CyclicalMixin:
         # Some strategies (FedMedian, FedTrimmedAvg) empty the replies' records while
         # aggregating: take the integer counters out first.
         counters = integer_arrays(self.global_arrays, accepted) if self.global_arrays is not None else {}
-        # in the sites' order, not the replies' arrival order: float sums depend on their order,
-        # and the same sites with the same seed must give the same model
+        # in a fixed order, not the replies' arrival order: float sums depend on their order, and the
+        # same sites with the same seed must give the same model (node ids change with every
+        # registration and sites may share a label: the weights' digest breaks ties)
         accepted = sorted(accepted, key=lambda m: (str(self.site_names.get(m.metadata.src_node_id, "")),
-                                                   m.metadata.src_node_id))
+                                                   peers.digest(m.content["arrays"])))
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.global_arrays is not None:
             arrays = keep_dtypes(arrays, self.global_arrays, counters)
@@ -246,7 +248,8 @@ class CyclicalMixin:
             if cosine < s.min_peer_cosine:
                 self._record(server_round, node, "rejected",
                              f"its update points away from the round's median update (cosine {cosine:.3f}, "
-                             f"min-peer-cosine={s.min_peer_cosine})")
+                             f"min-peer-cosine={s.min_peer_cosine}; its norm {norm / median_norm if median_norm else 1:.3g} "
+                             "times the round's median)")
                 continue
             if s.peer_norm_ratio and median_norm and norm > s.peer_norm_ratio * median_norm:
                 self._clip(c, s.peer_norm_ratio * median_norm / norm)
@@ -284,7 +287,6 @@ class CyclicalMixin:
             k: Array((self.global_floats[k] + factor * c.update[k]).astype(self.global_floats[k].dtype))
             if k in self.global_floats else a for k, a in arrays.items()
         })
-        c.update = {k: factor * u for k, u in c.update.items()}
 
     def _form_problem(self, msg: Message) -> str | None:
         if msg.has_error():

@@ -276,18 +276,22 @@ class Task:
         }
 
 
-def add_statistics(totals: dict[str, list[float]], sums: dict[str, list[float]]) -> str | None:
-    """Add one site's sums into `totals` (in place); what does not fit the others, if anything."""
-    if totals and set(sums) != set(totals):
-        return f"statistics keys {sorted(sums)} differ from the other sites' {sorted(totals)}"
+def statistics_mismatch(sums: dict[str, list[float]], reference: dict[str, list[float]] | None) -> str | None:
+    """Why one site's statistics cannot be added to the others' (`reference`: another site's), if so."""
+    if reference is not None and set(sums) != set(reference):
+        return f"statistics keys {sorted(sums)} differ from the other sites' {sorted(reference)}"
     for key, values in sums.items():
-        if key in totals and len(values) != len(totals[key]):
-            return f"statistics {key!r} has {len(values)} numbers, the other sites' {len(totals[key])}"
+        if reference is not None and len(values) != len(reference[key]):
+            return f"statistics {key!r} has {len(values)} numbers, the other sites' {len(reference[key])}"
         if not all(math.isfinite(v) for v in values):
             return f"statistics {key!r} holds NaN or Inf"
-    for key, values in sums.items():
-        totals[key] = [a + b for a, b in zip(totals[key], values)] if key in totals else list(values)
     return None
+
+
+def add_up(all_sums: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """The sites' statistics added up key by key, exactly rounded (math.fsum): the same totals
+    whatever order the sites come in."""
+    return {key: [math.fsum(column) for column in zip(*(s[key] for s in all_sums))] for key in all_sums[0]}
 
 
 def _is_number(value: Any) -> bool:

@@ -28,9 +28,8 @@ import torch
 from torch import nn
 
 from fedcycle.config import RunSettings
-from fedcycle.datasets import partition_indices, train_val_indices
 from fedcycle.errors import ConfigError
-from fedcycle.tasks.records import RecordError, site_source
+from fedcycle.tasks.records import RecordError, class_names, site_examples
 
 HOP_SECONDS, WINDOW_SECONDS = 0.010, 0.025  # 10 ms frames of 25 ms windows, as speech features usually are
 
@@ -79,10 +78,7 @@ class AudioClassification:
         if not isinstance(resample, bool):
             raise ConfigError(f"audio.resample={resample!r} must be true or false")
         self.format = AudioFormat(rate, channels, resample, int(round(seconds * rate)), mels)
-        self.classes = s.class_list
-        if len(self.classes) < 2:
-            raise ConfigError(f"classes={s.classes!r}: the audio task needs the class folders' names, comma-separated, "
-                              "in the order the model numbers them (at least 2)")
+        self.classes = class_names(s, "class folders' names")
 
     def build_model(self) -> nn.Module:
         def block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -92,13 +88,8 @@ class AudioClassification:
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, len(self.classes)))
 
     def site_data(self, node_config: dict[str, Any]) -> tuple[ClipSet, ClipSet]:
-        path, own = site_source(self.settings, node_config, "data-dir")
-        clips = self.read(path, must_have_every_class=own)
-        if own:
-            train, val = train_val_indices(len(clips), self.settings, self.settings.seed)
-        else:
-            train, val = partition_indices(self.settings, clips.labels, node_config)
-        return ClipSet(clips.subset(train), self.classes), ClipSet(clips.subset(val), self.classes)
+        train, val = site_examples(self.settings, node_config, "data-dir", self.read)
+        return ClipSet(train, self.classes), ClipSet(val, self.classes)
 
     def test_data(self) -> ClipSet | None:
         path = self.settings.task_options.get("test-dir", "")
@@ -118,7 +109,7 @@ def read_clips(folder: str, classes: tuple[str, ...], fmt: AudioFormat, must_hav
     features, labels = [], []
     filterbank = mel_filterbank(fmt.sample_rate, _window(fmt), fmt.mels)
     for label, name in enumerate(classes):
-        files = sorted((root / name).glob("*.wav")) if (root / name).is_dir() else []
+        files = sorted(f for f in (root / name).iterdir() if f.suffix.lower() == ".wav") if (root / name).is_dir() else []
         if not files and must_have_every_class:
             raise RecordError(f"{root}: no WAV files of class {name!r} (expected {root / name}/*.wav); "
                               f"every site's folder holds every class of {list(classes)}")
@@ -140,6 +131,9 @@ def read_wav(path: Path, fmt: AudioFormat) -> torch.Tensor:
     if (rate != fmt.sample_rate or channels != fmt.channels) and not fmt.resample:
         raise RecordError(f"{path}: {rate} Hz with {channels} channel(s), but the run reads {fmt.sample_rate} Hz with "
                           f"{fmt.channels} (set audio.resample = true to convert)")
+    if len(frames) == 0 or len(frames) % (width * channels):
+        raise RecordError(f"{path}: {len(frames)} bytes of samples, not a whole number of {channels}-channel "
+                          f"{8 * width}-bit frames (an empty or truncated file)")
     if width == 1:  # 8-bit WAV is unsigned
         samples = (np.frombuffer(frames, dtype=np.uint8).astype(np.float32) - 128) / 128
     elif width in (2, 4):
@@ -174,7 +168,7 @@ def mel_filterbank(sample_rate: int, n_fft: int, mels: int) -> torch.Tensor:
 
     edges_mel = torch.linspace(0, to_mel(sample_rate / 2), mels + 2, dtype=torch.float64)
     edges = 700 * (10 ** (edges_mel / 2595) - 1)
-    bins = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)[:, None]
+    bins = torch.fft.rfftfreq(n_fft, 1 / sample_rate, dtype=torch.float64)[:, None]
     rising = (bins - edges[:-2]) / (edges[1:-1] - edges[:-2])
     falling = (edges[2:] - bins) / (edges[2:] - edges[1:-1])
     return torch.clamp(torch.minimum(rising, falling), min=0).float()

@@ -13,6 +13,9 @@ with its file, line and column (`RecordError`), never silently dropped.
 from __future__ import annotations
 
 import csv
+import io
+import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -52,15 +55,25 @@ def site_source(settings: RunSettings, node_config: dict, key: str) -> tuple[str
     return shared, False
 
 
-def site_records(settings: RunSettings, node_config: dict, read: Callable[[Path], Records]) -> tuple[Records, Records]:
-    """This site's (train, validation) records: its own, or its part of the run's."""
-    path, own = site_source(settings, node_config, "data-file")
-    records = read(existing_file(path, "data-file" if node_config.get("data-file") else f"{settings.task}.data-file"))
+def site_examples(settings: RunSettings, node_config: dict, key: str,
+                  read: Callable[[str, bool], Records]) -> tuple[Records, Records]:
+    """This site's (train, validation) examples under `key` ('data-file' or 'data-dir'): its own,
+    or its part of the run's. `read(path, own)` reads them (`own`: the site's own source)."""
+    path, own = site_source(settings, node_config, key)
+    records = read(path, own)
     if own:
         train, val = train_val_indices(len(records), settings, settings.seed)
     else:
         train, val = partition_indices(settings, records.labels, node_config)
     return records.subset(train), records.subset(val)
+
+
+def class_names(settings: RunSettings, what: str) -> list[str]:
+    """The run's `classes`, in the order the model numbers them; a built-in task needs 2 or more."""
+    if len(settings.class_list) < 2:
+        raise ConfigError(f"classes={settings.classes!r}: the {settings.task} task needs the {what}, comma-separated, "
+                          "in the order the model numbers them (at least 2)")
+    return settings.class_list
 
 
 def existing_file(path: str, key: str) -> Path:
@@ -72,45 +85,58 @@ def existing_file(path: str, key: str) -> Path:
 
 def rows(path: Path) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
     """A CSV, JSONL or Parquet file's column names, and its records as (where, record) with
-    `where` the file and line (or row) a message about the record names."""
+    `where` the file and line (or row) a message about the record names. A file that cannot be
+    decoded raises RecordError naming it."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _csv_rows(path)
-    if suffix == ".jsonl":
-        return _jsonl_rows(path)
-    if suffix == ".parquet":
-        return _parquet_rows(path)
-    raise ConfigError(f"{path}: unknown file type {suffix!r}; use .csv, .jsonl or .parquet")
+    readers = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
+    if suffix not in readers:
+        raise ConfigError(f"{path}: unknown file type {suffix!r}; use .csv, .jsonl or .parquet")
+    try:
+        header, records = readers[suffix](path)
+    except UnicodeDecodeError as err:
+        raise RecordError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    names = [h for h in header if h]
+    duplicated = sorted({h for h in names if names.count(h) > 1})
+    if len(names) != len(header) or duplicated:
+        raise RecordError(f"{path}: every column needs a name of its own (columns {header}); an unnamed first "
+                          "column is often a row index written with the data")
+    return header, records
 
 
 def _csv_rows(path: Path):
-    handle = path.open(newline="", encoding="utf-8")
-    reader = csv.reader(handle)
-    header = next(reader, None)
+    csv.field_size_limit(sys.maxsize)  # a document may be longer than csv's default 128 KiB field
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first name
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+    except csv.Error as err:
+        raise RecordError(f"{path}, line 1: {err}") from None
     if not header:
-        handle.close()
         raise RecordError(f"{path}: the file is empty; its first line must name the columns")
     header = [h.strip() for h in header]
 
     def records():
-        with handle:
-            for values in reader:
-                if not values:
-                    continue
-                where = f"{path}, line {reader.line_num}"
-                if len(values) != len(header):
-                    raise RecordError(f"{where}: {len(values)} values, but the header names {len(header)} columns")
-                yield where, dict(zip(header, values))
+        while True:
+            try:
+                values = next(reader, None)
+            except csv.Error as err:
+                raise RecordError(f"{path}, line {reader.line_num}: {err}") from None
+            if values is None:
+                return
+            if not values:
+                continue
+            where = f"{path}, line {reader.line_num}"
+            if len(values) != len(header):
+                raise RecordError(f"{where}: {len(values)} values, but the header names {len(header)} columns")
+            yield where, dict(zip(header, values))
 
     return header, records()
 
 
 def _jsonl_rows(path: Path):
-    import json
-
-    lines = path.read_text(encoding="utf-8").splitlines()
     parsed = []
-    for number, line in enumerate(lines, start=1):
+    # "\n" only: str.splitlines would also split at U+2028 and U+0085, which JSON strings may hold
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"
@@ -128,11 +154,18 @@ def _jsonl_rows(path: Path):
 
 def _parquet_rows(path: Path):
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    table = pq.read_table(path)
-    return list(table.column_names), ((f"{path}, row {i + 1}", r) for i, r in enumerate(table.to_pylist()))
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise RecordError(f"{path}: not a readable Parquet file ({err})") from None
+    # pandas keeps its row index as a column of its own: not data
+    names = [n for n in table.column_names if not n.startswith("__index_level_")]
+    table = table.select(names)
+    return names, ((f"{path}, row {i + 1}", r) for i, r in enumerate(table.to_pylist()))
 
 
 def check_columns(path: Path, header: list[str], needed: list[str], key: str) -> None:

@@ -33,7 +33,8 @@ from torch.utils.data import Dataset
 
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
-from fedcycle.tasks.records import RecordError, check_columns, existing_file, label_index, rows, site_records
+from fedcycle.tasks.records import (RecordError, check_columns, class_names, existing_file, label_index, rows,
+                                    site_examples)
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,7 @@ class TabularClassification:
         self.label_column = str(options.get("label-column", "label"))
         self.categories = parse_categorical(str(options.get("categorical", "")))
         self.hidden = parse_widths(str(options.get("hidden", "64")))
-        self.classes = s.class_list
-        if len(self.classes) < 2:
-            raise ConfigError(f"classes={s.classes!r}: the tabular task needs the label values, comma-separated, "
-                              "in the order the model numbers them (at least 2)")
+        self.classes = class_names(s, "label values")
         self.features = [f.strip() for f in str(options.get("features", "")).split(",") if f.strip()]
         if not self.features:
             self.features = self._features_from_run_file()
@@ -91,17 +89,23 @@ class TabularClassification:
         if clash:
             raise ConfigError(f"tabular.features names {clash}, which is the label or a categorical column")
         self.scale = Standardizer(len(self.features))
-        self.primary_metric = ("auroc", "max") if len(self.classes) == 2 else ("accuracy", "max")
+        # AUROC needs both classes in the split it is computed on: the server's test set has
+        # them; a skewed site's held-out data may not (its AUROC would count as 0 in the mean)
+        binary_with_test = len(self.classes) == 2 and bool(options.get("test-file"))
+        self.primary_metric = ("auroc", "max") if binary_with_test else ("accuracy", "max")
 
     def _features_from_run_file(self) -> list[str]:
         """Every column of the run's own file but the label and categorical ones."""
         options = self.settings.task_options
         named = [k for k in ("test-file", "data-file") if options.get(k)]
-        if not named:
-            raise ConfigError("tabular.features is empty and the run config names no file to read the columns from "
-                              "(tabular.data-file or tabular.test-file): list the numeric feature columns in tabular.features")
         # one file per simulated site ({partition-id} in the path): the first site's names the columns
-        path = existing_file(str(options[named[0]]).replace("{partition-id}", "0"), f"tabular.{named[0]}")
+        path = Path(str(options[named[0]]).replace("{partition-id}", "0")).expanduser() if named else None
+        if path is None or not path.is_file():
+            # in deployment, tabular.test-file is the server's: the sites cannot read it
+            raise ConfigError("tabular.features is empty and there is no file here to read the columns from "
+                              f"({'tabular.' + named[0] + '=' + repr(str(path)) + ' is not here' if named else 'none named'}): "
+                              "list the numeric feature columns in tabular.features (needed when sites and server "
+                              "do not share files)")
         header, _ = rows(path)
         check_columns(path, header, [self.label_column], "tabular.label-column")
         return [c for c in header if c != self.label_column and c not in self.categories]
@@ -118,15 +122,16 @@ class TabularClassification:
         return nn.Sequential(*layers, nn.Linear(width, len(self.classes)))
 
     def site_data(self, node_config: dict[str, Any]) -> tuple[TableRows, TableRows]:
-        train, val = site_records(self.settings, node_config, self.read)
+        train, val = site_examples(self.settings, node_config, "data-file", lambda path, own: self.read(path))
         return TableRows(train, self.scale, self.classes), TableRows(val, self.scale, self.classes)
 
     def test_data(self) -> TableRows | None:
         path = self.settings.task_options.get("test-file", "")
-        return TableRows(self.read(existing_file(str(path), "tabular.test-file")), self.scale, self.classes) if path else None
+        return TableRows(self.read(str(path)), self.scale, self.classes) if path else None
 
-    def read(self, path: Path) -> Table:
-        return read_table(path, self.label_column, tuple(self.features), _frozen(self.categories), tuple(self.classes))
+    def read(self, path: str) -> Table:
+        return read_table(existing_file(path, "tabular file"), self.label_column, tuple(self.features),
+                          _frozen(self.categories), tuple(self.classes))
 
     # -- statistics across sites, without pooling the data ----------------------------------
 
@@ -148,8 +153,26 @@ class TabularClassification:
         from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
         k = len(self.classes)
-        return MetricCollection({"accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
-                                 "auroc": MulticlassAUROC(num_classes=k, average="macro")})
+        return OnProbabilities(MetricCollection({"accuracy": MulticlassAccuracy(num_classes=k, average="micro"),
+                                                 "auroc": MulticlassAUROC(num_classes=k, average="macro")}))
+
+
+class OnProbabilities:
+    """A MetricCollection fed softmax probabilities: torchmetrics decides batch by batch whether
+    scores are logits, so a batch of logits that happen to lie in [0, 1] would be taken raw."""
+
+    def __init__(self, collection) -> None:
+        self.collection = collection
+
+    def to(self, device: torch.device) -> "OnProbabilities":
+        self.collection = self.collection.to(device)
+        return self
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.collection.update(outputs.float().softmax(-1), targets)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return self.collection.compute()
 
 
 @functools.lru_cache(maxsize=4)

@@ -27,7 +27,8 @@ from torch import nn
 
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
-from fedcycle.tasks.records import RecordError, check_columns, existing_file, label_index, rows, site_records
+from fedcycle.tasks.records import (RecordError, check_columns, class_names, existing_file, label_index, rows,
+                                    site_examples)
 
 MODELS = ("embedding-bag", "transformer")
 BYTE_IDS = 257  # 0 pads, byte b is b + 1
@@ -103,10 +104,7 @@ class TextClassification:
         self.model = str(options.get("model", "embedding-bag"))
         if self.model not in MODELS:
             raise ConfigError(f"text.model={self.model!r} is unknown; choose one of {list(MODELS)}")
-        self.classes = s.class_list
-        if len(self.classes) < 2:
-            raise ConfigError(f"classes={s.classes!r}: the text task needs the label values, comma-separated, "
-                              "in the order the model numbers them (at least 2)")
+        self.classes = class_names(s, "label values")
 
     def build_model(self) -> nn.Module:
         if self.model == "transformer":
@@ -114,15 +112,16 @@ class TextClassification:
         return ByteBag(len(self.classes))
 
     def site_data(self, node_config: dict[str, Any]) -> tuple[DocumentSet, DocumentSet]:
-        train, val = site_records(self.settings, node_config, self.read)
+        train, val = site_examples(self.settings, node_config, "data-file", lambda path, own: self.read(path))
         return DocumentSet(train, self.classes), DocumentSet(val, self.classes)
 
     def test_data(self) -> DocumentSet | None:
         path = self.settings.task_options.get("test-file", "")
-        return DocumentSet(self.read(existing_file(str(path), "text.test-file")), self.classes) if path else None
+        return DocumentSet(self.read(str(path)), self.classes) if path else None
 
-    def read(self, path: Path) -> Documents:
-        return read_documents(path, self.text_column, self.label_column, self.max_length, tuple(self.classes))
+    def read(self, path: str) -> Documents:
+        return read_documents(existing_file(path, "text file"), self.text_column, self.label_column, self.max_length,
+                              tuple(self.classes))
 
 
 def encode(text: str, max_length: int) -> np.ndarray:
