@@ -325,17 +325,11 @@ def prepare_data(run_config: dict | None = None) -> None:
         print(f"{settings.dataset} {split}: {len(data)} images {tuple(data.images.shape[1:])} in {data_root(settings)}")
 
 
-def check_run_config(overrides: str, task_path: str = "") -> None:
-    """The run config as the ServerApp will read it (pyproject.toml's defaults with the
-    overrides), checked here before anything starts: ConfigError or TaskError with one line."""
+def full_run_config(overrides: str) -> dict:
+    """The run config as the ServerApp will read it: pyproject.toml's defaults with the overrides."""
     import tomllib
 
     from flwr.common.config import parse_config_args
-
-    from fedcycle.config import RunSettings
-    from fedcycle.site import add_task_path
-    from fedcycle.strategies import check_strategy
-    from fedcycle.tasks import load_task
 
     def flat(table: dict, prefix: str = "") -> dict:
         out = {}
@@ -344,11 +338,48 @@ def check_run_config(overrides: str, task_path: str = "") -> None:
         return out
 
     defaults = flat(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
-    run_config = {**defaults, **(parse_config_args([overrides]) if overrides.strip() else {})}
+    return {**defaults, **(parse_config_args([overrides]) if overrides.strip() else {})}
+
+
+def check_run_config(overrides: str, task_path: str = "") -> None:
+    """The run config, checked here before anything starts: ConfigError or TaskError with one line."""
+    from fedcycle.config import RunSettings
+    from fedcycle.site import add_task_path
+    from fedcycle.strategies import check_strategy
+    from fedcycle.tasks import load_task
+
+    run_config = full_run_config(overrides)
     check_strategy(RunSettings.from_run_config(run_config))
     if task_path:
         add_task_path(task_path)
     load_task(run_config)
+
+
+def centralize(overrides: str, sites: int, epochs: int) -> Path:
+    """The centralized baseline of a run config (fedcycle.centralized), printed epoch by epoch
+    and written to <results-dir>/<run-name>/centralized.json."""
+    import json
+
+    from fedcycle.centralized import train_centralized
+    from fedcycle.config import RunSettings
+    from fedcycle.files import atomic_write
+    from fedcycle.results import machine, versions
+
+    run_config = full_run_config(overrides)
+    settings = RunSettings.from_run_config(run_config)
+    epochs = epochs or settings.num_server_rounds * settings.local_epochs  # a federated run's epochs over the data
+
+    def progress(epoch: int, test: float | None, val: float | None) -> None:
+        shown = " ".join(f"{name} {value:.4f}" for name, value in (("test", test), ("validation", val)) if value is not None)
+        print(f"epoch {epoch}/{epochs}: {shown}", flush=True)
+
+    result = train_centralized(run_config, sites, epochs, progress)
+    out = Path(settings.results_dir).expanduser().resolve() / (settings.run_name or "centralized") / "centralized.json"
+    record = {**result, "sites": sites, "epochs": epochs, "run_config": run_config, "versions": versions(),
+              "machine": machine()}
+    atomic_write(out, json.dumps(record, indent=1).encode())
+    print(f"results: {out}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--cpus-per-site", type=float, default=1, help="Ray CPUs per ClientApp (default 1)")
     sim.add_argument("--flwr-home", default=str(REPO / ".flwr-home"), help="FLWR_HOME for this job")
     sim.add_argument("--task-path", default="", help="a folder holding the module of the run config's task")
+    cen = sub.add_parser("centralize", help="train the centralized baseline: the run config's task on the pooled "
+                                            "data of --sites simulated sites, with one optimizer throughout")
+    cen.add_argument("--sites", type=int, default=4, help="the simulated sites whose data is pooled (default 4)")
+    cen.add_argument("--epochs", type=int, default=0,
+                     help="epochs over the pooled data (default: num-server-rounds x local-epochs, a federated run's)")
+    cen.add_argument("--run-config", default="", help='run-config overrides, as for flwr run: "k=v k2=\'s\'"')
+    cen.add_argument("--task-path", default="", help="a folder holding the module of the run config's task")
     sub.add_parser("prepare-data", help="decode Fashion-MNIST into the data cache")
     args = parser.parse_args(argv)
     exit_on_termination()
@@ -374,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TaskError, ValueError) as err:  # ValueError: a run config that does not parse
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.command == "centralize":
+        centralize(args.run_config, args.sites, args.epochs)
+        return 0
     with LocalSimulation(Path(args.flwr_home), task_path=args.task_path) as sim_link:
         outcome = sim_link.run(args.sites, args.run_config, args.cpus_per_site)
     print_results(outcome)

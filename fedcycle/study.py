@@ -306,6 +306,8 @@ def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: P
         from fedcycle.results import load_model
 
         measured["swa_accuracy"] = [(r.get("swa") or {}).get("accuracy") for r in rounds]
+        from fedcycle.centralized import pooled_site_data
+
         task, _, val_data = pooled_site_data(config, run.sites)
         model = task.build_model()
         model.load_state_dict(load_model(outcome.results_dir / "global-swa.safetensors"))
@@ -313,63 +315,20 @@ def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: P
     return measured
 
 
-def pooled_site_data(config: dict, sites: int):
-    """The task of a run config, and all its sites' train and validation data, pooled."""
-    from fedcycle.batches import join
-    from fedcycle.tasks import load_task
-
-    task = load_task(config)
-    parts = [task.site_data({"partition-id": i, "num-partitions": sites}) for i in range(sites)]
-    sums = [task.statistics(train) for train, _ in parts]
-    if sums[0] is not None:  # what the sites' sums add up to: the pool's
-        from fedcycle.tasks import add_up
-
-        task.use_statistics(add_up(sums))
-    return task, join([s[0] for s in parts]), join([s[1] for s in parts])
-
-
 def accuracy_of(task, model, data, config: dict) -> float:
-    from fedcycle.trainer import evaluate, pick_device
+    from fedcycle.centralized import primary_value
 
-    return evaluate(task, model, data, pick_device("auto"), config.get("batch-size", 64))[1]["accuracy"]
+    return primary_value(task, model, data, config.get("batch-size", 64))
 
 
 def run_centralized(study: Study, run: PlannedRun, data_root: str) -> dict:
-    """The same task and trainer on the pooled data of all sites, evaluated after every epoch."""
-    import torch
-
-    from fedcycle.config import RunSettings
-    from fedcycle.trainer import TrainConfig, pick_device, train
+    """fedcycle.centralized's baseline on the run's pooled data, evaluated after every epoch."""
+    from fedcycle.centralized import train_centralized
 
     config = run_config_for(study, run, data_root)
-    settings = RunSettings.from_run_config(config)
-    task, train_data, val_data = pooled_site_data(config, run.sites)
-    test = task.test_data()
-    torch.manual_seed(settings.seed)
-    model = task.build_model()
-    device = pick_device("auto")
-
-    def accuracy_on(data) -> float:
-        return accuracy_of(task, model, data, config)
-
-    accuracy, val_accuracy, seconds = [accuracy_on(test)], [accuracy_on(val_data)], [0.0]
-    started = last = time.perf_counter()
-
-    def epoch_end(epoch: int) -> None:
-        nonlocal last
-        accuracy.append(accuracy_on(test))
-        val_accuracy.append(accuracy_on(val_data))
-        seconds.append(time.perf_counter() - last)
-        last = time.perf_counter()
-
-    # One optimizer and one scheduler for the whole run, as a plain PyTorch loop has them
-    # (momentum survives every epoch boundary); federated sites start a new one every round.
-    cfg = TrainConfig(settings.schedule, epochs=run.rounds(study.epoch_budget), batch_size=settings.batch_size,
-                      optimizer=settings.optimizer, momentum=settings.momentum, weight_decay=settings.weight_decay,
-                      seed=settings.seed)
-    train(task, model, train_data, cfg, device, epoch_end=epoch_end)
-    return {"accuracy": accuracy, "val_accuracy": val_accuracy, "seconds": seconds,
-            "wall_seconds": time.perf_counter() - started, "run_config": config}
+    result = train_centralized(config, run.sites, run.rounds(study.epoch_budget))
+    return {"accuracy": result["test"], "val_accuracy": result["validation"], "seconds": result["seconds"],
+            "wall_seconds": result["wall_seconds"], "run_config": config}
 
 
 def write_summary(path: Path, summary: dict) -> None:

@@ -230,3 +230,21 @@ def test_an_audio_site_without_a_class_is_named_with_its_folder(tmp_path):
     assert len(reads(per_site, {"partition-id": 1, "num-partitions": 2})[0]) == 2
     with pytest.raises(ConfigError, match=r"0' is not a folder"):
         reads(per_site, {"partition-id": 0, "num-partitions": 2})
+
+
+def test_the_centralized_baseline_of_a_builtin_task_on_real_data(tmp_path):
+    """`python -m fedcycle.local centralize`: the breast cancer table (scikit-learn's), pooled from 3 sites."""
+    import subprocess
+    import sys
+
+    from fedcycle import demo_data
+
+    config = f"{demo_data.tabular(tmp_path / 'data')} batch-size=32 results-dir='{tmp_path}' run-name='pooled'"
+    out = subprocess.run([sys.executable, "-m", "fedcycle.local", "centralize", "--sites", "3", "--epochs", "3",
+                          "--run-config", config], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "epoch 3/3: test " in out.stdout
+    result = json.loads((tmp_path / "pooled" / "centralized.json").read_text())
+    assert result["metric"] == "auroc" and len(result["test"]) == 4 and result["sites"] == 3
+    assert result["test"][-1] > 0.95 and result["test"][-1] > result["test"][0]
+    assert result["run_config"]["task"] == "tabular" and "torch" in result["versions"]

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from fedcycle.files import atomic_write
-from fedcycle.local import LocalSimulation
+from fedcycle.local import LocalSimulation, exit_on_termination
 from fedcycle.results import read_metrics
 
 SPLITS = {
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/false-alarms"))
     parser.add_argument("--data-root", default="", help="where Fashion-MNIST is (default: fedcycle's cache)")
     args = parser.parse_args()
+    exit_on_termination()  # a killed measurement stops the SuperLink and sites it started
     out = args.out.resolve()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as work, LocalSimulation(Path(work, "flwr-home")) as sim:

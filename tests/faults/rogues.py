@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedcycle.deploy.loopback import LoopbackDeployment
 from fedcycle.files import atomic_write
+from fedcycle.local import exit_on_termination
 from fedcycle.results import read_metrics
 
 SCENARIOS = {
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="", help="where Fashion-MNIST is (default: fedcycle's cache)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     args = parser.parse_args()
+    exit_on_termination()  # a killed measurement stops the SuperLink and sites it started
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
