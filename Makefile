@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fedcycle-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 RESULTS := $(CURDIR)/results
 
-.PHONY: setup data demo test clean deploy-demo deploy-tools reproduce bench demo-tabular demo-text demo-audio
+.PHONY: setup data demo test clean deploy-demo deploy-tools task-tools reproduce bench demo-tabular demo-text demo-audio
 
 # $(call apt-install,PACKAGES,WHY): install Debian packages with apt-get, saying what and why first
 # (a comma inside WHY is written $(,)).
@@ -40,7 +40,7 @@ demo: data
 	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "results-dir='$(RESULTS)'"
 
 # PYTEST_ARGS adds pytest options, e.g. make test PYTEST_ARGS="--durations=30 -x".
-test: data deploy-tools
+test: data deploy-tools task-tools
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:
@@ -74,12 +74,16 @@ demo-tabular: setup
 	@cfg=$$($(BIN)/python -m fedcycle.demo_data tabular $(DEMO_DATA)/tabular) && \
 	$(BIN)/python -m fedcycle.local simulate --sites 3 --run-config "$$cfg num-server-rounds=5 local-epochs=5 batch-size=32 results-dir='$(RESULTS)' run-name='demo-tabular'"
 
-demo-text: setup
-	@[ -d /usr/share/games/fortunes/pl ] && [ -f /usr/share/games/fortunes/science ] || { $(call apt-install,fortunes fortunes-de fortunes-es fortunes-it fortunes-pl,fortune cookies in 5 languages (BSD and GPL-2+)$(,) the text demo's documents); }
+# The text and audio tasks' real data (README, "Built-in tasks"): fortune cookies in 5 languages
+# and the espeak-ng speech synthesiser, from Debian.
+task-tools:
+	@[ -d /usr/share/games/fortunes/pl ] && [ -f /usr/share/games/fortunes/science ] || { $(call apt-install,fortunes fortunes-de fortunes-es fortunes-it fortunes-pl,fortune cookies in 5 languages (BSD and GPL-2+)$(,) the text task's documents in the tests and make demo-text); }
+	@command -v espeak-ng >/dev/null || { $(call apt-install,espeak-ng,a speech synthesiser (GPL-3+)$(,) whose voices speak the audio task's digits in the tests and make demo-audio); }
+
+demo-text: setup task-tools
 	@cfg=$$($(BIN)/python -m fedcycle.demo_data text $(DEMO_DATA)/text) && \
 	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "$$cfg partitioner='dirichlet' dirichlet.alpha=0.5 num-server-rounds=5 optimizer='adamw' lr-min=0.0005 lr-max=0.005 results-dir='$(RESULTS)' run-name='demo-text'"
 
-demo-audio: setup
-	@command -v espeak-ng >/dev/null || { $(call apt-install,espeak-ng,a speech synthesiser (GPL-3+)$(,) whose voices make the audio demo's spoken digits); }
+demo-audio: setup task-tools
 	@cfg=$$($(BIN)/python -m fedcycle.demo_data audio $(DEMO_DATA)/audio) && \
 	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "$$cfg num-server-rounds=10 local-epochs=2 batch-size=32 results-dir='$(RESULTS)' run-name='demo-audio'"

@@ -46,6 +46,20 @@ def site_folders(tmp_path_factory, data_root) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
+def site_tables(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Two hospitals' own tables (halves of the breast cancer set's 80%) and the server's test table."""
+    from fedcycle import demo_data
+
+    root = tmp_path_factory.mktemp("tables")
+    demo_data.tabular(root)
+    header, *rows = (root / "breast-cancer-train.csv").read_text().splitlines()
+    halves = (root / "hospital-a.csv", root / "hospital-b.csv")
+    for path, part in zip(halves, (rows[::2], rows[1::2])):
+        path.write_text("\n".join([header, *part]) + "\n")
+    return (*halves, root / "breast-cancer-test.csv")
+
+
+@pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     d = LoopbackDeployment(tmp_path_factory.mktemp("deployment"))
     try:
@@ -61,11 +75,12 @@ def deployment(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_site_run(deployment, site_folders, data_root, tmp_path_factory):
+def two_site_run(deployment, site_folders, site_tables, data_root, tmp_path_factory):
     """Two sites, each on its own ImageFolder (dataset 'image-folder': the server holds no test
-    data, so the sites evaluate every round's model, the initial one too): 2 rounds."""
-    for name, folder in zip(("site-a", "site-b"), site_folders):
-        deployment.add_site(name, f"data-dir='{folder}'")
+    data, so the sites evaluate every round's model, the initial one too): 2 rounds. Each site
+    also keeps a table of its own, for a tabular run."""
+    for name, folder, table in zip(("site-a", "site-b"), site_folders, site_tables):
+        deployment.add_site(name, f"data-dir='{folder}' data-file='{table}'")
         deployment.start_site(name)
     deployment.wait_for_sites(2)
     results = tmp_path_factory.mktemp("results")
@@ -83,7 +98,7 @@ def test_run_over_tls_with_node_auth_completes_and_learns(two_site_run):
 
 def test_each_site_trains_on_its_own_folder_and_the_sites_evaluate_every_model(two_site_run, site_folders):
     config = json.loads((two_site_run.results_dir / "config.json").read_text())
-    sites = {report["site"]: report for report in config["sites"].values()}
+    sites = {report["site"].split()[0]: report for report in config["sites"].values()}
     for folder in site_folders:
         assert sites[f"data-dir:{folder}"]["num-train"] == 360 and sites[f"data-dir:{folder}"]["num-val"] == 40
     rounds = read_metrics(two_site_run.results_dir / "metrics.jsonl")
@@ -93,6 +108,20 @@ def test_each_site_trains_on_its_own_folder_and_the_sites_evaluate_every_model(t
             round(r["accuracy"] * 80))
     for r in rounds[1:]:
         assert sorted(s["num-examples"] for s in r["sites"]) == [360, 360] and r["events"] == []
+
+
+def test_each_site_trains_on_its_own_table_and_the_model_learns(deployment, two_site_run, site_tables, tmp_path):
+    out = deployment.run(f"task='tabular' tabular.test-file='{site_tables[2]}' tabular.label-column='diagnosis' "
+                         f"classes='malignant,benign' num-server-rounds=2 local-epochs=3 batch-size=32 "
+                         f"results-dir='{tmp_path}' run-name='tables'", stream=False)
+    assert out.completed, out.log[-4000:]
+    rounds = read_metrics(out.results_dir / "metrics.jsonl")
+    assert rounds[-1]["primary_metric"] == "auroc" and rounds[-1]["auroc"] > 0.95
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    sites = json.loads((out.results_dir / "config.json").read_text())["sites"].values()
+    rows = sorted(len(t.read_text().splitlines()) - 1 for t in site_tables[:2])
+    assert sorted(r["num-train"] + r["num-val"] for r in sites) == rows  # each site read its own file
+    assert all(json.loads(r["statistics"])["count"] == [r["num-train"]] for r in sites)
 
 
 def test_control_api_is_not_reachable_through_the_sites_address(deployment):

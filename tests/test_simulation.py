@@ -113,3 +113,48 @@ def test_undeclared_key_is_refused_by_flower(superlink, tmp_path, data_root):
     out = run(superlink, tmp_path, data_root, "learning-rate=0.1")
     assert out.run_id is None and not out.completed
     assert "Invalid run configuration" in out.log
+
+
+# The built-in tasks on real data made offline (fedcycle.demo_data), small: each learns in
+# simulation by a margin stated here (what "learns" means for the kind: accuracy from chance,
+# and for the binary table its AUROC).
+KINDS = {
+    "tabular": ("num-server-rounds=3 local-epochs=3 batch-size=32", 3, {"accuracy": 0.2}),
+    "text": ("num-server-rounds=3 local-epochs=2 text.max-length=128 optimizer='adamw' lr-min=0.0005 lr-max=0.005",
+             2, {"accuracy": 0.3}),
+    "audio": ("num-server-rounds=3 local-epochs=4 batch-size=16 val-fraction=0.2", 2, {"accuracy": 0.3}),
+}
+
+
+def kind_data(kind: str, root) -> str:
+    from fedcycle import demo_data
+
+    if kind == "tabular":
+        return demo_data.tabular(root)
+    if kind == "text":
+        return demo_data.text(root, per_language=200, test_per_language=40)
+    # two sites of their own accents; the server tests on clips of both at a speed no site has
+    voices = {k: demo_data.VOICE_SETS[k] for k in ("site-0", "site-1")}
+    config = demo_data.audio(root, speeds=(140, 180), pitches=(40, 60), voice_sets=voices)
+    demo_data.audio(root / "test-clips", speeds=(160,), pitches=(50,), voice_sets=voices)
+    for digit in demo_data.DIGITS:
+        (root / "test" / digit).mkdir(parents=True, exist_ok=True)
+        for wav in (root / "test-clips").glob(f"*/{digit}/*.wav"):
+            wav.rename(root / "test" / digit / f"{wav.parent.parent.name}-{wav.name}")
+    return config
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_builtin_kind_learns_in_simulation(superlink, tmp_path, kind):
+    overrides, sites, margins = KINDS[kind]
+    config = f"{kind_data(kind, tmp_path / 'data')} {overrides} results-dir='{tmp_path}' run-name='{kind}'"
+    out = superlink.run(sites, config, stream=False)
+    assert out.completed, out.log[-3000:]
+    rounds = read_metrics(out.results_dir / "metrics.jsonl")
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3] and all(r["events"] == [] for r in rounds)
+    assert {r["metrics_source"] for r in rounds} == {"server-test"}
+    for metric, margin in margins.items():
+        assert rounds[-1]["metrics"][metric] > rounds[0]["metrics"][metric] + margin, [r["metrics"] for r in rounds]
+    if kind == "tabular":  # two classes: AUROC, over the whole test set, is what "best" means
+        assert rounds[-1]["primary_metric"] == "auroc" and rounds[-1]["auroc"] > 0.95
+        assert json.loads((out.results_dir / "config.json").read_text())["sites"]  # with their statistics
