@@ -117,7 +117,7 @@ def test_each_site_trains_on_its_own_table_and_the_model_learns(deployment, two_
     assert out.completed, out.log[-4000:]
     rounds = read_metrics(out.results_dir / "metrics.jsonl")
     assert rounds[-1]["primary_metric"] == "auroc" and rounds[-1]["auroc"] > 0.95
-    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    assert rounds[-1]["metrics"]["accuracy"] > rounds[0]["metrics"]["accuracy"] + 0.2
     sites = json.loads((out.results_dir / "config.json").read_text())["sites"].values()
     rows = sorted(len(t.read_text().splitlines()) - 1 for t in site_tables[:2])
     assert sorted(r["num-train"] + r["num-val"] for r in sites) == rows  # each site read its own file
