@@ -76,10 +76,10 @@ def class_names(settings: RunSettings, what: str) -> list[str]:
     return settings.class_list
 
 
-def existing_file(path: str, key: str) -> Path:
+def existing_file(path: str, what: str) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"{key}={path!r}: no such file")
+        raise ConfigError(f"{what} {path!r}: no such file (data-file in the node config, or the run config's file keys)")
     return file
 
 
