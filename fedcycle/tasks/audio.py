@@ -29,29 +29,9 @@ from torch import nn
 
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
-from fedcycle.tasks.records import RecordError, class_names, site_examples
+from fedcycle.tasks.records import Examples, LabelledSet, RecordError, class_names, site_examples
 
 HOP_SECONDS, WINDOW_SECONDS = 0.010, 0.025  # 10 ms frames of 25 ms windows, as speech features usually are
-
-
-@dataclass(frozen=True)
-class Clips:
-    features: np.ndarray  # float32 (N, 1, mels, frames)
-    labels: np.ndarray  # int64 (N,)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: np.ndarray) -> "Clips":
-        return Clips(self.features[index], self.labels[index])
-
-
-class ClipSet(torch.utils.data.TensorDataset):
-    """(log-mel spectrogram, label) per clip, with the run's class names."""
-
-    def __init__(self, clips: Clips, classes: list[str]) -> None:
-        super().__init__(torch.from_numpy(clips.features), torch.from_numpy(clips.labels))
-        self.classes = classes
 
 
 @dataclass(frozen=True)
@@ -87,20 +67,20 @@ class AudioClassification:
         return nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 64),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, len(self.classes)))
 
-    def site_data(self, node_config: dict[str, Any]) -> tuple[ClipSet, ClipSet]:
+    def site_data(self, node_config: dict[str, Any]) -> tuple[LabelledSet, LabelledSet]:
         train, val = site_examples(self.settings, node_config, "data-dir", self.read)
-        return ClipSet(train, self.classes), ClipSet(val, self.classes)
+        return LabelledSet(train, self.classes), LabelledSet(val, self.classes)
 
-    def test_data(self) -> ClipSet | None:
+    def test_data(self) -> LabelledSet | None:
         path = self.settings.task_options.get("test-dir", "")
-        return ClipSet(self.read(str(path), must_have_every_class=False), self.classes) if path else None
+        return LabelledSet(self.read(str(path), must_have_every_class=False), self.classes) if path else None
 
-    def read(self, folder: str, must_have_every_class: bool) -> Clips:
+    def read(self, folder: str, must_have_every_class: bool) -> Examples:
         return read_clips(folder, tuple(self.classes), self.format, must_have_every_class)
 
 
 @functools.lru_cache(maxsize=4)
-def read_clips(folder: str, classes: tuple[str, ...], fmt: AudioFormat, must_have_every_class: bool) -> Clips:
+def read_clips(folder: str, classes: tuple[str, ...], fmt: AudioFormat, must_have_every_class: bool) -> Examples:
     """Every `<folder>/<class>/*.wav` as a log-mel spectrogram; a site's own folder must hold
     every class."""
     root = Path(folder).expanduser()
@@ -118,7 +98,7 @@ def read_clips(folder: str, classes: tuple[str, ...], fmt: AudioFormat, must_hav
             labels.append(label)
     if not labels:
         raise RecordError(f"{root}: no WAV files in its class folders {list(classes)}")
-    return Clips(np.stack(features)[:, None], np.asarray(labels, dtype=np.int64))
+    return Examples(np.stack(features)[:, None], np.asarray(labels, dtype=np.int64))
 
 
 def read_wav(path: Path, fmt: AudioFormat) -> torch.Tensor:

@@ -16,10 +16,12 @@ import csv
 import io
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
+import torch
 
 from fedcycle.config import RunSettings
 from fedcycle.datasets import check_partition, partition_indices, train_val_indices
@@ -28,6 +30,28 @@ from fedcycle.errors import ConfigError
 
 class RecordError(ConfigError):
     """A record that cannot be read: the message names the file, the line (or row) and the column."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Examples as one array (N, ...) and their int64 labels (N,): what the text and audio tasks read."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "Examples":
+        return Examples(self.inputs[index], self.labels[index])
+
+
+class LabelledSet(torch.utils.data.TensorDataset):
+    """(inputs, label) per example, with the run's class names."""
+
+    def __init__(self, examples: Examples, classes: list[str]) -> None:
+        super().__init__(torch.from_numpy(examples.inputs), torch.from_numpy(examples.labels))
+        self.classes = classes
 
 
 class Records(Protocol):

@@ -17,7 +17,6 @@ Run config (`text.*`; the labels in `classes`, in the order the model numbers th
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +26,12 @@ from torch import nn
 
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
-from fedcycle.tasks.records import (RecordError, check_columns, class_names, existing_file, label_index, rows,
-                                    site_examples)
+from fedcycle.tasks.records import (Examples, LabelledSet, RecordError, check_columns, class_names, existing_file,
+                                    label_index, rows, site_examples)
 
 MODELS = ("embedding-bag", "transformer")
 BYTE_IDS = 257  # 0 pads, byte b is b + 1
 BIGRAM_BUCKETS = 4096
-
-
-@dataclass(frozen=True)
-class Documents:
-    tokens: np.ndarray  # int64 (N, max-length), 0-padded byte ids
-    labels: np.ndarray  # int64 (N,)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: np.ndarray) -> "Documents":
-        return Documents(self.tokens[index], self.labels[index])
-
-
-class DocumentSet(torch.utils.data.TensorDataset):
-    """(byte ids, label) per document, with the run's class names."""
-
-    def __init__(self, docs: Documents, classes: list[str]) -> None:
-        super().__init__(torch.from_numpy(docs.tokens), torch.from_numpy(docs.labels))
-        self.classes = classes
 
 
 class ByteBag(nn.Module):
@@ -111,15 +90,15 @@ class TextClassification:
             return ByteTransformer(len(self.classes), self.max_length)
         return ByteBag(len(self.classes))
 
-    def site_data(self, node_config: dict[str, Any]) -> tuple[DocumentSet, DocumentSet]:
+    def site_data(self, node_config: dict[str, Any]) -> tuple[LabelledSet, LabelledSet]:
         train, val = site_examples(self.settings, node_config, "data-file", lambda path, own: self.read(path))
-        return DocumentSet(train, self.classes), DocumentSet(val, self.classes)
+        return LabelledSet(train, self.classes), LabelledSet(val, self.classes)
 
-    def test_data(self) -> DocumentSet | None:
+    def test_data(self) -> LabelledSet | None:
         path = self.settings.task_options.get("test-file", "")
-        return DocumentSet(self.read(str(path)), self.classes) if path else None
+        return LabelledSet(self.read(str(path)), self.classes) if path else None
 
-    def read(self, path: str) -> Documents:
+    def read(self, path: str) -> Examples:
         return read_documents(existing_file(path, "text file"), self.text_column, self.label_column, self.max_length,
                               tuple(self.classes))
 
@@ -131,7 +110,7 @@ def encode(text: str, max_length: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def read_documents(path: Path, text_column: str, label_column: str, max_length: int, classes: tuple[str, ...]) -> Documents:
+def read_documents(path: Path, text_column: str, label_column: str, max_length: int, classes: tuple[str, ...]) -> Examples:
     """A documents file as byte ids and labels; a missing text or an unknown label stops with its
     file, line and column."""
     header, records = rows(path)
@@ -146,4 +125,4 @@ def read_documents(path: Path, text_column: str, label_column: str, max_length: 
         labels.append(label_index(where, record.get(label_column), list(classes), label_column))
     if not labels:
         raise RecordError(f"{path}: the file holds no documents")
-    return Documents(np.stack(tokens), np.asarray(labels, dtype=np.int64))
+    return Examples(np.stack(tokens), np.asarray(labels, dtype=np.int64))
