@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from fedcycle.config import RunSettings
 from fedcycle.tasks import add_up, statistics_mismatch
+from fedcycle.wire import superlink_errors
 
 
 class PreflightError(RuntimeError):
@@ -52,7 +53,7 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
         Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), message_type=MessageType.QUERY, dst_node_id=n)
         for n in nodes
     ]
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    replies, unreachable = superlink_errors(messages, grid.send_and_receive(messages, timeout=settings.round_timeout))
     reports, problems = {}, []
     answered = {}
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
@@ -93,7 +94,8 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
             report["site"], node, report["num-train"], report["num-val"], report["device"], report["torch"], report["flwr"],
         )
     missing = set(nodes) - {r.metadata.src_node_id for r in replies}
-    problems += [f"node {n}: no pre-flight reply within round-timeout={settings.round_timeout}s" for n in sorted(missing)]
+    problems += [f"node {n}: " + unreachable.get(n, f"no pre-flight reply within round-timeout={settings.round_timeout}s")
+                 for n in sorted(missing)]
     if problems:
         raise PreflightError("pre-flight failed, no training started:\n  " + "\n  ".join(problems))
     return reports

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -27,6 +27,7 @@ from fedcycle.checkpoint import Checkpoint, check_identity, latest_checkpoint, s
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
 from fedcycle.results import RunResults
+from fedcycle.round_loop import evaluate_on_sites
 from fedcycle.strategies.cyclical import CyclicalMixin
 from fedcycle.tasks import Task
 from fedcycle.trainer import evaluate, pick_device
@@ -193,10 +194,7 @@ class RoundRecorder:
             loss, metrics = evaluate(self.task, self.model, self.test, self.device, self.settings.batch_size)
             return loss, metrics, "server-test"
         if server_round == 0:  # no test split: ask the sites about the initial model too
-            replies = self.grid.send_and_receive(
-                self.strategy.configure_evaluate(0, arrays, ConfigRecord(), self.grid), timeout=self.settings.round_timeout
-            )
-            self.strategy.aggregate_evaluate(0, replies)
+            evaluate_on_sites(self.grid, self.strategy, 0, arrays, self.settings.round_timeout)
         metrics = self.strategy.evaluate_metrics.get(server_round)
         if metrics is None:
             return None, None, "sites-weighted"

@@ -17,12 +17,13 @@ import time
 from logging import INFO, WARNING
 from typing import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedcycle.config import RunSettings
 from fedcycle.strategies.cyclical import CyclicalMixin
+from fedcycle.wire import superlink_errors
 
 
 class RoundFailed(RuntimeError):
@@ -55,17 +56,26 @@ def run_rounds(
             arrays = aggregated
         if strategy.evaluates_on_sites:
             left = deadline - clock()
-            replies = []
             if left > 0:
-                messages = _with_lifetime(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), left)
-                replies = grid.send_and_receive(messages, timeout=left)
+                metrics = evaluate_on_sites(grid, strategy, server_round, arrays, left)
             else:
                 strategy.events[server_round].append(
                     {"event": "evaluation-skipped", "reason": f"round-timeout={settings.round_timeout}s spent on training"})
-            metrics = strategy.aggregate_evaluate(server_round, replies)
+                metrics = strategy.aggregate_evaluate(server_round, [])
             log(INFO, "Round %d: the sites' evaluation of the global model: %s", server_round, metrics)
         round_done(server_round, arrays)
     return arrays
+
+
+def evaluate_on_sites(grid: Grid, strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord,
+                      seconds: float) -> MetricRecord | None:
+    """The sites' evaluation of `arrays`, aggregated by the strategy; a site the SuperLink
+    answered for is recorded as missing with its reason."""
+    messages = _with_lifetime(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), seconds)
+    replies, unreachable = superlink_errors(messages, grid.send_and_receive(messages, timeout=seconds))
+    for node in sorted(unreachable):
+        strategy.record_missing(server_round, node, "missing-evaluation", unreachable)
+    return strategy.aggregate_evaluate(server_round, replies)
 
 
 def train_round(
@@ -85,8 +95,8 @@ def train_round(
         else:
             limit_sampling(strategy, connected)
             messages = _with_lifetime(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), left)
-            replies = list(grid.send_and_receive(messages, timeout=left))
-            accepted = strategy.screen_round(server_round, replies)
+            replies, unreachable = superlink_errors(messages, grid.send_and_receive(messages, timeout=left))
+            accepted = strategy.screen_round(server_round, replies, unreachable)
             needed = max(settings.min_replies, math.ceil(settings.min_reply_fraction * len(messages)))
             if len(accepted) >= needed:
                 return accepted

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
+
 # What every train reply's MetricRecord holds, whatever the task.
 TRAIN_KEYS = frozenset(
     {"num-examples", "train-loss", "train-seconds", "setup-seconds", "local-epochs", "steps",
@@ -32,3 +35,19 @@ def train_reply_keys(metric_names: Iterable[str], site_eval: str) -> frozenset[s
 
 def evaluate_reply_keys(metric_names: Iterable[str]) -> frozenset[str]:
     return EVALUATE_KEYS | frozenset(metric_names)
+
+
+def superlink_errors(sent: Iterable[Message], replies: Iterable[Message]) -> tuple[list[Message], dict[int, str]]:
+    """The sites' own replies, and {node: reason} for each error the SuperLink returned in a
+    site's place (its node stopped sending heartbeats, or the message expired unanswered).
+    Flower sends those from the SuperLink's node id; only the message they answer names the
+    site."""
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    own, unreachable = [], {}
+    for reply in replies:
+        node = destination.get(reply.metadata.reply_to_message_id)
+        if reply.metadata.src_node_id == SUPERLINK_NODE_ID and reply.has_error() and node is not None:
+            unreachable[node] = f"the SuperLink answered in its place: {reply.error.reason}"
+        else:
+            own.append(reply)
+    return own, unreachable

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from fedcycle.config import RunSettings
 from fedcycle.round_loop import RoundFailed, run_rounds, train_round
@@ -95,3 +96,31 @@ def test_the_sites_evaluation_gets_what_is_left_of_the_round(task_identity):
     grid = SlowTraining([1, 2], clock)
     run_rounds(grid, strategy, settings, model, 1, lambda r, a: None, clock=clock)
     assert grid.timeouts == [100.0, 30.0] and clock.now == 100.0
+
+
+def test_a_site_the_superlink_answers_for_is_named_missing_with_the_superlinks_reason(task_identity):
+    # Flower's SuperLink answers for a site whose node stopped sending heartbeats, from its own node
+    # id (1): the round names the site the message went to, not node 1.
+    clock = Clock()
+    settings = RunSettings(round_timeout=100.0, round_retries=0, min_replies=1, min_reply_fraction=0.0)
+    strategy, model = start(settings)
+    strategy.min_available_nodes = strategy.min_train_nodes = 3
+    strategy.site_names = {2: "site a", 3: "site b", 4: "site c"}
+
+    class OneNodeGone(SilentSites):
+        def send_and_receive(self, messages, timeout=None):
+            replies = []
+            for m in messages:
+                m.metadata.__dict__["_message_id"] = m.object_id  # as Flower's grids do when they push
+                if m.metadata.dst_node_id == 4:
+                    replies.append(create_message_error_unavailable_res_message(m.metadata, "node_unavail"))
+                else:
+                    node = m.metadata.dst_node_id
+                    weights = {k: a.numpy() * (1 + 0.01 * node) for k, a in model.items()}
+                    replies.append(reply(node, weights, 10, **honest_schedule(strategy, 1)))
+            return replies
+
+    accepted = train_round(OneNodeGone([2, 3, 4], clock), strategy, settings, 1, model, deadline=100, clock=clock)
+    assert sorted(m.metadata.src_node_id for m in accepted) == [2, 3]
+    assert [(e["node_id"], e["site"], e["event"]) for e in strategy.events[1]] == [(4, "site c", "missing")]
+    assert strategy.events[1][0]["reason"].startswith("the SuperLink answered in its place: Error: Node Unavailable")

@@ -138,15 +138,20 @@ class CyclicalMixin:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return self.aggregate_accepted(server_round, self.screen_round(server_round, list(replies)))
 
-    def screen_round(self, server_round: int, replies: list[Message]) -> list[Message]:
+    def screen_round(self, server_round: int, replies: list[Message],
+                     unreachable: dict[int, str] | None = None) -> list[Message]:
         """The round's replies fit to average; the others, and every sampled site that did
-        not reply, are recorded with the reason."""
+        not reply, are recorded with the reason (`unreachable`: the SuperLink's, where it gave one)."""
         accepted = self.screen_replies(server_round, replies)
         replied = {m.metadata.src_node_id for m in replies}
         for node in self.sampled.get(server_round, []):
             if node not in replied:
-                self._record(server_round, node, "missing", f"no reply within round-timeout={self.settings.round_timeout}s")
+                self.record_missing(server_round, node, "missing", unreachable)
         return accepted
+
+    def record_missing(self, server_round: int, node: int, event: str, unreachable: dict[int, str] | None) -> None:
+        reason = (unreachable or {}).get(node, f"no reply within round-timeout={self.settings.round_timeout}s")
+        self._record(server_round, node, event, reason)
 
     def aggregate_accepted(
         self, server_round: int, accepted: list[Message]
