@@ -14,6 +14,7 @@ failed run), prints the results table and stops everything it started.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -23,12 +24,14 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
+import pathspec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -131,6 +134,31 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
+@contextlib.contextmanager
+def staged_app(app_dir: Path) -> Iterator[Path]:
+    """The app's files, less what its .gitignore leaves out, in a temporary folder.
+
+    `flwr run` walks every file under the app's folder before it applies .gitignore: with a
+    virtualenv inside (the README's .venv, about 47,000 files) that took 7 s of every run on
+    this project's machine. The FAB holds the same files either way."""
+    ignore_file = app_dir / ".gitignore"
+    if not ignore_file.is_file():
+        yield app_dir
+        return
+    ignored = pathspec.GitIgnoreSpec.from_lines(ignore_file.read_text().splitlines())
+    with tempfile.TemporaryDirectory(prefix="fedcycle-app-") as staged:
+        for folder, dirs, files in os.walk(app_dir):
+            here = Path(folder).relative_to(app_dir)
+            dirs[:] = [d for d in dirs if not ignored.match_file(f"{(here / d).as_posix()}/")
+                       and not (Path(folder) / d).is_symlink()]
+            for name in files:
+                source = Path(folder) / name
+                if not source.is_symlink() and not ignored.match_file((here / name).as_posix()):
+                    (Path(staged) / here).mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(source, Path(staged) / here / name)
+        yield Path(staged)
+
+
 class FlwrCli:
     """The `flwr` command with a given FLWR_HOME, against one SuperLink connection."""
 
@@ -157,12 +185,13 @@ class FlwrCli:
 
     def run(self, run_config: str = "", federation_config: str = "", stream: bool = True) -> RunOutcome:
         """`flwr run` one job to the end; its status comes from `flwr ls`, not the exit code."""
-        args = ["run", str(self.app_dir), *self._target(), "--stream"]
-        if federation_config:
-            args += ["--federation-config", federation_config]
-        if run_config:
-            args += ["--run-config", run_config]
-        done = self(*args, stream=stream)
+        with staged_app(self.app_dir) as app:
+            args = ["run", str(app), *self._target(), "--stream"]
+            if federation_config:
+                args += ["--federation-config", federation_config]
+            if run_config:
+                args += ["--run-config", run_config]
+            done = self(*args, stream=stream)
         output = done.stdout + done.stderr
         found = re.search(r"Successfully started run (\d+)", output)
         if not found:

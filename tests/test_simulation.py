@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import zipfile
 
 import pytest
 import torch
@@ -158,3 +161,26 @@ def test_each_builtin_kind_learns_in_simulation(superlink, tmp_path, kind):
     if kind == "tabular":  # two classes: AUROC, over the whole test set, is what "best" means
         assert rounds[-1]["primary_metric"] == "auroc" and rounds[-1]["auroc"] > 0.95
         assert json.loads((out.results_dir / "config.json").read_text())["sites"]  # with their statistics
+
+
+def test_flwr_run_gets_the_apps_files_without_what_gitignore_leaves_out(tmp_path):
+    # the same FAB as from the app's own folder, without walking its virtualenv
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedcycle.local import REPO, staged_app
+
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "fedcycle", app / "fedcycle", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", app)
+    (app / ".gitignore").write_text(".venv/\n/results/\n*.key\n")
+    for ignored in (".venv/lib/site.py", "results/run/metrics.jsonl", "fedcycle/site.key"):
+        (app / ignored).parent.mkdir(parents=True, exist_ok=True)
+        (app / ignored).write_text("left out")
+    with staged_app(app) as staged:
+        files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+        fab = build_fab_from_disk(staged)
+    assert {".gitignore", "pyproject.toml", "fedcycle/local.py"} <= files
+    assert not files & {".venv/lib/site.py", "results/run/metrics.jsonl", "fedcycle/site.key"}
+    names = sorted(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    assert names == sorted(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist())
+    assert "fedcycle/local.py" in names
