@@ -57,7 +57,7 @@ class RunSettings:
     round_retries: int = 1
     max_update_ratio: float = 10.0
     peer_norm_ratio: float = 3.0
-    min_peer_cosine: float = 0.0
+    peer_pullback_ratio: float = 0.5
     max_weight_ratio: float = 4.0
     checkpoints_keep: int = 3
     seed: int = 42
@@ -166,8 +166,7 @@ class RunSettings:
         _at_least("max-update-ratio", self.max_update_ratio, 0)
         _at_least("peer-norm-ratio", self.peer_norm_ratio, 0)
         _at_least("max-weight-ratio", self.max_weight_ratio, 0)
-        if not -1 <= self.min_peer_cosine <= 1:
-            raise ConfigError(f"min-peer-cosine={self.min_peer_cosine} must be in [-1, 1] (-1: no direction check)")
+        _at_least("peer-pullback-ratio", self.peer_pullback_ratio, 0)
         _positive("image-size", self.image_size)
         _at_least("local-epochs-growth", self.local_epochs_growth, 0)
         _at_least("local-epochs-max", self.local_epochs_max, 0)

@@ -185,7 +185,7 @@ def test_a_flipped_a_lying_and_a_replaying_site_are_named_every_round_and_the_ru
         assert {"partition 0/5", "partition 1/5", liar} <= accepted and flipped not in accepted
         assert not [e for e in r["events"] if e.get("site") in ("partition 0/5", "partition 1/5")]  # no honest reply rejected
         reason = events(r, flipped, "rejected")[0]["reason"]
-        assert "points away from the round's median update" in reason or "times the round's median" in reason
+        assert "pulls the model back against the round's median update by" in reason
         assert "num-examples=1e+06 is above max-weight-ratio=4.0" in events(r, liar, "weight-capped")[0]["reason"]
     assert replayer in {s["site"] for s in rounds[1]["sites"]}  # round 1: its weights are new
     assert "identical to node" in events(rounds[2], replayer, "rejected")[0]["reason"]

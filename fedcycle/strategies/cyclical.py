@@ -224,11 +224,14 @@ class CyclicalMixin:
         return [c.msg for c in accepted]
 
     def _screen_against_peers(self, server_round: int, candidates: list["Candidate"]) -> list["Candidate"]:
-        """The candidates that are not a replay and, with 3 or more, whose update does not point
-        away from the median update (min-peer-cosine). An update far longer than the round's
-        median (peer-norm-ratio) is scaled down to that bound, not left out: under strong label
-        skew an honest site's update can be several times its peers' (measured: 5.8 times at
-        Dirichlet 0.1, README); a claimed example count above max-weight-ratio times the round's
+        """The candidates that are not a replay and, with 3 or more, whose update does not pull
+        the model back against the round's coordinate-wise median update by more than
+        peer-pullback-ratio times the round's median update norm (its length times minus its
+        cosine with that update: honest sites under label skew point slightly away, cosines down
+        to -0.2 measured, while a sign-flipped update pulls back by most of its length). An
+        update far longer than the round's median (peer-norm-ratio) is scaled down to that bound,
+        not left out: under strong label skew an honest site's update can be several times its
+        peers' (measured: 5.8 times at Dirichlet 0.1, README); a claimed example count above max-weight-ratio times the round's
         median is capped there. Each site so treated is named."""
         s = self.settings
         fresh = []
@@ -249,12 +252,14 @@ class CyclicalMixin:
         kept = []
         for c, norm, cosine in zip(fresh, norms, cosines):
             node = c.msg.metadata.src_node_id
-            c.measured.update({"update-norm-to-median": norm / median_norm if median_norm else 1.0, "peer-cosine": cosine})
-            if cosine < s.min_peer_cosine:
+            relative = norm / median_norm if median_norm else 1.0
+            pullback = max(0.0, -cosine * relative)
+            c.measured.update({"update-norm-to-median": relative, "peer-cosine": cosine, "peer-pullback": pullback})
+            if s.peer_pullback_ratio and pullback > s.peer_pullback_ratio:
                 self._record(server_round, node, "rejected",
-                             f"its update points away from the round's median update (cosine {cosine:.3f}, "
-                             f"min-peer-cosine={s.min_peer_cosine}; its norm {norm / median_norm if median_norm else 1:.3g} "
-                             "times the round's median)")
+                             f"its update pulls the model back against the round's median update by {pullback:.3g} "
+                             f"times the round's median update norm, above peer-pullback-ratio={s.peer_pullback_ratio} (cosine "
+                             f"{cosine:.3f}, norm {relative:.3g} times the round's median)")
                 continue
             if s.peer_norm_ratio and median_norm and norm > s.peer_norm_ratio * median_norm:
                 self._clip(c, s.peer_norm_ratio * median_norm / norm)

@@ -3,9 +3,9 @@
 A reply can be well-formed, finite, on the server's schedule and of ordinary size, and still be
 wrong: a sign-flipped update, a site that claims a huge data set to dominate the average, a
 replay of an old reply. With three or more candidate replies in a round, their coordinate-wise
-median update is a reference no single site controls: an update far longer than the round's
-median norm, or pointing away from the median update, is left out; a claimed example count far
-above the round's median is capped. With two sites there is no majority: neither can be told
+median update is a reference no single site controls: an update that pulls the model back
+against it by much of the round's median update norm is left out, one far longer than that norm
+is scaled down, and a claimed example count far above the round's median is capped. With two sites there is no majority: neither can be told
 apart from the other (see README, "When things fail").
 """
 

@@ -42,18 +42,22 @@ def cell_result(metrics: Path, status: str) -> dict:
             **{kind.replace("-", "_"): sum(e["event"] == kind for e in screened) for kind in SCREEN_EVENTS},
             "events": [{k: e.get(k) for k in ("site", "event", "reason")} for e in screened],
             "peer_cosine_min": min((s["peer-cosine"] for r in rounds for s in r["sites"] if "peer-cosine" in s), default=None),
+            "peer_pullback_max": max((s["peer-pullback"] for r in rounds for s in r["sites"] if "peer-pullback" in s),
+                                     default=None),
             "norm_to_median_max": max((s["update-norm-to-median"] for r in rounds for s in r["sites"]
                                        if "update-norm-to-median" in s), default=None)}
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| cell | replies | rejected | clipped | weights capped | lowest peer cosine | highest norm / median | final accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | replies | rejected | clipped | weights capped | lowest peer cosine | highest pull-back | "
+             "highest norm / median | final accuracy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for cell, r in results.items():
         cosine = "-" if r["peer_cosine_min"] is None else f"{r['peer_cosine_min']:.2f}"
         ratio = "-" if r["norm_to_median_max"] is None else f"{r['norm_to_median_max']:.2f}"
+        pullback = "-" if r.get("peer_pullback_max") is None else f"{r['peer_pullback_max']:.2f}"
         final = r["accuracy"][-1] if r["accuracy"] and r["accuracy"][-1] is not None else float("nan")
-        lines.append(f"| {cell} | {r['replies']} | {r['rejected']} | {r['clipped']} | {r['weight_capped']} | {cosine} | "
+        lines.append(f"| {cell} | {r['replies']} | {r['rejected']} | {r['clipped']} | {r['weight_capped']} | {cosine} | {pullback} | "
                      f"{ratio} | {final:.3f} |")
     return "\n".join(lines) + "\n"
 

@@ -28,6 +28,7 @@ from fedcycle.results import read_metrics
 SCENARIOS = {
     "honest": ["", "", "", ""],
     "flipped": ["", "", "flip:3", ""],
+    "flipped-same-length": ["", "", "flip:1", ""],
     "lying": ["", "", "", "lie:1000000"],
     "replaying": ["", "", "", "replay"],
 }
