@@ -66,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/false-alarms"))
     parser.add_argument("--data-root", default="", help="where Fashion-MNIST is (default: fedcycle's cache)")
+    cells = [f"{sites}-sites-{split}" for sites in SITES for split in SPLITS]
+    parser.add_argument("--cells", nargs="+", default=cells, choices=cells, help="which cells to run (default: all)")
     args = parser.parse_args()
     exit_on_termination()  # a killed measurement stops the SuperLink and sites it started
     out = args.out.resolve()
@@ -75,6 +77,8 @@ def main() -> None:
             for split, partitioner in SPLITS.items():
                 cell = f"{sites} sites, {split}"
                 name = f"{sites}-sites-{split}"
+                if name not in args.cells:
+                    continue
                 outcome = sim.run(sites, f"{RUN_CONFIG} {partitioner} run-name='{name}' results-dir='{out}' "
                                          f"data-root='{args.data_root}'", stream=False)
                 results[cell] = cell_result(out / name / "metrics.jsonl", outcome.status)
