@@ -34,10 +34,10 @@ data: setup
 	@if [ ! -d $(FASHION_MNIST) ] && command -v apt-get >/dev/null; then \
 		$(call apt-install,dataset-fashion-mnist,Fashion-MNIST (MIT licence)$(,) the data the demo and tests train on$(,) offline); \
 	fi
-	$(BIN)/python -m fedcycle.local prepare-data
+	$(BIN)/fedcycle prepare-data
 
 demo: data
-	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "results-dir='$(RESULTS)'"
+	$(BIN)/fedcycle simulate --sites 4 --run-config "results-dir='$(RESULTS)'"
 
 # PYTEST_ARGS adds pytest options, e.g. make test PYTEST_ARGS="--durations=30 -x".
 test: data deploy-tools task-tools
@@ -48,7 +48,7 @@ clean:
 
 # The deployment topology on loopback: SuperLink (TLS, node auth), fleet-only proxy, 2 SuperNodes.
 deploy-demo: data deploy-tools
-	$(BIN)/python -m fedcycle.deploy demo --results-dir "$(RESULTS)/deploy-demo"
+	$(BIN)/fedcycle deploy demo --results-dir "$(RESULTS)/deploy-demo"
 
 # nginx (the fleet-only proxy) and docker-compose (to validate docker-compose.yml), from Debian.
 deploy-tools:
@@ -60,19 +60,19 @@ deploy-tools:
 # the others results/reproduce/<profile>/. Interrupt it at will: the same command continues.
 PROFILE ?= default
 reproduce: data
-	$(BIN)/python -m fedcycle.study studies/$(PROFILE).yaml
+	$(BIN)/fedcycle study studies/$(PROFILE).yaml
 
 # Where every second of a round goes (a benchmark, not a test): results/bench/bench.{json,md}.
 bench: data
-	$(BIN)/python -m fedcycle.bench
+	$(BIN)/fedcycle bench
 
 # The built-in tasks on real data made offline (README, "Built-in tasks"): the data, then a
 # short simulation of each. fedcycle.demo_data prints the run config that points at the data.
 DEMO_DATA := $(RESULTS)/demo-data
 
 demo-tabular: setup
-	@cfg=$$($(BIN)/python -m fedcycle.demo_data tabular $(DEMO_DATA)/tabular) && \
-	$(BIN)/python -m fedcycle.local simulate --sites 3 --run-config "$$cfg num-server-rounds=5 local-epochs=5 batch-size=32 results-dir='$(RESULTS)' run-name='demo-tabular'"
+	@cfg=$$($(BIN)/fedcycle demo-data tabular $(DEMO_DATA)/tabular) && \
+	$(BIN)/fedcycle simulate --sites 3 --run-config "$$cfg num-server-rounds=5 local-epochs=5 batch-size=32 results-dir='$(RESULTS)' run-name='demo-tabular'"
 
 # The text and audio tasks' real data (README, "Built-in tasks"): fortune cookies in 5 languages
 # and the espeak-ng speech synthesiser, from Debian.
@@ -81,9 +81,9 @@ task-tools:
 	@command -v espeak-ng >/dev/null || { $(call apt-install,espeak-ng,a speech synthesiser (GPL-3+)$(,) whose voices speak the audio task's digits in the tests and make demo-audio); }
 
 demo-text: setup task-tools
-	@cfg=$$($(BIN)/python -m fedcycle.demo_data text $(DEMO_DATA)/text) && \
-	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "$$cfg partitioner='dirichlet' dirichlet.alpha=0.5 num-server-rounds=5 optimizer='adamw' lr-min=0.0005 lr-max=0.005 results-dir='$(RESULTS)' run-name='demo-text'"
+	@cfg=$$($(BIN)/fedcycle demo-data text $(DEMO_DATA)/text) && \
+	$(BIN)/fedcycle simulate --sites 4 --run-config "$$cfg partitioner='dirichlet' dirichlet.alpha=0.5 num-server-rounds=5 optimizer='adamw' lr-min=0.0005 lr-max=0.005 results-dir='$(RESULTS)' run-name='demo-text'"
 
 demo-audio: setup task-tools
-	@cfg=$$($(BIN)/python -m fedcycle.demo_data audio $(DEMO_DATA)/audio) && \
-	$(BIN)/python -m fedcycle.local simulate --sites 4 --run-config "$$cfg num-server-rounds=10 local-epochs=2 batch-size=32 results-dir='$(RESULTS)' run-name='demo-audio'"
+	@cfg=$$($(BIN)/fedcycle demo-data audio $(DEMO_DATA)/audio) && \
+	$(BIN)/fedcycle simulate --sites 4 --run-config "$$cfg num-server-rounds=10 local-epochs=2 batch-size=32 results-dir='$(RESULTS)' run-name='demo-audio'"

@@ -556,8 +556,8 @@ def table(result: dict) -> str:
 SECTIONS = ("aggregation", "trainer", "loaders", "memmap", "startup", "round")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcycle.bench", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--data-root", default=str(Path("~/.cache/fedcycle").expanduser()))
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_termination()
     from fedcycle.results import machine, versions
 
-    result = {"command": "python -m fedcycle.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": " ".join([prog, *(argv if argv is not None else sys.argv[1:])]),
               "versions": versions(), "machine": machine(), "torch_threads": torch.get_num_threads()}
     if "aggregation" in run:
         print("aggregation ...", flush=True)

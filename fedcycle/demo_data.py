@@ -110,15 +110,17 @@ def audio(out: Path, speeds: tuple[int, ...] = (130, 160, 190), pitches: tuple[i
             f"audio.sample-rate=22050 classes='{','.join(DIGITS)}'")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Make the built-in tasks' demo data from offline packages.")
+def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.demo_data") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Make the built-in tasks' demo data from offline packages "
+                                                            "and print the run config that points at it.")
     parser.add_argument("kind", choices=("tabular", "text", "audio"))
     parser.add_argument("out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     run_config = {"tabular": tabular, "text": text, "audio": audio}[args.kind](args.out.resolve())
     print(run_config)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

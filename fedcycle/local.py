@@ -411,8 +411,8 @@ def centralize(overrides: str, sites: int, epochs: int) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcycle.local", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.local") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run one simulation job to the end and print its results")
     sim.add_argument("--sites", type=int, default=4, help="simulated data centers (default 4)")

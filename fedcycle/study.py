@@ -465,8 +465,8 @@ def _missing(study: Study, done: dict) -> int:
     return sum(r.key not in done for r in comparison_plan(study, choose(study, done)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcycle.study", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.study") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("study", help="a study file, e.g. studies/default.yaml")
     parser.add_argument("--data-root", default="", help="where decoded data is cached (default ~/.cache/fedcycle)")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs (run a study in parts)")
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from fedcycle.report import write_report
 
-    report = write_report(study, command=" ".join(["python -m fedcycle.study", *(argv or sys.argv[1:])]))
+    report = write_report(study, command=" ".join([prog, *(argv if argv is not None else sys.argv[1:])]))
     print(f"report: {report}" + (f" ({missing} runs still to do; run the same command to continue)" if missing else ""))
     return 0
 

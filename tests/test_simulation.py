@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,8 +105,8 @@ def test_the_launcher_checks_the_run_config_before_it_starts_anything(tmp_path, 
     import subprocess
     import sys
 
-    home = tmp_path / "flwr-home"
-    out = subprocess.run([sys.executable, "-m", "fedcycle.local", "simulate", "--flwr-home", str(home),
+    home = tmp_path / "flwr-home"  # the `fedcycle` command pip installed beside this Python
+    out = subprocess.run([str(Path(sys.executable).parent / "fedcycle"), "simulate", "--flwr-home", str(home),
                           "--run-config", overrides], capture_output=True, text=True, timeout=300)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), out.stderr

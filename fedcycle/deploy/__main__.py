@@ -112,8 +112,8 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if outcome.completed else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcycle.deploy", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.deploy") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("certs", help="make the CA, the SuperLink certificate and site key pairs")
     p.add_argument("--out", required=True, help="folder for the files (never commit it)")
