@@ -30,6 +30,7 @@ from fedcycle.results import RunResults
 from fedcycle.round_loop import evaluate_on_sites
 from fedcycle.strategies.cyclical import CyclicalMixin
 from fedcycle.tasks import Task
+from fedcycle.tracking import Trackers
 from fedcycle.trainer import evaluate, pick_device
 
 
@@ -38,6 +39,7 @@ from fedcycle.trainer import evaluate, pick_device
 RESUMABLE_KEYS = frozenset({
     "num-server-rounds", "round-timeout", "round-retries", "min-replies", "min-reply-fraction", "min-sites",
     "checkpoints-keep", "resume-from", "run-name", "results-dir", "data-root",
+    "tracking", "mlflow-tracking-uri", "mlflow-experiment",
 })
 
 
@@ -70,9 +72,9 @@ class RoundRecorder:
     models and a checkpoint."""
 
     def __init__(self, settings: RunSettings, task: Task, test, strategy: CyclicalMixin, results: RunResults,
-                 grid: Grid) -> None:
+                 grid: Grid, trackers: Trackers) -> None:
         self.settings, self.task, self.test = settings, task, test
-        self.strategy, self.results, self.grid = strategy, results, grid
+        self.strategy, self.results, self.grid, self.trackers = strategy, results, grid, trackers
         self.metric = task.primary_metric
         self.model = task.build_model()
         self.device = pick_device("auto")
@@ -145,6 +147,7 @@ class RoundRecorder:
             keep=self.settings.checkpoints_keep,
         )
         self.results.append_round(line)
+        self.trackers.log_round(line)
         self.results.save_model("global-final", state)
         if improved:
             self.results.save_model("global-best", state)
@@ -182,12 +185,22 @@ class RoundRecorder:
         """A line for the round that failed, with what went wrong at each site (a resumed run
         replaces it with the rounds of its checkpoint)."""
         s = self.strategy
-        self.results.append_round({
+        line = {
             "round": server_round, "primary_metric": self.metric, self.metric: None, "loss": None, "metrics": None,
             "metrics_source": None, "seconds": round(time.perf_counter() - self.last, 3), "failed": reason,
             "train_config": s.sent_config.get(server_round), "sites": s.site_metrics.get(server_round, []),
             "events": s.events.get(server_round, []),
-        })
+        }
+        self.results.append_round(line)
+        self.trackers.log_round(line)
+
+    def finish(self, status: str) -> None:
+        """Tell the trackers the run ended (`finished` or `failed`), with its final and best
+        values and its models."""
+        final = self.lines[-1].get(self.metric) if self.lines else None
+        values = {f"final-{self.metric}": final, f"best-{self.metric}": self.best}
+        models = [self.results.path / f"global-{name}.safetensors" for name in ("final", "best", "swa")]
+        self.trackers.finish(status, {k: float(v) for k, v in values.items() if v is not None}, models)
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> tuple[float | None, dict | None, str]:
         if self.test is not None:

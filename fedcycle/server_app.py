@@ -30,6 +30,7 @@ from fedcycle.results import RunResults, resolve_run_dir
 from fedcycle.round_loop import RoundFailed, run_rounds
 from fedcycle.strategies import check_strategy, make_strategy
 from fedcycle.tasks import fingerprint, load_task
+from fedcycle.tracking import Trackers
 
 # fedcycle's own errors: a bad run config or task, a site that cannot take part, a checkpoint
 # that does not fit, a round that failed. Each message says what is wrong and what to do.
@@ -94,7 +95,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy.expect_metrics(next(iter(reports.values()))["metric-names"])
     strategy.declared_examples = {node: int(r["num-train"]) for node, r in reports.items()}
     strategy.site_names = {node: str(r["site"]) for node, r in reports.items()}
-    recorder = RoundRecorder(settings, task, test, strategy, results, grid)
+    trackers = Trackers(settings, results.path, context.run_config, first_round=0 if ckpt is None else ckpt.round + 1)
+    recorder = RoundRecorder(settings, task, test, strategy, results, grid, trackers)
     if ckpt is None:
         arrays, first_round = ArrayRecord(model.state_dict()), 1
         recorder(0, arrays)
@@ -112,7 +114,9 @@ def main(grid: Grid, context: Context) -> None:
     except RoundFailed as err:
         log(ERROR, "fedcycle run %s stopped: %s", context.run_id, err)
         recorder.record_failed_round(err.server_round, str(err))
+        recorder.finish("failed")
         raise
+    recorder.finish("finished")
     final = recorder.lines[-1][task.primary_metric]
     log(INFO, "fedcycle run %s finished: final %s %s; results in %s", context.run_id, task.primary_metric,
         None if final is None else round(float(final), 4), results.path)

@@ -1,0 +1,192 @@
+"""A run's numbers where PyTorch users watch training: TensorBoard and MLflow, live.
+
+The ServerApp alone writes them (the sites need no tracker and no credentials): after each
+round, the same line metrics.jsonl gets, as named series — `global/<metric>`, `global/loss`,
+`swa/<metric>` (the server's mean of cycle ends), `site/<site>/<key>` for each site's train
+loss and metrics, learning rates, update ratio and peer measures, `round/seconds` — the
+replies left out as text, and the run config as parameters. metrics.jsonl stays the record: a
+tracker that fails (its server down, a full disk) is logged once and dropped; training goes on.
+
+A resumed run continues the same TensorBoard folder (steps after the checkpoint's round are
+purged) and the same MLflow run (its id is kept in the run folder's `tracking.json`; rounds it
+already has are not logged twice).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from logging import WARNING
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.common.logger import log
+
+TRACKING = ("tensorboard", "mlflow", "both", "off")
+STATE_FILE = "tracking.json"
+# MLflow's client retries a failed request 7 times with backoff by default: minutes of a
+# round. Once is enough to tell a server that is down.
+MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+SCREEN_EVENTS = ("rejected", "clipped", "weight-capped", "missing")
+
+
+def uses(tracking: str) -> tuple[str, ...]:
+    """The trackers a `tracking` value names."""
+    return {"both": ("tensorboard", "mlflow"), "off": ()}.get(tracking, (tracking,))
+
+
+def missing_package(tracking: str) -> str | None:
+    """What to install for `tracking`, or None when its packages import."""
+    for name in uses(tracking):
+        try:
+            __import__({"tensorboard": "tensorboard", "mlflow": "mlflow"}[name])
+        except ImportError:
+            return f"tracking={tracking!r} needs the {name} package: pip install {name}"
+    return None
+
+
+def site_label(site: Mapping[str, Any]) -> str:
+    """A site's name as a series name: 'partition 0/4' becomes 'partition 0 of 4'."""
+    return str(site.get("site") or f"node {site.get('node_id')}").replace("/", " of ")
+
+
+def series(line: Mapping[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl line as named numbers (the finite ones)."""
+    out: dict[str, Any] = {f"global/{k}": v for k, v in (line.get("metrics") or {}).items()}
+    out["global/loss"] = line.get("loss")
+    swa = line.get("swa") or {}
+    out.update({f"swa/{k}": v for k, v in (swa.get("metrics") or {}).items()})
+    out["swa/loss"] = swa.get("loss")
+    for site in line.get("sites", []):
+        label = site_label(site)
+        out.update({f"site/{label}/{k}": v for k, v in site.items() if k not in ("node_id", "site")})
+    out["round/seconds"] = line.get("seconds")
+    out["round/left-out"] = sum(e.get("event") in SCREEN_EVENTS for e in line.get("events", []))
+    return {k: float(v) for k, v in out.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def events_text(line: Mapping[str, Any]) -> str:
+    """The round's events (replies left out, sites missing) as a Markdown table; '' if none."""
+    events = line.get("events", [])
+    if not events:
+        return ""
+    rows = [f"| {e.get('site') or e.get('node_id', '')} | {e.get('event')} | {e.get('reason', '')} |" for e in events]
+    return "\n".join(["| site | event | reason |", "|---|---|---|", *rows])
+
+
+class TensorBoard:
+    def __init__(self, run_dir: Path, run_config: Mapping[str, Any], first_round: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_config = dict(run_config)
+        # a resumed run: steps from the first round it does again on are purged, not doubled
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_round or None)
+        if not first_round:
+            self.writer.add_text("run-config", "```\n" + json.dumps(self.run_config, indent=1, default=str) + "\n```", 0)
+
+    def log_round(self, line: Mapping[str, Any]) -> None:
+        step = int(line["round"])
+        for name, value in series(line).items():
+            self.writer.add_scalar(name, value, step)
+        if text := events_text(line):
+            self.writer.add_text("events", text, step)
+        if line.get("failed"):
+            self.writer.add_text("failed", str(line["failed"]), step)
+        self.writer.flush()
+
+    def finish(self, status: str, final: Mapping[str, float], artifacts: list[Path]) -> None:
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.run_config.items()}
+        self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
+        self.writer.close()
+
+
+class MLflow:
+    def __init__(self, run_dir: Path, run_config: Mapping[str, Any], first_round: int, tracking_uri: str,
+                 experiment: str, run_name: str, state: dict[str, Any]) -> None:
+        for key, value in MLFLOW_ENV.items():
+            os.environ.setdefault(key, value)
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        # the default store: one SQLite file beside the runs, so that the MLflow UI compares them
+        self.uri = tracking_uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=self.uri)
+        run_id = state.get("mlflow_run_id") if state.get("mlflow_tracking_uri") == self.uri else None
+        if run_id and first_round:
+            self.client.update_run(run_id, status="RUNNING")
+            self.logged = {m.step for m in self.client.get_metric_history(run_id, "round/seconds")}
+        else:
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=None if tracking_uri else (run_dir.parent / "mlartifacts").as_uri())
+            run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+            params = [Param(k, str(v)[:6000]) for k, v in sorted(run_config.items())]
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
+                self.client.log_batch(run_id, params=params[start:start + 100])
+            self.logged = set()
+        self.run_id = run_id
+        state.update(mlflow_run_id=run_id, mlflow_tracking_uri=self.uri)
+
+    def log_round(self, line: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        step = int(line["round"])
+        if step in self.logged:
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, value, now, step) for name, value in series(line).items()]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        if text := events_text(line):
+            self.client.log_text(self.run_id, text, f"events/round-{step:04d}.md")
+        self.logged.add(step)
+
+    def finish(self, status: str, final: Mapping[str, float], artifacts: list[Path]) -> None:
+        for path in artifacts:
+            self.client.log_artifact(self.run_id, str(path), "models")
+        self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
+
+
+class Trackers:
+    """The run's trackers; each call goes to every one still working."""
+
+    def __init__(self, settings: Any, run_dir: Path, run_config: Mapping[str, Any], first_round: int) -> None:
+        self.state_path = run_dir / STATE_FILE
+        try:
+            self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if first_round else {}
+        except (OSError, ValueError):
+            self.state = {}
+        self.active: dict[str, Any] = {}
+        for name in uses(settings.tracking):
+            self._safely(name, lambda name=name: self.active.__setitem__(name, self._open(
+                name, settings, run_dir, run_config, first_round)))
+        if self.state:
+            from fedcycle.files import atomic_write
+
+            atomic_write(self.state_path, json.dumps(self.state, indent=1).encode())
+
+    def _open(self, name: str, settings: Any, run_dir: Path, run_config: Mapping[str, Any], first_round: int) -> Any:
+        if name == "tensorboard":
+            return TensorBoard(run_dir, run_config, first_round)
+        return MLflow(run_dir, run_config, first_round, settings.mlflow_tracking_uri, settings.mlflow_experiment,
+                      run_dir.name, self.state)
+
+    def _safely(self, name: str, call) -> None:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - any tracker failure: say so once, train on
+            self.active.pop(name, None)
+            log(WARNING, "fedcycle: %s tracking stopped (%s: %s); training goes on, metrics.jsonl has every round",
+                name, type(err).__name__, err)
+
+    def log_round(self, line: Mapping[str, Any]) -> None:
+        for name, tracker in list(self.active.items()):
+            self._safely(name, lambda: tracker.log_round(line))
+
+    def finish(self, status: str, final: Mapping[str, float], artifacts: list[Path]) -> None:
+        for name, tracker in list(self.active.items()):
+            self._safely(name, lambda: tracker.finish(status, final, [p for p in artifacts if p.exists()]))
+        self.active.clear()
