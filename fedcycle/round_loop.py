@@ -34,6 +34,10 @@ class RoundFailed(RuntimeError):
         self.server_round = server_round
 
 
+POLL_SECONDS = 3.0  # how often replies are pulled, as Flower's own send_and_receive does
+PROGRESS_SECONDS = 60.0  # a longer exchange says, once a minute, which sites have replied
+
+
 def run_rounds(
     grid: Grid,
     strategy: CyclicalMixin,
@@ -42,6 +46,7 @@ def run_rounds(
     first_round: int,
     round_done: Callable[[int, ArrayRecord], None],
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> ArrayRecord:
     """Rounds `first_round`..`num-server-rounds`; `round_done(round, arrays)` after each."""
     log(INFO, "Starting %s, rounds %d to %d:", type(strategy).__name__, first_round, settings.num_server_rounds)
@@ -50,14 +55,14 @@ def run_rounds(
         log(INFO, "")
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_server_rounds)
         deadline = clock() + settings.round_timeout
-        accepted = train_round(grid, strategy, settings, server_round, arrays, deadline, clock)
+        accepted = train_round(grid, strategy, settings, server_round, arrays, deadline, clock, sleep)
         aggregated, _ = strategy.aggregate_accepted(server_round, accepted)
         if aggregated is not None:
             arrays = aggregated
         if strategy.evaluates_on_sites:
             left = deadline - clock()
             if left > 0:
-                metrics = evaluate_on_sites(grid, strategy, server_round, arrays, left)
+                metrics = evaluate_on_sites(grid, strategy, server_round, arrays, left, clock, sleep)
             else:
                 strategy.events[server_round].append(
                     {"event": "evaluation-skipped", "reason": f"round-timeout={settings.round_timeout}s spent on training"})
@@ -67,12 +72,38 @@ def run_rounds(
     return arrays
 
 
-def evaluate_on_sites(grid: Grid, strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord,
-                      seconds: float) -> MetricRecord | None:
+def exchange(grid: Grid, messages: list[Message], timeout: float, what: str, names: dict[int, str],
+             clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> list[Message]:
+    """Flower's send_and_receive (push the messages, pull the replies every few seconds until
+    all are in or `timeout` has passed), saying once a minute which sites have replied and which
+    are awaited: a round of a real federation can take hours."""
+    pending = {message_id: m.metadata.dst_node_id for message_id, m in zip(grid.push_messages(messages), messages)}
+    total, started, replies = len(pending), clock(), []
+    next_report = started + PROGRESS_SECONDS
+    while pending:
+        got = list(grid.pull_messages(list(pending)))
+        replies += got
+        for reply in got:
+            pending.pop(reply.metadata.reply_to_message_id, None)
+        now = clock()
+        if not pending or now - started >= timeout:
+            break
+        if now >= next_report:
+            next_report += PROGRESS_SECONDS
+            log(INFO, "%s: %d of %d sites replied; waiting for %s (%.0f min of %.0f)", what, total - len(pending), total,
+                ", ".join(sorted(names.get(n, f"node {n}") for n in pending.values())), (now - started) / 60, timeout / 60)
+        sleep(min(POLL_SECONDS, started + timeout - now))
+    return replies
+
+
+def evaluate_on_sites(grid: Grid, strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord, seconds: float,
+                      clock: Callable[[], float] = time.monotonic,
+                      sleep: Callable[[float], None] = time.sleep) -> MetricRecord | None:
     """The sites' evaluation of `arrays`, aggregated by the strategy; a site the SuperLink
     answered for is recorded as missing with its reason."""
     messages = _with_lifetime(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), seconds)
-    replies, unreachable = superlink_errors(messages, grid.send_and_receive(messages, timeout=seconds))
+    replies, unreachable = superlink_errors(messages, exchange(grid, messages, seconds, f"Round {server_round} evaluation",
+                                                               strategy.site_names, clock, sleep))
     for node in sorted(unreachable):
         strategy.record_missing(server_round, node, "missing-evaluation", unreachable)
     return strategy.aggregate_evaluate(server_round, replies)
@@ -80,13 +111,13 @@ def evaluate_on_sites(grid: Grid, strategy: CyclicalMixin, server_round: int, ar
 
 def train_round(
     grid: Grid, strategy: CyclicalMixin, settings: RunSettings, server_round: int, arrays: ArrayRecord,
-    deadline: float, clock: Callable[[], float] = time.monotonic,
+    deadline: float, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
 ) -> list[Message]:
     """The round's usable train replies, retried while too few and the deadline allows;
     RoundFailed in the end."""
     attempts = settings.round_retries + 1
     for attempt in range(1, attempts + 1):
-        connected = wait_for_sites(grid, settings.min_replies, deadline, clock)
+        connected = wait_for_sites(grid, settings.min_replies, deadline, clock, sleep)
         left = deadline - clock()
         if connected < settings.min_replies:
             shortfall = f"only {connected} site(s) connected, min-replies={settings.min_replies}"
@@ -95,7 +126,8 @@ def train_round(
         else:
             limit_sampling(strategy, connected)
             messages = _with_lifetime(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), left)
-            replies, unreachable = superlink_errors(messages, grid.send_and_receive(messages, timeout=left))
+            replies, unreachable = superlink_errors(messages, exchange(grid, messages, left, f"Round {server_round}",
+                                                                       strategy.site_names, clock, sleep))
             accepted = strategy.screen_round(server_round, replies, unreachable)
             needed = max(settings.min_replies, math.ceil(settings.min_reply_fraction * len(messages)))
             if len(accepted) >= needed:
@@ -118,11 +150,12 @@ def train_round(
     )
 
 
-def wait_for_sites(grid: Grid, wanted: int, deadline: float, clock: Callable[[], float] = time.monotonic) -> int:
+def wait_for_sites(grid: Grid, wanted: int, deadline: float, clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> int:
     """How many sites are connected, once `wanted` are or the deadline has passed."""
     while (connected := len(list(grid.get_node_ids()))) < wanted and clock() < deadline:
         log(INFO, "Waiting for sites: %d connected, %d needed", connected, wanted)
-        time.sleep(min(5.0, max(0.0, deadline - clock())))
+        sleep(min(5.0, max(0.0, deadline - clock())))
     return connected
 
 

@@ -3,6 +3,8 @@ training, retries and evaluation. The sites are stand-ins that answer at once or
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
@@ -21,31 +23,43 @@ class Clock:
     def __call__(self) -> float:
         return self.now
 
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
 
 class SilentSites(Sites):
-    """Connected sites that never reply: each send_and_receive waits out its timeout."""
+    """Connected sites on the test's clock that never reply. A subclass's `answer` returns
+    the seconds the sites take and their replies; pulled once that time has passed."""
 
     def __init__(self, nodes, clock: Clock) -> None:
         super().__init__(nodes)
-        self.clock, self.timeouts = clock, []
+        self.clock, self.timeouts, self.waiting = clock, [], []
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
-        assert all(m.metadata.ttl == timeout for m in messages)  # every message expires at the deadline
-        self.timeouts.append(timeout)
-        self.clock.now += timeout
-        return []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # as Flower's grids do when they push
+        self.timeouts.append(messages[0].metadata.ttl)  # every message expires at the deadline
+        assert all(m.metadata.ttl == messages[0].metadata.ttl for m in messages)
+        seconds, replies = self.answer(messages)
+        self.waiting += [(self.clock.now + seconds, r) for r in replies]
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        ready = [(t, r) for t, r in self.waiting if t <= self.clock.now and r.metadata.reply_to_message_id in message_ids]
+        self.waiting = [w for w in self.waiting if w not in ready]
+        return [r for _, r in ready]
+
+    def answer(self, messages) -> tuple[float, list]:
+        return 0.0, []
 
 
 class BrokenSites(SilentSites):
-    """Sites that reply after 10 s, every reply with NaN weights."""
+    """Sites that reply after 9 s, every reply with NaN weights."""
 
-    def send_and_receive(self, messages, timeout=None):
-        self.timeouts.append(timeout)
-        self.clock.now += 10
-        rng = np.random.default_rng(0)
-        bad = {k: v * np.nan for k, v in arrays(rng).items()}
-        return [reply(m.metadata.dst_node_id, bad, 10) for m in messages]
+    def answer(self, messages):
+        bad = {k: v * np.nan for k, v in arrays(np.random.default_rng(0)).items()}
+        return 9.0, [reply(m.metadata.dst_node_id, bad, 10, to=m) for m in messages]
 
 
 def start(settings: RunSettings):
@@ -59,7 +73,7 @@ def test_silent_sites_use_up_one_deadline_not_one_per_retry(task_identity):
     strategy, model = start(settings)
     grid = SilentSites([1, 2], clock)
     with pytest.raises(RoundFailed, match=r"round 1 failed 1 time\(s\) \(round-retries=3, round-timeout=100.0s for the whole round\)"):
-        train_round(grid, strategy, settings, 1, model, deadline=clock() + 100, clock=clock)
+        train_round(grid, strategy, settings, 1, model, deadline=clock() + 100, clock=clock, sleep=clock.sleep)
     assert grid.timeouts == [100.0] and clock.now == 100.0  # not (retries + 1) x 100 s
 
 
@@ -69,8 +83,8 @@ def test_fast_failures_are_retried_within_the_deadline(task_identity):
     strategy, model = start(settings)
     grid = BrokenSites([1, 2], clock)
     with pytest.raises(RoundFailed, match=r"round 1 failed 3 time\(s\)"):
-        train_round(grid, strategy, settings, 1, model, deadline=clock() + 100, clock=clock)
-    assert grid.timeouts == [100.0, 90.0, 80.0] and clock.now == 30.0  # each attempt gets what is left
+        train_round(grid, strategy, settings, 1, model, deadline=clock() + 100, clock=clock, sleep=clock.sleep)
+    assert grid.timeouts == [100.0, 91.0, 82.0] and clock.now == 27.0  # each attempt gets what is left
 
 
 def test_the_sites_evaluation_gets_what_is_left_of_the_round(task_identity):
@@ -81,21 +95,18 @@ def test_the_sites_evaluation_gets_what_is_left_of_the_round(task_identity):
     strategy.evaluates_on_sites, strategy.fraction_evaluate, strategy.min_evaluate_nodes = True, 1.0, 1
 
     class SlowTraining(SilentSites):
-        """Training takes 70 s and one site replies; the evaluation waits out its timeout."""
+        """Training takes 69 s at both sites; the evaluation waits out its timeout."""
 
-        def send_and_receive(self, messages, timeout=None):
-            messages = list(messages)
-            self.timeouts.append(timeout)
-            if messages and messages[0].metadata.message_type == "train":
-                self.clock.now += 70
-                weights = {k: a.numpy() * 1.01 for k, a in model.items()}
-                return [reply(1, weights, 10, **honest_schedule(strategy, 1))]
-            self.clock.now += timeout
-            return []
+        def answer(self, messages):
+            if messages[0].metadata.message_type != "train":
+                return 0.0, []
+            return 69.0, [reply(m.metadata.dst_node_id, {k: a.numpy() * (1 + 0.01 * m.metadata.dst_node_id)
+                                                         for k, a in model.items()}, 10, to=m,
+                                **honest_schedule(strategy, 1)) for m in messages]
 
     grid = SlowTraining([1, 2], clock)
-    run_rounds(grid, strategy, settings, model, 1, lambda r, a: None, clock=clock)
-    assert grid.timeouts == [100.0, 30.0] and clock.now == 100.0
+    run_rounds(grid, strategy, settings, model, 1, lambda r, a: None, clock=clock, sleep=clock.sleep)
+    assert grid.timeouts == [100.0, 31.0] and clock.now == 100.0
 
 
 def test_a_site_the_superlink_answers_for_is_named_missing_with_the_superlinks_reason(task_identity):
@@ -108,19 +119,48 @@ def test_a_site_the_superlink_answers_for_is_named_missing_with_the_superlinks_r
     strategy.site_names = {2: "site a", 3: "site b", 4: "site c"}
 
     class OneNodeGone(SilentSites):
-        def send_and_receive(self, messages, timeout=None):
+        def answer(self, messages):
             replies = []
             for m in messages:
-                m.metadata.__dict__["_message_id"] = m.object_id  # as Flower's grids do when they push
                 if m.metadata.dst_node_id == 4:
                     replies.append(create_message_error_unavailable_res_message(m.metadata, "node_unavail"))
                 else:
                     node = m.metadata.dst_node_id
                     weights = {k: a.numpy() * (1 + 0.01 * node) for k, a in model.items()}
-                    replies.append(reply(node, weights, 10, **honest_schedule(strategy, 1)))
-            return replies
+                    replies.append(reply(node, weights, 10, to=m, **honest_schedule(strategy, 1)))
+            return 0.0, replies
 
-    accepted = train_round(OneNodeGone([2, 3, 4], clock), strategy, settings, 1, model, deadline=100, clock=clock)
+    accepted = train_round(OneNodeGone([2, 3, 4], clock), strategy, settings, 1, model, deadline=100, clock=clock,
+                           sleep=clock.sleep)
     assert sorted(m.metadata.src_node_id for m in accepted) == [2, 3]
     assert [(e["node_id"], e["site"], e["event"]) for e in strategy.events[1]] == [(4, "site c", "missing")]
     assert strategy.events[1][0]["reason"].startswith("the SuperLink answered in its place: Error: Node Unavailable")
+
+
+def test_a_long_round_says_once_a_minute_which_sites_have_replied(task_identity, caplog):
+    clock = Clock()
+    settings = RunSettings(round_timeout=1000.0, round_retries=0, min_replies=1, min_reply_fraction=0.0)
+    strategy, model = start(settings)
+    strategy.site_names = {1: "site a", 2: "site b"}
+
+    class OneSlowSite(SilentSites):
+        """Site a replies after 20 s, site b after 150 s."""
+
+        def answer(self, messages):
+            return 0.0, []
+
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            for m in messages:
+                node = m.metadata.dst_node_id
+                weights = {k: a.numpy() * (1 + 0.01 * node) for k, a in model.items()}
+                self.waiting.append((20.0 if node == 1 else 150.0, reply(node, weights, 10, to=m, **honest_schedule(strategy, 1))))
+            return ids
+
+    with caplog.at_level(logging.INFO):
+        accepted = train_round(OneSlowSite([1, 2], clock), strategy, settings, 1, model, deadline=1000, clock=clock,
+                               sleep=clock.sleep)
+    assert len(accepted) == 2 and clock.now == 150.0  # pulled every 3 s: 150 is the first pull after site b's reply
+    progress = [m for m in caplog.messages if "sites replied" in m]
+    assert progress == ["Round 1: 1 of 2 sites replied; waiting for site b (1 min of 17)",
+                        "Round 1: 1 of 2 sites replied; waiting for site b (2 min of 17)"]

@@ -25,9 +25,10 @@ def arrays(rng, scale=1.0, shapes=SHAPES) -> dict[str, np.ndarray]:
     return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
 
 
-def reply(node: int, weights: dict[str, np.ndarray], n: float, **metrics: float) -> Message:
-    """A train reply as fedcycle's ClientApp sends it (every metric 1.0 unless given)."""
-    instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+def reply(node: int, weights: dict[str, np.ndarray], n: float, to: Message | None = None, **metrics: float) -> Message:
+    """A train reply as fedcycle's ClientApp sends it (every metric 1.0 unless given), to the
+    message `to` if given."""
+    instruction = to or Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
     values = {key: 1.0 for key in train_reply_keys(["accuracy"], "train-reply")}
     content = RecordDict(
         {
