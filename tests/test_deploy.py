@@ -24,7 +24,7 @@ FOLDERS = tuple(f"class-{i}" for i in range(10))  # a site's folder names for Fa
 
 def run_config(data_root: str, results: Path, extra: str = "") -> str:
     return (
-        f"num-server-rounds=2 local-epochs=1 train-subset=400 test-subset=1000 batch-size=32 "
+        f"num-server-rounds=2 local-epochs=2 train-subset=400 test-subset=1000 batch-size=32 "
         f"classes='{','.join(FOLDERS)}' data-root='{data_root}' results-dir='{results}' {extra}"
     )
 
