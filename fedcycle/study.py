@@ -81,6 +81,8 @@ class Study:
     repeat_splits: tuple[str, ...] = ("iid",)
     run_config: dict[str, Any] = field(default_factory=dict)  # shared run-config keys (subsets, batch size)
     output: str = ""
+    tracking: str = "mlflow"  # every run into one MLflow experiment per profile, or "off"
+    mlflow_tracking_uri: str = ""  # default: a SQLite store in the study's output folder
 
     @classmethod
     def load(cls, path: str | Path) -> "Study":
@@ -129,7 +131,11 @@ class Study:
             repeat_splits=tuple(raw.get("repeat_splits", ["iid"])),
             run_config=dict(raw.get("run_config", {})),
             output=raw.get("output", ""),
+            tracking=raw.get("tracking", "mlflow"),
+            mlflow_tracking_uri=raw.get("mlflow_tracking_uri", ""),
         )
+        if study.tracking not in ("mlflow", "off"):
+            raise StudyError(f"{path}: 'tracking' is {study.tracking!r}; choose 'mlflow' or 'off'")
         for le in study.local_epochs:
             if not isinstance(le, int) or le < 1 or study.epoch_budget % le:
                 raise StudyError(f"{path}: local_epochs {le} must be a positive divisor of epoch_budget={study.epoch_budget}")
@@ -277,8 +283,24 @@ def model_bytes(study: Study) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def mlflow_store(study: Study) -> tuple[str, str | None]:
+    """The study's MLflow store and artifact location: its own server, or SQLite in its output folder."""
+    from fedcycle.tracking import local_store
+
+    return (study.mlflow_tracking_uri, None) if study.mlflow_tracking_uri else local_store(study.output_dir())
+
+
+def tracking_config(study: Study) -> dict[str, Any]:
+    """The run-config keys that send a federated run's rounds to the study's MLflow experiment."""
+    if study.tracking == "off":
+        return {"tracking": "off"}
+    return {"tracking": "mlflow", "mlflow-tracking-uri": mlflow_store(study)[0],
+            "mlflow-experiment": f"fedcycle-study-{study.profile}"}
+
+
 def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: Path) -> dict:
-    config = {**run_config_for(study, run, data_root), "results-dir": str(scratch), "run-name": run.key}
+    config = {**run_config_for(study, run, data_root), **tracking_config(study), "results-dir": str(scratch),
+              "run-name": run.key}
     started = time.perf_counter()
     outcome = sim.run(run.sites, " ".join(f"{k}={_toml(v)}" for k, v in config.items()), stream=False)
     wall = time.perf_counter() - started
@@ -327,6 +349,13 @@ def run_centralized(study: Study, run: PlannedRun, data_root: str) -> dict:
 
     config = run_config_for(study, run, data_root)
     result = train_centralized(config, run.sites, run.rounds(study.epoch_budget))
+    if study.tracking == "mlflow":
+        from fedcycle.tracking import log_finished_run
+
+        uri, artifacts = mlflow_store(study)
+        log_finished_run(uri, f"fedcycle-study-{study.profile}", run.key, config,
+                         {"global/accuracy": result["test"], "val/accuracy": result["validation"],
+                          "epoch/seconds": result["seconds"]}, artifact_location=artifacts)
     return {"accuracy": result["test"], "val_accuracy": result["validation"], "seconds": result["seconds"],
             "wall_seconds": result["wall_seconds"], "run_config": config}
 
@@ -438,7 +467,8 @@ def flattened_epoch(val_accuracy: list[float]) -> int:
     return len(val_accuracy) - 1
 
 
-VOLATILE_KEYS = ("results-dir", "run-name", "data-root")  # where a run ran, not what it computed
+# where a run ran and where it was watched, not what it computed
+VOLATILE_KEYS = ("results-dir", "run-name", "data-root", "tracking", "mlflow-tracking-uri", "mlflow-experiment")
 
 
 def check_same_config(study: Study, run: PlannedRun, summary: dict, data_root: str) -> None:

@@ -3,7 +3,8 @@
 The ServerApp alone writes them (the sites need no tracker and no credentials): after each
 round, the same line metrics.jsonl gets, as named series — `global/<metric>`, `global/loss`,
 `swa/<metric>` (the server's mean of cycle ends), `site/<site>/<key>` for each site's train
-loss and metrics, learning rates, update ratio and peer measures, `round/seconds` — the
+loss and metrics, learning rates, update ratio and peer measures, `sites-evaluation/<metric>`
+(the sites' weighted evaluation of the global model, where they evaluate), `round/seconds` — the
 replies left out as text, and the run config as parameters. metrics.jsonl stays the record: a
 tracker that fails (its server down, a full disk) is logged once and dropped; training goes on.
 
@@ -62,6 +63,7 @@ def series(line: Mapping[str, Any]) -> dict[str, float]:
     for site in line.get("sites", []):
         label = site_label(site)
         out.update({f"site/{label}/{k}": v for k, v in site.items() if k not in ("node_id", "site")})
+    out.update({f"sites-evaluation/{k}": v for k, v in (line.get("sites_evaluation") or {}).items()})
     out["round/seconds"] = line.get("seconds")
     out["round/left-out"] = sum(e.get("event") in SCREEN_EVENTS for e in line.get("events", []))
     return {k: float(v) for k, v in out.items()
@@ -104,50 +106,68 @@ class TensorBoard:
 
 
 class MLflow:
-    def __init__(self, run_dir: Path, run_config: Mapping[str, Any], first_round: int, tracking_uri: str,
-                 experiment: str, run_name: str, state: dict[str, Any]) -> None:
+    """One MLflow run: a new one, or `run_id` continued (the rounds it has are not logged again)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
+                 run_id: str | None = None, artifact_location: str | None = None) -> None:
         for key, value in MLFLOW_ENV.items():
             os.environ.setdefault(key, value)
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        # the default store: one SQLite file beside the runs, so that the MLflow UI compares them
-        self.uri = tracking_uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
-        self.client = MlflowClient(tracking_uri=self.uri)
-        run_id = state.get("mlflow_run_id") if state.get("mlflow_tracking_uri") == self.uri else None
-        if run_id and first_round:
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if run_id:
             self.client.update_run(run_id, status="RUNNING")
             self.logged = {m.step for m in self.client.get_metric_history(run_id, "round/seconds")}
         else:
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=None if tracking_uri else (run_dir.parent / "mlartifacts").as_uri())
+                experiment, artifact_location=artifact_location)
             run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in sorted(run_config.items())]
-            for start in range(0, len(params), 100):  # MLflow takes at most 100 params a call
-                self.client.log_batch(run_id, params=params[start:start + 100])
+            values = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+            for start in range(0, len(values), 100):  # MLflow takes at most 100 params a call
+                self.client.log_batch(run_id, params=values[start:start + 100])
             self.logged = set()
         self.run_id = run_id
-        state.update(mlflow_run_id=run_id, mlflow_tracking_uri=self.uri)
 
-    def log_round(self, line: Mapping[str, Any]) -> None:
+    def log_step(self, step: int, values: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, value, now, step) for name, value in values.items()]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+        self.logged.add(step)
+
+    def log_round(self, line: Mapping[str, Any]) -> None:
         step = int(line["round"])
         if step in self.logged:
             return
-        now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, step) for name, value in series(line).items()]
-        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
         if text := events_text(line):
             self.client.log_text(self.run_id, text, f"events/round-{step:04d}.md")
-        self.logged.add(step)
+        self.log_step(step, series(line))
 
     def finish(self, status: str, final: Mapping[str, float], artifacts: list[Path]) -> None:
         for path in artifacts:
             self.client.log_artifact(self.run_id, str(path), "models")
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
+
+
+def local_store(folder: Path) -> tuple[str, str]:
+    """The MLflow store kept beside a folder's runs: a SQLite file (MLflow 3.17 refuses its old
+    file store) and an artifact folder, so that the MLflow UI compares the runs."""
+    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlartifacts").as_uri()
+
+
+def log_finished_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
+                     steps: Mapping[str, list[float | None]], artifact_location: str | None = None) -> None:
+    """A run trained in this process, logged to MLflow once it is done (the study's centralized
+    runs): each named list holds one value per step (epoch)."""
+    run = MLflow(tracking_uri, experiment, run_name, params, artifact_location=artifact_location)
+    for step in range(max(map(len, steps.values()), default=0)):
+        run.log_step(step, {name: float(v[step]) for name, v in steps.items()
+                            if step < len(v) and v[step] is not None and math.isfinite(v[step])})
+    run.finish("finished", {}, [])
 
 
 class Trackers:
@@ -171,8 +191,13 @@ class Trackers:
     def _open(self, name: str, settings: Any, run_dir: Path, run_config: Mapping[str, Any], first_round: int) -> Any:
         if name == "tensorboard":
             return TensorBoard(run_dir, run_config, first_round)
-        return MLflow(run_dir, run_config, first_round, settings.mlflow_tracking_uri, settings.mlflow_experiment,
-                      run_dir.name, self.state)
+        uri, artifacts = (settings.mlflow_tracking_uri, None) if settings.mlflow_tracking_uri else local_store(run_dir.parent)
+        same_store = self.state.get("mlflow_tracking_uri") == uri
+        tracker = MLflow(uri, settings.mlflow_experiment, run_dir.name, run_config,
+                         run_id=self.state.get("mlflow_run_id") if first_round and same_store else None,
+                         artifact_location=artifacts)
+        self.state.update(mlflow_run_id=tracker.run_id, mlflow_tracking_uri=uri)
+        return tracker
 
     def _safely(self, name: str, call) -> None:
         try:

@@ -19,6 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MLflowServer
+from faults.fault_client_app import build_app
+from faults.rogues import start_sites, stop_sites
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedcycle.checkpoint import load_checkpoint
 from fedcycle.config import RunSettings
@@ -26,9 +31,6 @@ from fedcycle.deploy.loopback import LoopbackDeployment
 from fedcycle.local import RunOutcome
 from fedcycle.results import load_model, read_metrics
 from fedcycle.strategies import make_strategy
-
-from faults.fault_client_app import build_app
-from faults.rogues import start_sites, stop_sites
 
 
 @pytest.fixture(scope="module")
@@ -105,26 +107,42 @@ def events(line: dict, site: str, event: str) -> list[dict]:
 
 
 def test_a_killed_site_is_dropped_and_a_stalled_one_takes_part_again(deployment, data_root, tmp_path):
-    # Both stall in round 1 until the test acts: site 2 is killed there (it never comes back), site 1
-    # goes on only after the server has given up on it (round 1 is in metrics.jsonl), never in a race
-    # with the timeout.
-    never, release = tmp_path / "never", tmp_path / "release"
-    names = start_sites(deployment, "faulty", ["", f"stall:1:{release}", f"stall:1:{never}"])
+    # Sites 1 and 2 stall in round 1 until the test acts: site 2 is killed there (it never comes
+    # back), site 1 goes on only after the server has given up on it (round 1 is in metrics.jsonl),
+    # never in a race with the timeout. The run's MLflow server is stopped after it has round 1 and
+    # before round 2 can end: site 0 waits in round 2 until then.
+    never, release, go = tmp_path / "never", tmp_path / "release", tmp_path / "go"
+    tracker = MLflowServer(tmp_path / "mlflow").start()
+    names = start_sites(deployment, "faulty", [f"stall:2:{go}", f"stall:1:{release}", f"stall:1:{never}"])
     metrics = tmp_path / "faulty" / "metrics.jsonl"
     try:
         # round 1 goes on with 1 usable reply of 3 (the default asks for half the sampled sites)
         run = Background(deployment, config(data_root, tmp_path, "num-server-rounds=2 round-timeout=45 "
-                                            "min-reply-fraction=0.3 run-name='faulty'"))
+                                            f"min-reply-fraction=0.3 tracking='mlflow' mlflow-tracking-uri='{tracker.uri}' "
+                                            "run-name='faulty'"))
         wait_for_file(Path(f"{never}.stalled"))  # round 1 is under way at site 2
         kill(deployment, "supernode-faulty-2")
         kill(deployment, "superexec-faulty-2")
         wait_for_round(metrics, 1)
         release.touch()
+        run_id = json.loads((tmp_path / "faulty" / "tracking.json").read_text())["mlflow_run_id"]
+        deadline = time.monotonic() + 120  # the server has round 1 (it is logged after metrics.jsonl)
+        while 1 not in {m.step for m in tracker.client().get_metric_history(run_id, "round/seconds")}:
+            assert time.monotonic() < deadline, "round 1 did not reach the MLflow server"
+            time.sleep(0.2)
+        tracker.stop()
+        go.touch()
         outcome = run.join()
     finally:
         release.touch()
+        go.touch()
+        tracker.stop()
         stop_sites(deployment, names[:2])
     assert outcome.completed, outcome.log[-4000:]
+    # the stopped tracker: said once, the run went on; what it got before is in its store
+    assert outcome.log.count("mlflow tracking stopped") == 1, outcome.log[-4000:]
+    stored = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    assert [m.step for m in stored.get_metric_history(run_id, "global/accuracy")] == [0, 1]
     rounds = read_metrics(metrics)
     assert [r["round"] for r in rounds] == [0, 1, 2]
     slow, dead = "partition 1/3", "partition 2/3"
@@ -212,12 +230,12 @@ def test_a_round_with_too_few_usable_replies_is_retried_then_the_run_stops(deplo
     assert (tmp_path / "short" / "checkpoints" / "round-0000.safetensors").exists()
 
 
-def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, data_root, tmp_path):
+def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, data_root, tmp_path, mlflow_server):
     names = start_sites(deployment, "resume", ["", ""])
     # Cycles of 1.5 rounds (round 3, the one after the resume, starts a third into one: its own rates),
     # the peak halved per cycle, and the server's mean of cycle ends (cycles end in rounds 2 and 3).
     schedule = ("lr-cycle-length=1.5 lr-envelope='exponential' lr-decay=0.5 swa-start=2 checkpoints-keep=10 "
-                "round-timeout=120 seed=7")
+                f"round-timeout=120 seed=7 tracking='both' mlflow-tracking-uri='{mlflow_server.uri}'")
     try:
         job = config(data_root, tmp_path, f"num-server-rounds=3 {schedule} run-name='resumable'")
         run = Background(deployment, job)
@@ -229,6 +247,7 @@ def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, d
         stopped = run.join()
         deployment.wait_for_sites(2)
         assert deployment.flwr.status(stopped.run_id) == "finished:failed"
+        tracked = json.loads((tmp_path / "resumable" / "tracking.json").read_text())
         resumed = deployment.run(f"{job} resume-from='{tmp_path / 'resumable'}'", stream=False)
     finally:
         stop_sites(deployment, names)
@@ -257,3 +276,21 @@ def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, d
         if value.is_floating_point():
             assert torch.equal(value, ((saved[0][key].double() + saved[1][key].double()) / 2).to(value.dtype)), key
     assert rounds[3]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    # TensorBoard and the MLflow server have every round once, across the resume, in one run each
+    board = EventAccumulator(str(tmp_path / "resumable" / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("global/accuracy")] == [0, 1, 2, 3]
+    assert [e.value for e in board.Scalars("global/accuracy")] == pytest.approx([r["accuracy"] for r in rounds])
+    assert json.loads((tmp_path / "resumable" / "tracking.json").read_text()) == tracked
+    client = mlflow_server.client()
+    run_id = tracked["mlflow_run_id"]
+    history = client.get_metric_history(run_id, "global/accuracy")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+    assert [m.value for m in history] == pytest.approx([r["accuracy"] for r in rounds])
+    for site in ("partition 0 of 2", "partition 1 of 2"):
+        assert [e.step for e in board.Scalars(f"site/{site}/train-loss")] == [1, 2, 3]
+        assert [m.step for m in client.get_metric_history(run_id, f"site/{site}/train-loss")] == [1, 2, 3]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["seed"] == "7"
+    assert {a.path for a in client.list_artifacts(run_id, "models")} == {
+        "models/global-final.safetensors", "models/global-best.safetensors", "models/global-swa.safetensors"}

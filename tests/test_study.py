@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from fedcycle.study import Study, StudyError, comparison_plan, tuning_plan
 
@@ -94,6 +95,16 @@ def test_an_interrupted_study_continues_without_redoing_finished_runs(tmp_path, 
     assert "## fedcycle's recipe, cell by cell" in report
     assert ours["screened"] == {"rejected": 0, "clipped": 0, "weight-capped": 0, "missing": 0} and ours["replies"] == 2  # 2 sites, 1 round
     assert "## The reply screen on honest runs" in report
+    # every run is also in the study's MLflow experiment, by its key: the centralized ones per
+    # epoch, the federated ones per round (a run interrupted above is there too, unfinished)
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fedcycle-study-tiny")
+    finished = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "FINISHED"}
+    assert set(finished) == {name.removesuffix(".json") for name in final}
+    for key, run in finished.items():
+        history = client.get_metric_history(run.info.run_id, "global/accuracy")
+        summary = json.loads((out / "runs" / f"{key}.json").read_text())
+        assert [m.value for m in history] == pytest.approx(summary.get("global_accuracy", summary["accuracy"]))
 
 
 def test_bad_study_files_name_the_key(tmp_path):
