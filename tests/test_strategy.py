@@ -405,13 +405,18 @@ def test_an_update_far_longer_than_its_peers_is_scaled_down_to_the_bound(peer_ro
         np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-5, atol=1e-6)
 
 
-def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(peer_round):
+@pytest.mark.parametrize("names", ["unnamed", "one name each", "one name for all"])
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(peer_round, names):
+    """The same sites registered again (new node ids), their replies arriving in another order."""
     s, rng, model = peer_round
     sent = honest_updates(rng, model, 4)
     later = make_strategy(RunSettings(), num_sites=5)
     later.remember_global(ArrayRecord({k: Array(v) for k, v in model.items()}))
+    if names != "unnamed":
+        for strategy, first_id in ((s, 1), (later, 11)):
+            strategy.site_names = {first_id + i: "site" if names == "one name for all" else f"site-{i}" for i in range(4)}
     first, _ = s.aggregate_train(1, [reply(n, sent[n - 1], 10 + 7 * n) for n in (1, 2, 3, 4)])
-    again, _ = later.aggregate_train(1, [reply(n, sent[n - 1], 10 + 7 * n) for n in (4, 2, 1, 3)])
+    again, _ = later.aggregate_train(1, [reply(10 + n, sent[n - 1], 10 + 7 * n) for n in (4, 2, 1, 3)])
     for key in SHAPES:
         assert first[key].numpy().tobytes() == again[key].numpy().tobytes(), key
 

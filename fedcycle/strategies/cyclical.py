@@ -166,9 +166,11 @@ class CyclicalMixin:
         counters = integer_arrays(self.global_arrays, accepted) if self.global_arrays is not None else {}
         # in a fixed order, not the replies' arrival order: float sums depend on their order, and the
         # same sites with the same seed must give the same model (node ids change with every
-        # registration and sites may share a label: the weights' digest breaks ties)
-        accepted = sorted(accepted, key=lambda m: (str(self.site_names.get(m.metadata.src_node_id, "")),
-                                                   peers.digest(m.content["arrays"])))
+        # registration; sites may share a label, and only then is the weights' digest computed to
+        # break the tie)
+        label = {id(m): str(self.site_names.get(m.metadata.src_node_id, "")) for m in accepted}
+        tied = len(set(label.values())) < len(accepted)
+        accepted = sorted(accepted, key=lambda m: (label[id(m)], peers.digest(m.content["arrays"]) if tied else ""))
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.global_arrays is not None:
             arrays = keep_dtypes(arrays, self.global_arrays, counters)
