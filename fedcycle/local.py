@@ -64,7 +64,9 @@ class ProcessGroup:
     """Processes started here, each in its own session with its own log file, stopped by PID.
 
     A process's session id is its PID, so stopping the session also stops what it spawned
-    (the ServerApp, ClientApps, Ray), even after the leader has exited.
+    (the ServerApp, ClientApps, Ray), even after the leader has exited; a descendant that
+    started a session of its own (a simulation SuperLink's SuperExec, and under it the
+    simulation and Ray) is stopped with it.
     """
 
     def __init__(self, log_dir: Path) -> None:
@@ -103,25 +105,49 @@ class ProcessGroup:
         return [p.pid for p in self.procs.values()]
 
     def stop(self, name: str, grace: float = 15) -> None:
-        """SIGTERM the process's whole session, wait up to `grace` seconds, then SIGKILL what is left."""
+        """SIGTERM the process's session and those its descendants started, wait up to `grace`
+        seconds, then SIGKILL what is left."""
         proc = self.procs.pop(name, None)
         if proc is None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            proc.wait()
-            return
+        # before the leader exits and its descendants are orphaned; never this process's own group
+        groups = ({proc.pid} | _descendant_groups(proc.pid)) - {os.getpgrp()}
+        for group in groups:
+            _signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
+        while time.monotonic() < deadline and (proc.poll() is None or any(map(_group_alive, groups))):
             time.sleep(0.2)
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for group in filter(_group_alive, groups):
+            _signal_group(group, signal.SIGKILL)
         proc.wait()
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):
             self.stop(name)
+
+
+def _descendant_groups(pid: int) -> set[int]:
+    """The process groups of `pid`'s descendants (Linux /proc; elsewhere none are found)."""
+    parent_of, group_of = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)"
+        except (OSError, IndexError):
+            continue
+        child = int(stat.parent.name)
+        parent_of[child], group_of[child] = int(fields[1]), int(fields[2])
+    groups, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parent_of.items() if parent in frontier}
+        groups |= {group_of[child] for child in frontier}
+    return groups
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -240,8 +266,9 @@ def python_path(folder: str) -> dict[str, str]:
 class LocalSimulation:
     """A simulation SuperLink on loopback, owned by this object; use as a context manager.
 
-    Stopping it stops its session: the ServerApp and Ray. (The SuperExec it starts detaches
-    into its own session and exits by itself when the SuperLink is gone.)"""
+    Stopping it stops its session and the SuperExec's (which detaches into a session of its
+    own): the simulation, the ServerApp and Ray. Left alone, a SuperExec whose SuperLink was
+    stopped went on training for over a minute."""
 
     def __init__(self, flwr_home: Path, app_dir: Path = REPO, task_path: str = "") -> None:
         self.flwr_home = Path(flwr_home).resolve()
