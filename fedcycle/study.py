@@ -285,9 +285,9 @@ def model_bytes(study: Study) -> int:
 
 def mlflow_store(study: Study) -> tuple[str, str | None]:
     """The study's MLflow store and artifact location: its own server, or SQLite in its output folder."""
-    from fedcycle.tracking import local_store
+    from fedcycle import tracking
 
-    return (study.mlflow_tracking_uri, None) if study.mlflow_tracking_uri else local_store(study.output_dir())
+    return tracking.mlflow_store(study.mlflow_tracking_uri, study.output_dir())
 
 
 def tracking_config(study: Study) -> dict[str, Any]:

@@ -159,6 +159,17 @@ def local_store(folder: Path) -> tuple[str, str]:
     return f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlartifacts").as_uri()
 
 
+def mlflow_store(tracking_uri: str, folder: Path) -> tuple[str, str | None]:
+    """The MLflow store and artifact location for `tracking_uri`: a server keeps the artifacts
+    it was started for; a SQLite file keeps them in mlartifacts/ beside it (MLflow's own
+    default, ./mlruns, is the folder the process happens to run in); none: local_store(folder)."""
+    if not tracking_uri:
+        return local_store(folder)
+    if tracking_uri.startswith("sqlite:///"):
+        return tracking_uri, (Path(tracking_uri.removeprefix("sqlite:///")).absolute().parent / "mlartifacts").as_uri()
+    return tracking_uri, None
+
+
 def log_finished_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
                      steps: Mapping[str, list[float | None]], artifact_location: str | None = None) -> None:
     """A run trained in this process, logged to MLflow once it is done (the study's centralized
@@ -191,7 +202,7 @@ class Trackers:
     def _open(self, name: str, settings: Any, run_dir: Path, run_config: Mapping[str, Any], first_round: int) -> Any:
         if name == "tensorboard":
             return TensorBoard(run_dir, run_config, first_round)
-        uri, artifacts = (settings.mlflow_tracking_uri, None) if settings.mlflow_tracking_uri else local_store(run_dir.parent)
+        uri, artifacts = mlflow_store(settings.mlflow_tracking_uri, run_dir.parent)
         same_store = self.state.get("mlflow_tracking_uri") == uri
         tracker = MLflow(uri, settings.mlflow_experiment, run_dir.name, run_config,
                          run_id=self.state.get("mlflow_run_id") if first_round and same_store else None,

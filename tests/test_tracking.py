@@ -61,6 +61,22 @@ def test_a_resumed_run_continues_both_trackers_without_a_round_twice(tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_a_sqlite_store_named_in_the_run_config_keeps_the_models_beside_it(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever folder the ServerApp runs in (a study's first federated run
+    creates the experiment; its models went to the checkout's root)."""
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "study" / "mlflow.db"
+    store.parent.mkdir()
+    run_dir = tmp_path / "results" / "run"
+    run_dir.mkdir(parents=True)
+    trackers = Trackers(RunSettings(tracking="mlflow", mlflow_tracking_uri=f"sqlite:///{store}"), run_dir, {}, first_round=0)
+    trackers.log_round(line(0, 0.1))
+    (run_dir / "global-final.safetensors").write_bytes(b"model")
+    trackers.finish("finished", {}, [run_dir / "global-final.safetensors"])
+    assert (store.parent / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+    assert list((store.parent / "mlartifacts").rglob("global-final.safetensors"))
+
+
 def test_a_tracker_that_fails_is_logged_once_and_the_others_go_on(tmp_path, caplog):
     settings = RunSettings(tracking="both", mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")  # nobody there
     with caplog.at_level(logging.WARNING):
