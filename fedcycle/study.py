@@ -360,6 +360,32 @@ def run_centralized(study: Study, run: PlannedRun, data_root: str) -> dict:
             "wall_seconds": result["wall_seconds"], "run_config": config}
 
 
+def log_missing_to_mlflow(study: Study, done: dict[str, dict]) -> None:
+    """Finished runs the study's MLflow experiment lacks, logged from their summaries: the
+    summaries are committed, the MLflow store is not, so a study continued on another machine
+    (or after its store was deleted) would otherwise show only the runs made there."""
+    if study.tracking != "mlflow" or not done:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from fedcycle.tracking import log_finished_run
+
+    uri, artifacts = mlflow_store(study)
+    name = f"fedcycle-study-{study.profile}"
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    logged = set() if experiment is None else {
+        r.info.run_name for r in MlflowClient(tracking_uri=uri).search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")}
+    for key, summary in sorted(done.items()):
+        if key in logged:
+            continue
+        unit = "round" if summary.get("sites") else "epoch"
+        steps = {"global/accuracy": summary.get("global_accuracy", summary["accuracy"]),
+                 "val/accuracy": summary["val_accuracy"], f"{unit}/seconds": summary["seconds"]}
+        if "swa_accuracy" in summary:
+            steps["swa/accuracy"] = summary["swa_accuracy"]
+        log_finished_run(uri, name, key, summary["run_config"], steps, artifact_location=artifacts)
+
+
 def write_summary(path: Path, summary: dict) -> None:
     from fedcycle.files import atomic_write
 
@@ -405,6 +431,7 @@ def run_study(study: Study, data_root: str = "", max_runs: int | None = None, lo
     out = study.output_dir()
     runs_dir = out / "runs"
     done = load_done(runs_dir)
+    log_missing_to_mlflow(study, done)
     bytes_per_model = model_bytes(study)
     budget = max_runs if max_runs is not None else sys.maxsize
     with tempfile.TemporaryDirectory(prefix="fedcycle-study-") as scratch, \

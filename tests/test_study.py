@@ -77,7 +77,9 @@ def test_an_interrupted_study_continues_without_redoing_finished_runs(tmp_path, 
     for name in after_interrupt:
         json.loads((out / "runs" / name).read_text())  # every summary is whole
 
-    # 3. Continue: only the missing runs are done, the finished ones stay as they were.
+    # 3. Continue, as on a fresh clone (the summaries are committed, the MLflow store is not):
+    #    only the missing runs are done, the finished ones stay as they were.
+    (out / "mlflow.db").unlink()
     rest = subprocess.run(study_command(path, data_root), capture_output=True, text=True, timeout=600)
     assert rest.returncode == 0, rest.stderr
     final = summaries(out)
@@ -95,12 +97,14 @@ def test_an_interrupted_study_continues_without_redoing_finished_runs(tmp_path, 
     assert "## fedcycle's recipe, cell by cell" in report
     assert ours["screened"] == {"rejected": 0, "clipped": 0, "weight-capped": 0, "missing": 0} and ours["replies"] == 2  # 2 sites, 1 round
     assert "## The reply screen on honest runs" in report
-    # every run is also in the study's MLflow experiment, by its key: the centralized ones per
-    # epoch, the federated ones per round (a run interrupted above is there too, unfinished)
+    # every run is also in the study's MLflow experiment, once, by its key: the centralized ones
+    # per epoch, the federated ones per round; those finished before the store was deleted,
+    # logged again from their summaries
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fedcycle-study-tiny")
+    names = sorted(r.info.run_name for r in client.search_runs([experiment.experiment_id]) if r.info.status == "FINISHED")
+    assert names == sorted(name.removesuffix(".json") for name in final)
     finished = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id]) if r.info.status == "FINISHED"}
-    assert set(finished) == {name.removesuffix(".json") for name in final}
     for key, run in finished.items():
         history = client.get_metric_history(run.info.run_id, "global/accuracy")
         summary = json.loads((out / "runs" / f"{key}.json").read_text())
