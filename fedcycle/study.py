@@ -147,6 +147,10 @@ class Study:
         return study
 
     @property
+    def mlflow_experiment(self) -> str:
+        return f"fedcycle-study-{self.profile}"
+
+    @property
     def methods(self) -> tuple[str, ...]:
         return tuple(m for m in METHODS if GRID_OF[m] in self.grid)
 
@@ -295,7 +299,7 @@ def tracking_config(study: Study) -> dict[str, Any]:
     if study.tracking == "off":
         return {"tracking": "off"}
     return {"tracking": "mlflow", "mlflow-tracking-uri": mlflow_store(study)[0],
-            "mlflow-experiment": f"fedcycle-study-{study.profile}"}
+            "mlflow-experiment": study.mlflow_experiment}
 
 
 def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: Path) -> dict:
@@ -353,7 +357,7 @@ def run_centralized(study: Study, run: PlannedRun, data_root: str) -> dict:
         from fedcycle.tracking import log_finished_run
 
         uri, artifacts = mlflow_store(study)
-        log_finished_run(uri, f"fedcycle-study-{study.profile}", run.key, config,
+        log_finished_run(uri, study.mlflow_experiment, run.key, config,
                          {"global/accuracy": result["test"], "val/accuracy": result["validation"],
                           "epoch/seconds": result["seconds"]}, artifact_location=artifacts)
     return {"accuracy": result["test"], "val_accuracy": result["validation"], "seconds": result["seconds"],
@@ -371,10 +375,10 @@ def log_missing_to_mlflow(study: Study, done: dict[str, dict]) -> None:
     from fedcycle.tracking import log_finished_run
 
     uri, artifacts = mlflow_store(study)
-    name = f"fedcycle-study-{study.profile}"
-    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    name, client = study.mlflow_experiment, MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(name)
     logged = set() if experiment is None else {
-        r.info.run_name for r in MlflowClient(tracking_uri=uri).search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")}
+        r.info.run_name for r in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")}
     for key, summary in sorted(done.items()):
         if key in logged:
             continue
