@@ -123,7 +123,7 @@ def test_summaries_group_seeds():
 
 
 def test_the_recipe_table_measures_fedcycle_against_centralized_and_plain_fedavg():
-    from fedcycle.report import recipe_table
+    from fedcycle.report import recipe_table, recipe_verdict
 
     def record(method, split, final, std=0.0, le=1):
         central = method.startswith("centralized")
@@ -140,3 +140,8 @@ def test_the_recipe_table_measures_fedcycle_against_centralized_and_plain_fedavg
     assert rows[("iid", "4", "1")].endswith("| 0.8980 ± 0.0020 | -0.20 | +1.80 | 90% | met |")
     assert rows[("iid", "4", "5")].endswith("| -1.00 | +1.00 | 50% | missed |")  # 1 point short of centralized
     assert rows[("dirichlet-0.3", "4", "1")].endswith("| -6.00 | +4.00 | 40% | missed |")  # under half the gap closed
+    verdict = recipe_verdict(records)
+    assert verdict.startswith("**Target met in 1 of 3 cells.**") and "beat fedavg-constant in 3 of 3 cells" in verdict
+    records[3]["final_accuracy_mean"] = 0.87  # fedcycle behind fedavg-constant at iid, 1 local epoch: target missed
+    verdict = recipe_verdict(records)
+    assert "Target met in 0 of 3 cells (missed in every one)" in verdict and "in 2 of 3 cells" in verdict
