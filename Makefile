@@ -67,7 +67,7 @@ bench: data
 	$(BIN)/fedcycle bench
 
 # The built-in tasks on real data made offline (README, "Built-in tasks"): the data, then a
-# short simulation of each. fedcycle.demo_data prints the run config that points at the data.
+# short simulation of each. fedcycle_tools.demo_data prints the run config that points at the data.
 DEMO_DATA := $(RESULTS)/demo-data
 
 demo-tabular: setup

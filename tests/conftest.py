@@ -36,7 +36,7 @@ class MLflowServer:
         import sys
         from pathlib import Path
 
-        from fedcycle.local import ProcessGroup, free_port
+        from fedcycle_tools.launcher import ProcessGroup, free_port
 
         self.folder, self.port = Path(folder), free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -49,7 +49,7 @@ class MLflowServer:
     def start(self) -> "MLflowServer":
         import os
 
-        from fedcycle.local import http_ok
+        from fedcycle_tools.launcher import http_ok
 
         self.processes.start("mlflow", self.command, dict(os.environ), self.folder)
         self.processes.wait_until("mlflow", lambda: http_ok(f"{self.uri}/health"), 120, "the MLflow server")

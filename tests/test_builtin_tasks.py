@@ -233,14 +233,14 @@ def test_an_audio_site_without_a_class_is_named_with_its_folder(tmp_path):
 
 
 def test_the_centralized_baseline_of_a_builtin_task_on_real_data(tmp_path):
-    """`python -m fedcycle.local centralize`: the breast cancer table (scikit-learn's), pooled from 3 sites."""
+    """`python -m fedcycle_tools.launcher centralize`: the breast cancer table (scikit-learn's), pooled from 3 sites."""
     import subprocess
     import sys
 
     from fedcycle import demo_data
 
     config = f"{demo_data.tabular(tmp_path / 'data')} batch-size=32 results-dir='{tmp_path}' run-name='pooled'"
-    out = subprocess.run([sys.executable, "-m", "fedcycle.local", "centralize", "--sites", "3", "--epochs", "3",
+    out = subprocess.run([sys.executable, "-m", "fedcycle_tools.launcher", "centralize", "--sites", "3", "--epochs", "3",
                           "--run-config", config], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "epoch 3/3: test " in out.stdout

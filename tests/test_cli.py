@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcycle.cli import VERBS, main
+from fedcycle_tools.cli import VERBS, main
 
 FEDCYCLE = Path(sys.executable).parent / "fedcycle"
 

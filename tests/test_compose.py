@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedcycle.deploy.pki import make_pki
-from fedcycle.local import _bin
+from fedcycle_tools.deploy.pki import make_pki
+from fedcycle_tools.launcher import _bin
 
 REPO = Path(__file__).resolve().parent.parent
 FLWR_PIN = re.search(r"flwr\[simulation\]==([\d.]+)", (REPO / "pyproject.toml").read_text()).group(1)
@@ -23,7 +23,7 @@ BINARIES = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supe
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A copy of the compose files with the secrets `fedcycle.deploy certs` makes."""
+    """A copy of the compose files with the secrets `fedcycle_tools.deploy certs` makes."""
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose (Debian's, the validator) is missing: run `make deploy-tools`")
     root = tmp_path_factory.mktemp("compose")

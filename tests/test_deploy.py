@@ -14,9 +14,9 @@ from PIL import Image
 
 from fedcycle.config import RunSettings
 from fedcycle.datasets import load
-from fedcycle.deploy.loopback import LoopbackDeployment
-from fedcycle.deploy.pki import make_pki
-from fedcycle.local import FlwrCli, flwr_env, trusting
+from fedcycle_tools.deploy.loopback import LoopbackDeployment
+from fedcycle_tools.deploy.pki import make_pki
+from fedcycle_tools.launcher import FlwrCli, flwr_env, trusting
 from fedcycle.results import read_metrics
 
 FOLDERS = tuple(f"class-{i}" for i in range(10))  # a site's folder names for Fashion-MNIST's 10 classes
@@ -151,7 +151,7 @@ def wait_for_exit(deployment, name: str, timeout: float = 90) -> str:
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert proc.poll() is not None, f"supernode-{name} still running after {timeout}s"
-    from fedcycle.deploy.loopback import explain_supernode_exit
+    from fedcycle_tools.deploy.loopback import explain_supernode_exit
 
     message = explain_supernode_exit(name, proc.returncode, deployment.processes.tail(f"supernode-{name}", 30))
     deployment.stop_site(name)

@@ -27,8 +27,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedcycle.checkpoint import load_checkpoint
 from fedcycle.config import RunSettings
-from fedcycle.deploy.loopback import LoopbackDeployment
-from fedcycle.local import RunOutcome
+from fedcycle_tools.deploy.loopback import LoopbackDeployment
+from fedcycle_tools.launcher import RunOutcome
 from fedcycle.results import load_model, read_metrics
 from fedcycle.strategies import make_strategy
 

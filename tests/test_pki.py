@@ -1,4 +1,4 @@
-"""What `python -m fedcycle.deploy certs` writes: a CA, a SuperLink certificate, site key pairs."""
+"""What `python -m fedcycle_tools.deploy certs` writes: a CA, a SuperLink certificate, site key pairs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fedcycle.deploy.__main__ import main
-from fedcycle.deploy.pki import make_pki
+from fedcycle_tools.deploy.__main__ import main
+from fedcycle_tools.deploy.pki import make_pki
 
 
 def test_certs_command_writes_a_working_pki(tmp_path, capsys):

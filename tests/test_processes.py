@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedcycle.local import ProcessGroup
+from fedcycle_tools.launcher import ProcessGroup
 
 # A leader that starts a child in a session of its own, as a simulation SuperLink starts its
 # SuperExec (and that one the simulation and Ray), then both wait to be stopped.

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fedcycle.report import claim_verdict, summarize_runs, write_report
-from fedcycle.study import Study, comparison_plan, tuning_plan
+from fedcycle_tools.study.report import claim_verdict, summarize_runs, write_report
+from fedcycle_tools.study.plan import Study, comparison_plan, tuning_plan
 
 STUDY = """
 profile: {profile}
@@ -78,7 +78,7 @@ def test_report_tables_and_numbers(study):
         comparison.append(summary(r, [a + shift for a in curve], val=vals.get((r.method, r.lr.get("lr-max")), 0.8)))
     write(study, comparison)
 
-    report = write_report(study, command="python -m fedcycle.study unit.yaml")
+    report = write_report(study, command="python -m fedcycle_tools.study unit.yaml")
     records = {(r["method"], r["local_epochs"]): r for r in json.loads((study.output_dir() / "summary.json").read_text())}
     cyc2 = records[("fedavg-cyclical", 2)]
     # two seeds at the tuning cell: 0.886 and 0.896
@@ -123,7 +123,7 @@ def test_summaries_group_seeds():
 
 
 def test_the_recipe_table_measures_fedcycle_against_centralized_and_plain_fedavg():
-    from fedcycle.report import recipe_table, recipe_verdict
+    from fedcycle_tools.study.report import recipe_table, recipe_verdict
 
     def record(method, split, final, std=0.0, le=1):
         central = method.startswith("centralized")

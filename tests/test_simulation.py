@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from fedcycle.checkpoint import load_checkpoint
-from fedcycle.local import LocalSimulation
+from fedcycle_tools.launcher import LocalSimulation
 from fedcycle.results import load_model, read_metrics
 
 SMALL = "train-subset=500 test-subset=1000 batch-size=32"
@@ -119,7 +118,7 @@ def test_undeclared_key_is_refused_by_flower(superlink, tmp_path, data_root):
     assert "Invalid run configuration" in out.log
 
 
-# The built-in tasks on real data made offline (fedcycle.demo_data), small: each learns in
+# The built-in tasks on real data made offline (fedcycle_tools.demo_data), small: each learns in
 # simulation by a margin stated here (what "learns" means for the kind: accuracy from chance,
 # and for the binary table its AUROC).
 KINDS = {
@@ -164,24 +163,19 @@ def test_each_builtin_kind_learns_in_simulation(superlink, tmp_path, kind):
         assert json.loads((out.results_dir / "config.json").read_text())["sites"]  # with their statistics
 
 
-def test_flwr_run_gets_the_apps_files_without_what_gitignore_leaves_out(tmp_path):
-    # the same FAB as from the app's own folder, without walking its virtualenv
+def test_flwr_run_gets_the_runtime_package_and_its_manifest_only():
+    # the app that `flwr run` bundles: fedcycle's pyproject.toml and the runtime package, no tools
     from flwr.cli.build import build_fab_from_disk
 
-    from fedcycle.local import REPO, staged_app
+    import fedcycle
+    from fedcycle_tools.launcher import app_folder
 
-    app = tmp_path / "app"
-    shutil.copytree(REPO / "fedcycle", app / "fedcycle", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "pyproject.toml", app)
-    (app / ".gitignore").write_text(".venv/\n/results/\n*.key\n")
-    for ignored in (".venv/lib/site.py", "results/run/metrics.jsonl", "fedcycle/site.key"):
-        (app / ignored).parent.mkdir(parents=True, exist_ok=True)
-        (app / ignored).write_text("left out")
-    with staged_app(app) as staged:
+    with app_folder() as staged:
         files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
         fab = build_fab_from_disk(staged)
-    assert {".gitignore", "pyproject.toml", "fedcycle/local.py"} <= files
-    assert not files & {".venv/lib/site.py", "results/run/metrics.jsonl", "fedcycle/site.key"}
-    names = sorted(zipfile.ZipFile(io.BytesIO(fab)).namelist())
-    assert names == sorted(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist())
-    assert "fedcycle/local.py" in names
+    runtime = {f"fedcycle/{p.relative_to(Path(fedcycle.__file__).parent).as_posix()}"
+               for p in Path(fedcycle.__file__).parent.rglob("*.py")}
+    assert files == {"pyproject.toml", *runtime}
+    names = set(zipfile.ZipFile(io.BytesIO(fab)).namelist())
+    assert {"pyproject.toml", "fedcycle/server_app.py", "fedcycle/client_app.py"} <= names
+    assert not any(n.startswith("fedcycle_tools") or "__pycache__" in n for n in names)

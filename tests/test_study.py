@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fedcycle.study import Study, StudyError, comparison_plan, tuning_plan
+from fedcycle_tools.study.plan import Study, StudyError, comparison_plan, tuning_plan
 
 TINY = """
 profile: tiny
@@ -39,7 +39,7 @@ output: {output}
 
 
 def study_command(path: Path, data_root: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fedcycle.study", str(path), "--data-root", data_root, *extra]
+    return [sys.executable, "-m", "fedcycle_tools.study", str(path), "--data-root", data_root, *extra]
 
 
 def summaries(out: Path) -> dict[str, float]:
@@ -122,7 +122,7 @@ def test_bad_study_files_name_the_key(tmp_path):
 
 
 def test_a_finished_run_made_with_another_study_file_is_not_reused(tmp_path):
-    from fedcycle.study import check_same_config, run_config_for
+    from fedcycle_tools.study.plan import check_same_config, run_config_for
 
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(output=tmp_path / "out"))
@@ -138,7 +138,7 @@ def test_a_finished_run_made_with_another_study_file_is_not_reused(tmp_path):
 def test_the_centralized_baseline_keeps_one_optimizer_and_its_momentum_across_epochs(tmp_path, data_root):
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from fedcycle.study import run_centralized
+    from fedcycle_tools.study.runs import run_centralized
 
     path = tmp_path / "two-epochs.yaml"
     path.write_text(TINY.format(output=tmp_path / "out").replace("epoch_budget: 1", "epoch_budget: 2"))

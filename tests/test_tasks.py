@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 from fedcycle.errors import ConfigError, TaskError
-from fedcycle.local import LocalSimulation
+from fedcycle_tools.launcher import LocalSimulation
 from fedcycle.results import load_model, read_metrics
 from fedcycle.schedules import LRSchedule
 from fedcycle.tasks import Task, load_task
@@ -306,7 +306,7 @@ def test_a_loop_that_keeps_its_own_rate_is_left_out_by_the_server(superlink, tmp
 
 
 def test_a_users_task_runs_on_the_loopback_deployment(tmp_path_factory, task_dir):
-    from fedcycle.deploy.loopback import LoopbackDeployment
+    from fedcycle_tools.deploy.loopback import LoopbackDeployment
 
     with LoopbackDeployment(tmp_path_factory.mktemp("deployment"), server_task_path=str(task_dir)) as d:
         d.start_superlink()

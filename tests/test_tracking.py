@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
-from fedcycle.local import free_port
+from fedcycle_tools.launcher import free_port
 from fedcycle.tracking import Trackers, series
 
 

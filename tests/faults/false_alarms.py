@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from fedcycle.files import atomic_write
-from fedcycle.local import LocalSimulation, exit_on_termination
+from fedcycle_tools.launcher import LocalSimulation, exit_on_termination
 from fedcycle.results import read_metrics
 
 SPLITS = {

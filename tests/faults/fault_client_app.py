@@ -32,13 +32,12 @@ from fedcycle.strategies.cyclical import schedule_summary
 
 def build_app(app_dir: Path) -> Path:
     """fedcycle's app in `app_dir`, with this module as its ClientApp."""
-    from fedcycle.local import REPO
+    from fedcycle_tools.launcher import project_file
 
-    pyproject = (REPO / "pyproject.toml").read_text()
+    pyproject = project_file("pyproject.toml").read_text()
     component = 'clientapp = "fedcycle.client_app:app"'
     assert component in pyproject, "pyproject.toml no longer names fedcycle's ClientApp as expected"
     (app_dir / "pyproject.toml").write_text(pyproject.replace(component, 'clientapp = "fault_client_app:app"'))
-    shutil.copy(REPO / "README.md", app_dir)
     shutil.copy(__file__, app_dir)
     return app_dir
 

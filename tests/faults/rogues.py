@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedcycle.deploy.loopback import LoopbackDeployment
+from fedcycle_tools.deploy.loopback import LoopbackDeployment
 from fedcycle.files import atomic_write
-from fedcycle.local import exit_on_termination
+from fedcycle_tools.launcher import exit_on_termination
 from fedcycle.results import read_metrics
 
 SCENARIOS = {

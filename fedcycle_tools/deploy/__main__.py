@@ -1,4 +1,4 @@
-"""python -m fedcycle.deploy: certificates, key registration, a site's processes, the loopback demo.
+"""python -m fedcycle_tools.deploy: certificates, key registration, a site's processes, the loopback demo.
 
     certs     a CA, the SuperLink's certificate (--host names) and one key pair per --site
     register  register sites' public keys with the SuperLink (run on the coordinator)
@@ -15,10 +15,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedcycle.deploy.loopback import LoopbackDeployment, explain_supernode_exit, register_key
-from fedcycle.deploy.pki import make_pki, write_secret
-from fedcycle.local import REPO, FlwrCli, ProcessGroup, _bin, exit_on_termination, flwr_env, print_results
 from fedcycle.results import read_metrics
+from fedcycle_tools.deploy.loopback import (
+    LoopbackDeployment,
+    explain_supernode_exit,
+    register_key,
+)
+from fedcycle_tools.deploy.pki import make_pki, write_secret
+from fedcycle_tools.launcher import (
+    FlwrCli,
+    ProcessGroup,
+    _bin,
+    exit_on_termination,
+    flwr_env,
+    print_results,
+)
 
 DEMO_RUN_CONFIG = "num-server-rounds=2 local-epochs=1 train-subset=2000 test-subset=2000"
 
@@ -34,7 +45,7 @@ def certs(args: argparse.Namespace) -> int:
 
 
 def register(args: argparse.Namespace) -> int:
-    cli = FlwrCli(flwr_env(Path(args.flwr_home).expanduser() if args.flwr_home else None), REPO)
+    cli = FlwrCli(flwr_env(Path(args.flwr_home).expanduser() if args.flwr_home else None))
     failed = 0
     for pub in args.public_keys:
         try:
@@ -112,7 +123,7 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if outcome.completed else 1
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.deploy") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.deploy") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("certs", help="make the CA, the SuperLink certificate and site key pairs")
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.deploy")
     p.add_argument("--log-dir", default="fedcycle-site-logs")
     p.set_defaults(func=site)
     p = sub.add_parser("demo", help="the whole topology on loopback, 2 sites, 2 rounds")
-    p.add_argument("--results-dir", default=str(REPO / "results" / "deploy-demo"))
+    p.add_argument("--results-dir", default="results/deploy-demo", help="where the run's results go (default ./results/deploy-demo)")
     p.set_defaults(func=demo)
     args = parser.parse_args(argv)
     exit_on_termination()

@@ -1,6 +1,6 @@
 """The centralized baseline: the same task and trainer on the pooled data of all sites.
 
-What federated training is judged against (the study, and `python -m fedcycle.local centralize`
+What federated training is judged against (the study, and `python -m fedcycle_tools.launcher centralize`
 for any task): one model, one optimizer and one scheduler for the whole run, as a plain PyTorch
 loop has them (momentum survives every epoch boundary; federated sites start a new one every
 round), the task's statistics from the pooled data (what the sites' sums add up to), and the
@@ -13,11 +13,16 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+import torch
+
+from fedcycle.batches import join
+from fedcycle.config import RunSettings
+from fedcycle.tasks import add_up, load_task
+from fedcycle.trainer import TrainConfig, evaluate, pick_device, train
+
 
 def pooled_site_data(config: dict, sites: int):
     """The task of a run config, and all its sites' train and validation data, pooled."""
-    from fedcycle.batches import join
-    from fedcycle.tasks import add_up, load_task
 
     task = load_task(config)
     parts = [task.site_data({"partition-id": i, "num-partitions": sites}) for i in range(sites)]
@@ -29,7 +34,6 @@ def pooled_site_data(config: dict, sites: int):
 
 def primary_value(task, model, data, batch_size: int) -> float | None:
     """The task's primary metric of `model` on `data` (None without data)."""
-    from fedcycle.trainer import evaluate, pick_device
 
     if data is None or not len(data):
         return None
@@ -41,10 +45,7 @@ def train_centralized(config: dict[str, Any], sites: int, epochs: int,
     """Train on the pooled data of `sites` simulated sites for `epochs` epochs; the primary
     metric on the test and validation data before training and after each epoch, and each
     epoch's seconds. `progress(epoch, test, validation)` is called after each epoch."""
-    import torch
 
-    from fedcycle.config import RunSettings
-    from fedcycle.trainer import TrainConfig, pick_device, train
 
     settings = RunSettings.from_run_config(config)
     task, train_data, val_data = pooled_site_data(config, sites)

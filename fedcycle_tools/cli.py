@@ -15,14 +15,14 @@ from typing import Callable
 
 # verb: (what it does, module, the module's own sub-command, if the verb is one)
 VERBS: dict[str, tuple[str, str, str]] = {
-    "simulate": ("run one simulation job to the end and print its results", "fedcycle.local", "simulate"),
-    "centralize": ("train the centralized baseline on the pooled data of simulated sites", "fedcycle.local", "centralize"),
-    "prepare-data": ("decode Fashion-MNIST into the data cache", "fedcycle.local", "prepare-data"),
-    "deploy": ("the deployment: certs, register, site, demo (see `fedcycle deploy --help`)", "fedcycle.deploy.__main__", ""),
-    "study": ("run a reproduction study, or continue it where it stopped", "fedcycle.study", ""),
-    "report": ("write a study's report from the runs done so far", "fedcycle.study", ""),
-    "bench": ("measure where the seconds of a round go (a benchmark, not a test)", "fedcycle.bench", ""),
-    "demo-data": ("make a built-in task's demo data offline and print its run config", "fedcycle.demo_data", ""),
+    "simulate": ("run one simulation job to the end and print its results", "fedcycle_tools.launcher", "simulate"),
+    "centralize": ("train the centralized baseline on the pooled data of simulated sites", "fedcycle_tools.launcher", "centralize"),
+    "prepare-data": ("decode Fashion-MNIST into the data cache", "fedcycle_tools.launcher", "prepare-data"),
+    "deploy": ("the deployment: certs, register, site, demo (see `fedcycle deploy --help`)", "fedcycle_tools.deploy.__main__", ""),
+    "study": ("run a reproduction study, or continue it where it stopped", "fedcycle_tools.study.__main__", ""),
+    "report": ("write a study's report from the runs done so far", "fedcycle_tools.study.__main__", ""),
+    "bench": ("measure where the seconds of a round go (a benchmark, not a test)", "fedcycle_tools.bench", ""),
+    "demo-data": ("make a built-in task's demo data offline and print its run config", "fedcycle_tools.demo_data", ""),
 }
 
 

@@ -1,8 +1,8 @@
 """Real data for the built-in tasks' demos, made offline from packages (README, "Built-in tasks"):
 
-    python -m fedcycle.demo_data tabular DIR   # scikit-learn's breast cancer set (binary: AUROC)
-    python -m fedcycle.demo_data text DIR      # fortune cookies in 5 languages (Debian's fortunes-*)
-    python -m fedcycle.demo_data audio DIR     # spoken digits from espeak-ng, one voice set per site
+    python -m fedcycle_tools.demo_data tabular DIR   # scikit-learn's breast cancer set (binary: AUROC)
+    python -m fedcycle_tools.demo_data text DIR      # fortune cookies in 5 languages (Debian's fortunes-*)
+    python -m fedcycle_tools.demo_data audio DIR     # spoken digits from espeak-ng, one voice set per site
 
 Each writes the files the task reads and prints the run config that points the task at them.
 """
@@ -40,7 +40,7 @@ VOICE_SETS = {
 
 def tabular(out: Path, seed: int = 0) -> str:
     """The Wisconsin breast cancer set as CSV files (80% train, 20% test, seeded)."""
-    from sklearn.datasets import load_breast_cancer
+    from sklearn.datasets import load_breast_cancer  # lazily: scikit-learn is the optional `demo` extra
 
     data = load_breast_cancer()
     order = np.random.default_rng(seed).permutation(len(data.target))
@@ -110,7 +110,7 @@ def audio(out: Path, speeds: tuple[int, ...] = (130, 160, 190), pitches: tuple[i
             f"audio.sample-rate=22050 classes='{','.join(DIGITS)}'")
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.demo_data") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.demo_data") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Make the built-in tasks' demo data from offline packages "
                                                             "and print the run config that points at it.")
     parser.add_argument("kind", choices=("tabular", "text", "audio"))

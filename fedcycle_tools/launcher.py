@@ -7,8 +7,11 @@ launcher gives each job its own FLWR_HOME and ports, starts that SuperLink itsel
 run's log, reads the run's real status from `flwr ls` (`flwr run` exits 0 even for a
 failed run), prints the results table and stops everything it started.
 
-    python -m fedcycle.local simulate --sites 4 --run-config "num-server-rounds=3"
-    python -m fedcycle.local prepare-data
+    python -m fedcycle_tools.launcher simulate --sites 4 --run-config "num-server-rounds=3"
+    python -m fedcycle_tools.launcher prepare-data
+
+It runs the app that fedcycle ships (`shipped_app`), from a source checkout or an installed
+wheel alike, and works in the current folder: `.flwr-home/` and the run's `results/` go there.
 """
 
 from __future__ import annotations
@@ -26,14 +29,35 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
-import pathspec
+import torch
+from flwr.common.config import parse_config_args
+from rich.console import Console
+from rich.table import Table
 
-REPO = Path(__file__).resolve().parent.parent
+import fedcycle
+import fedcycle_tools
+from fedcycle.config import RunSettings
+from fedcycle.datasets import data_root, load
+from fedcycle.errors import ConfigError, TaskError
+from fedcycle.files import atomic_write
+from fedcycle.results import machine, read_metrics, versions
+from fedcycle.site import add_task_path
+from fedcycle.strategies import check_strategy
+from fedcycle.tasks import load_task
+from fedcycle_tools.centralized import train_centralized
+
+
+def project_file(relative: str) -> Path:
+    """A file of fedcycle's project root (its pyproject.toml, deploy/...): in place in a source
+    checkout; an installed wheel carries a copy under fedcycle_tools/project/."""
+    shipped = Path(fedcycle_tools.__file__).parent / "project" / relative
+    return shipped if shipped.exists() else Path(fedcycle.__file__).resolve().parent.parent / relative
 
 
 @dataclass
@@ -161,43 +185,34 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextlib.contextmanager
-def staged_app(app_dir: Path) -> Iterator[Path]:
-    """The app's files, less what its .gitignore leaves out, in a temporary folder.
-
-    `flwr run` walks every file under the app's folder before it applies .gitignore: with a
-    virtualenv inside (the README's .venv, about 47,000 files) that took 7 s of every run on
-    this project's machine. The FAB holds the same files either way."""
-    ignore_file = app_dir / ".gitignore"
-    if not ignore_file.is_file():
+def app_folder(app_dir: Path | None = None) -> Iterator[Path]:
+    """The folder `flwr run` bundles and sends: `app_dir` as it is, or by default the app fedcycle
+    ships, staged in a temporary folder: its pyproject.toml (components and run config) beside a
+    copy of the runtime package `fedcycle`, and nothing else (no tools, tests, data or venv; `flwr
+    run` walks every file of the folder it is given, a checkout's .venv alone is 47,000)."""
+    if app_dir is not None:
         yield app_dir
         return
-    ignored = pathspec.GitIgnoreSpec.from_lines(ignore_file.read_text().splitlines())
     with tempfile.TemporaryDirectory(prefix="fedcycle-app-") as staged:
-        for folder, dirs, files in os.walk(app_dir):
-            here = Path(folder).relative_to(app_dir)
-            dirs[:] = [d for d in dirs if not ignored.match_file(f"{(here / d).as_posix()}/")
-                       and not (Path(folder) / d).is_symlink()]
-            for name in files:
-                source = Path(folder) / name
-                if not source.is_symlink() and not ignored.match_file((here / name).as_posix()):
-                    (Path(staged) / here).mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(source, Path(staged) / here / name)
+        shutil.copy(project_file("pyproject.toml"), staged)
+        shutil.copytree(Path(fedcycle.__file__).parent, Path(staged) / "fedcycle",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         yield Path(staged)
 
 
 class FlwrCli:
     """The `flwr` command with a given FLWR_HOME, against one SuperLink connection."""
 
-    def __init__(self, env: dict, app_dir: Path, connection: str | None = None) -> None:
+    def __init__(self, env: dict, app_dir: Path | None = None, connection: str | None = None) -> None:
         self.env, self.app_dir, self.connection = env, app_dir, connection
 
     def __call__(self, *args: str, timeout: float | None = None, stream: bool = False) -> subprocess.CompletedProcess:
         command = [_bin("flwr"), *args]
         if not stream:
-            return subprocess.run(command, env=self.env, cwd=self.app_dir, capture_output=True, text=True, timeout=timeout)
+            return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
         lines = []
         with subprocess.Popen(
-            command, env=self.env, cwd=self.app_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -211,7 +226,7 @@ class FlwrCli:
 
     def run(self, run_config: str = "", federation_config: str = "", stream: bool = True) -> RunOutcome:
         """`flwr run` one job to the end; its status comes from `flwr ls`, not the exit code."""
-        with staged_app(self.app_dir) as app:
+        with app_folder(self.app_dir) as app:
             args = ["run", str(app), *self._target(), "--stream"]
             if federation_config:
                 args += ["--federation-config", federation_config]
@@ -270,9 +285,9 @@ class LocalSimulation:
     own): the simulation, the ServerApp and Ray. Left alone, a SuperExec whose SuperLink was
     stopped went on training for over a minute."""
 
-    def __init__(self, flwr_home: Path, app_dir: Path = REPO, task_path: str = "") -> None:
+    def __init__(self, flwr_home: Path, app_dir: Path | None = None, task_path: str = "") -> None:
         self.flwr_home = Path(flwr_home).resolve()
-        self.app_dir = Path(app_dir).resolve()
+        self.app_dir = Path(app_dir).resolve() if app_dir else None
         self.port, self.control_port = free_port(), free_port()
         self.env = flwr_env(
             self.flwr_home,
@@ -298,7 +313,8 @@ class LocalSimulation:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--database", str(self.flwr_home / "local-superlink" / "state.db"),
         ]
-        self.processes.start("superlink", command, self.env, self.app_dir)
+        # the ServerApp's relative paths (results-dir) resolve against the folder this runs from
+        self.processes.start("superlink", command, self.env, Path.cwd())
         url = f"http://127.0.0.1:{self.port}/health"
         try:
             self.processes.wait_until("superlink", lambda: http_ok(url), timeout, f"answering on {url}")
@@ -326,7 +342,6 @@ def trusting(ca: Path) -> ssl.SSLContext:
 
 
 def cuda_devices() -> int:
-    import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -339,10 +354,7 @@ def http_ok(url: str, ca: Path | None = None) -> bool:
 
 
 def print_results(outcome: RunOutcome) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
-    from fedcycle.results import read_metrics
 
     console = Console()
     if outcome.results_dir and (outcome.results_dir / "metrics.jsonl").exists():
@@ -372,8 +384,6 @@ def exit_on_termination() -> None:
 
 def prepare_data(run_config: dict | None = None) -> None:
     """Decode the dataset's train and test splits into the data root's .npy cache."""
-    from fedcycle.config import RunSettings
-    from fedcycle.datasets import data_root, load
 
     settings = RunSettings.from_run_config(run_config or {})
     for split in ("train", "test"):
@@ -383,9 +393,7 @@ def prepare_data(run_config: dict | None = None) -> None:
 
 def full_run_config(overrides: str) -> dict:
     """The run config as the ServerApp will read it: pyproject.toml's defaults with the overrides."""
-    import tomllib
 
-    from flwr.common.config import parse_config_args
 
     def flat(table: dict, prefix: str = "") -> dict:
         out = {}
@@ -393,16 +401,12 @@ def full_run_config(overrides: str) -> dict:
             out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
         return out
 
-    defaults = flat(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    defaults = flat(tomllib.loads(project_file("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
     return {**defaults, **(parse_config_args([overrides]) if overrides.strip() else {})}
 
 
 def check_run_config(overrides: str, task_path: str = "") -> None:
     """The run config, checked here before anything starts: ConfigError or TaskError with one line."""
-    from fedcycle.config import RunSettings
-    from fedcycle.site import add_task_path
-    from fedcycle.strategies import check_strategy
-    from fedcycle.tasks import load_task
 
     run_config = full_run_config(overrides)
     check_strategy(RunSettings.from_run_config(run_config))
@@ -412,14 +416,9 @@ def check_run_config(overrides: str, task_path: str = "") -> None:
 
 
 def centralize(overrides: str, sites: int, epochs: int) -> Path:
-    """The centralized baseline of a run config (fedcycle.centralized), printed epoch by epoch
+    """The centralized baseline of a run config (fedcycle_tools.centralized), printed epoch by epoch
     and written to <results-dir>/<run-name>/centralized.json."""
-    import json
 
-    from fedcycle.centralized import train_centralized
-    from fedcycle.config import RunSettings
-    from fedcycle.files import atomic_write
-    from fedcycle.results import machine, versions
 
     run_config = full_run_config(overrides)
     settings = RunSettings.from_run_config(run_config)
@@ -438,14 +437,14 @@ def centralize(overrides: str, sites: int, epochs: int) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.local") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.launcher") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run one simulation job to the end and print its results")
     sim.add_argument("--sites", type=int, default=4, help="simulated data centers (default 4)")
     sim.add_argument("--run-config", default="", help='run-config overrides, as for flwr run: "k=v k2=\'s\'"')
     sim.add_argument("--cpus-per-site", type=float, default=1, help="Ray CPUs per ClientApp (default 1)")
-    sim.add_argument("--flwr-home", default=str(REPO / ".flwr-home"), help="FLWR_HOME for this job")
+    sim.add_argument("--flwr-home", default=".flwr-home", help="FLWR_HOME for this job (default ./.flwr-home)")
     sim.add_argument("--task-path", default="", help="a folder holding the module of the run config's task")
     cen = sub.add_parser("centralize", help="train the centralized baseline: the run config's task on the pooled "
                                             "data of --sites simulated sites, with one optimizer throughout")
@@ -461,7 +460,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.local") 
     if args.command == "prepare-data":
         prepare_data()
         return 0
-    from fedcycle.errors import ConfigError, TaskError
 
     try:
         check_run_config(args.run_config, args.task_path)

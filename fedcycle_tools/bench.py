@@ -37,10 +37,24 @@ from typing import Callable
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+from torch.utils.data import DataLoader
 
-from fedcycle.local import REPO, exit_on_termination
+from fedcycle.batches import DeviceBatches, InMemoryImages, batches
+from fedcycle.config import RunSettings
+from fedcycle.datasets import DATASETS, load
+from fedcycle.models import build_model
+from fedcycle.results import machine, read_metrics, versions
+from fedcycle.schedules import LRSchedule
+from fedcycle.strategies import make_strategy
+from fedcycle.tasks import Task, load_task
+from fedcycle.trainer import TrainConfig, evaluate, train
+from fedcycle.wire import train_reply_keys
+from fedcycle_tools.launcher import LocalSimulation, exit_on_termination
 
-OUT = REPO / "results" / "bench"
+OUT = Path("results") / "bench"  # under the folder it runs from
 
 
 def spread(values: list[float]) -> dict:
@@ -60,14 +74,7 @@ def timed(fn: Callable[[], object], repeat: int) -> list[float]:
 
 
 def bench_aggregation(repeat: int) -> dict:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-    from flwr.serverapp.strategy import FedAvg
-    from flwr.supercore.task_identity import TaskIdentity
 
-    from fedcycle.config import RunSettings
-    from fedcycle.models import build_model
-    from fedcycle.strategies import make_strategy
-    from fedcycle.wire import train_reply_keys
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -121,11 +128,6 @@ def minimal_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 
 
 def bench_trainer(repeat: int) -> dict:
-    from fedcycle.batches import InMemoryImages
-    from fedcycle.models import build_model
-    from fedcycle.schedules import LRSchedule
-    from fedcycle.tasks import Task
-    from fedcycle.trainer import TrainConfig, train
 
     task = Task("image-classification", {})  # cross-entropy and accuracy; the models are built here
     results = {}
@@ -169,15 +171,13 @@ print(t1 - t0, t2 - t1, t3 - t2)
 
 
 def bench_startup(repeat: int, data_root: str) -> dict:
-    from fedcycle.config import RunSettings
-    from fedcycle.datasets import load
 
     load(RunSettings(data_root=data_root), "train")  # the .npy cache exists, as after a site's first round
     cold = []
     for _ in range(repeat):
         started = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", SETUP_SNIPPET.format(root=data_root)], capture_output=True,
-                             text=True, check=True, cwd=REPO)
+                             text=True, check=True)
         cold.append((time.perf_counter() - started, *map(float, out.stdout.split())))
     return {
         "process_seconds": spread([c[0] for c in cold]),
@@ -211,13 +211,7 @@ class PlainImages(torch.utils.data.Dataset):
 def bench_loaders(repeat: int, data_root: str, samples: int = 8192, batch: int = 64) -> dict:
     """fedcycle's trainer on Fashion-MNIST through the in-memory fast path and through the
     DataLoader path (0 and 1 workers), and the minimal hand loop, on the same images."""
-    from torch.utils.data import DataLoader
 
-    from fedcycle.batches import DeviceBatches, InMemoryImages, batches
-    from fedcycle.config import RunSettings
-    from fedcycle.datasets import DATASETS, load
-    from fedcycle.tasks import load_task
-    from fedcycle.trainer import TrainConfig, train
 
     cpu = torch.device("cpu")
     config = {"data-root": data_root}
@@ -347,9 +341,6 @@ def memmap_child(path: str, labels_path: str, release_every: int, batch: int, th
     memory (the baseline after imports and set-up, the peak after training) as one JSON line."""
     if threads:
         torch.set_num_threads(threads)
-    from fedcycle.schedules import LRSchedule
-    from fedcycle.tasks import Task
-    from fedcycle.trainer import TrainConfig, train
 
     task = Task("image-classification", {"dataset": "cifar10"})  # small-cnn for 3x32x32; cross-entropy, accuracy
     data = MemmapImages(path, np.load(labels_path), (0.5,) * 3, (0.25,) * 3, release_every)
@@ -399,9 +390,9 @@ def bench_memmap(data_gib: float, cap_gib: float, shape: tuple[int, int, int] = 
         result["dataset_bytes"] = path.stat().st_size
         result["write_seconds"] = time.perf_counter() - started
         for name, release in (("np_memmap", 0), ("np_memmap_released", batch)):
-            code = (f"from fedcycle.bench import memmap_child; "
+            code = (f"from fedcycle_tools.bench import memmap_child; "
                     f"memmap_child({str(path)!r}, {str(labels_path)!r}, {release}, {batch}, {threads})")
-            out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
+            out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                                  timeout=1800)
             if out.returncode:
                 raise RuntimeError(f"memmap child {name} exited {out.returncode}:\n{out.stderr[-2000:]}")
@@ -418,9 +409,6 @@ def bench_memmap(data_gib: float, cap_gib: float, shape: tuple[int, int, int] = 
 
 def plain_rounds(rounds: int, sites: int, data_root: str) -> list[float]:
     """The standard job as one process: each site's training in turn, the average, the test."""
-    from fedcycle.config import RunSettings
-    from fedcycle.tasks import load_task
-    from fedcycle.trainer import TrainConfig, evaluate, train
 
     config = {"data-root": data_root, "local-epochs": 1}
     settings = RunSettings.from_run_config(config)
@@ -446,8 +434,6 @@ def plain_rounds(rounds: int, sites: int, data_root: str) -> list[float]:
 
 
 def bench_round(rounds: int, data_root: str) -> dict:
-    from fedcycle.local import LocalSimulation
-    from fedcycle.results import read_metrics
 
     sites = 4
     with tempfile.TemporaryDirectory(prefix="fedcycle-bench-") as scratch:
@@ -556,7 +542,7 @@ def table(result: dict) -> str:
 SECTIONS = ("aggregation", "trainer", "loaders", "memmap", "startup", "round")
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.bench") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.bench") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
@@ -576,7 +562,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle.bench") 
     if args.threads:
         torch.set_num_threads(args.threads)
     exit_on_termination()
-    from fedcycle.results import machine, versions
 
     result = {"command": " ".join([prog, *(argv if argv is not None else sys.argv[1:])]),
               "versions": versions(), "machine": machine(), "torch_threads": torch.get_num_threads()}

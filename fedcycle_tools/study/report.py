@@ -11,10 +11,18 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from fedcycle.study import Study
+from fedcycle.averaging import has_batchnorm
+from fedcycle.results import machine, versions
+from fedcycle.tasks import load_task
+from fedcycle_tools.study.plan import (
+    Study,
+    choose,
+    comparison_plan,
+    load_done,
+    tuning_plan,
+)
 
 THRESHOLDS = (0.85, 0.88)
 CLAIM_POINTS = 1.0  # "competitive with centralized": within this many accuracy points
@@ -182,7 +190,7 @@ def table(records: list[dict]) -> str:
 
 def plot(records: list[dict], out_dir: Path, sites: int) -> list[Path]:
     """Test accuracy against round, bytes and wall time; one panel per split, at `sites` sites."""
-    import matplotlib
+    import matplotlib  # lazily: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -230,9 +238,7 @@ def _optimizer_note(runs: list[dict]) -> str:
     return f"The centralized runs {how}; federated sites start a new optimizer every round, as FedAvg does."
 
 
-def _averaging_note(study: "Study") -> str:
-    from fedcycle.averaging import has_batchnorm
-    from fedcycle.tasks import load_task
+def _averaging_note(study: Study) -> str:
 
     model = load_task({"dataset": study.dataset, "model": study.model}).build_model()
     batchnorm = ("it has BatchNorm, whose running statistics are averaged with the weights, not recomputed on "
@@ -248,9 +254,7 @@ def _cumulative(values: list[float]):
         yield total
 
 
-def write_report(study: "Study", command: str) -> Path:
-    from fedcycle.results import machine, versions
-    from fedcycle.study import choose, comparison_plan, load_done, tuning_plan
+def write_report(study: Study, command: str) -> Path:
 
     out = study.output_dir()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """What a deployment needs to be secure by default: a CA, the SuperLink's TLS certificate and
 one authentication key pair per SuperNode (site).
 
-    python -m fedcycle.deploy certs --out deploy/secrets --host superlink.example.org \
+    python -m fedcycle_tools.deploy certs --out deploy/secrets --host superlink.example.org \
         --host 203.0.113.7 --site hospital-a --site hospital-b
 
 writes

@@ -17,13 +17,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcycle.deploy.pki import Pki, make_pki, make_site_keys
-from fedcycle.local import (
-    REPO, FlwrCli, ProcessGroup, RunOutcome, _bin, flwr_env, free_port, http_ok, python_path, trusting,
+import httpx
+
+from fedcycle_tools.deploy.pki import Pki, make_pki, make_site_keys
+from fedcycle_tools.launcher import (
+    FlwrCli,
+    ProcessGroup,
+    RunOutcome,
+    _bin,
+    flwr_env,
+    free_port,
+    http_ok,
+    project_file,
+    python_path,
+    trusting,
 )
 
 CONNECTION = "fedcycle-deploy"
-PROXY_TEMPLATE = REPO / "deploy" / "fleet-proxy.conf.template"
+PROXY_TEMPLATE = project_file("deploy/fleet-proxy.conf.template")
 
 
 @dataclass
@@ -36,10 +47,10 @@ class SiteProcess:
 class LoopbackDeployment:
     """Owns every process it starts; `stop()` (or leaving the `with` block) ends them all."""
 
-    def __init__(self, workdir: Path, app_dir: Path = REPO, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    def __init__(self, workdir: Path, app_dir: Path | None = None, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
                  server_task_path: str = "") -> None:
         self.workdir = Path(workdir).resolve()
-        self.app_dir = Path(app_dir).resolve()
+        self.app_dir = Path(app_dir).resolve() if app_dir else None
         self.pki: Pki = make_pki(self.workdir / "secrets", list(hosts), sites=[])
         self.port = free_port()  # the SuperLink itself: Fleet + Control + Runtime, loopback only
         self.fleet_port = free_port()  # the proxy: what the sites dial
@@ -90,7 +101,7 @@ class LoopbackDeployment:
             "--superexec-auth-secret-file", secret,
             "--disable-runtime-dependency-installation",
         ]
-        self.processes.start("superlink", command, self.env, self.app_dir)
+        self.processes.start("superlink", command, self.env, self.workdir)
         url = f"https://{self.control_address}/health"
         self.processes.wait_until("superlink", lambda: http_ok(url, self.pki.ca_cert), timeout, f"serving {url}")
         serverapp_exec = [
@@ -99,7 +110,7 @@ class LoopbackDeployment:
             "--root-certificates", str(self.pki.ca_cert),
             "--superexec-auth-secret-file", secret,
         ]
-        self.processes.start("superexec-serverapp", serverapp_exec, self.server_env, self.app_dir)
+        self.processes.start("superexec-serverapp", serverapp_exec, self.server_env, self.workdir)
 
     def start_proxy(self, timeout: float = 30) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -124,7 +135,7 @@ class LoopbackDeployment:
             "}\n"
         )
         self.processes.start("proxy", [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-                             self.env, self.app_dir)
+                             self.env, self.workdir)
         url = f"https://{self.fleet_address}/"
         self.processes.wait_until("proxy", lambda: _answers(url, self.pki.ca_cert), timeout, f"serving {url}")
 
@@ -156,14 +167,14 @@ class LoopbackDeployment:
             "--superexec-auth-secret-file", secret,
             "--max-retries", str(max_retries),
         ]
-        self.processes.start(f"supernode-{name}", command, self.env, self.app_dir)
+        self.processes.start(f"supernode-{name}", command, self.env, self.workdir)
         clientapp_exec = [
             _bin("flower-superexec"),
             "--runtime-api-address", f"127.0.0.1:{site.port}",
             "--insecure",  # loopback inside the site, between its own SuperNode and SuperExec
             "--superexec-auth-secret-file", secret,
         ]
-        self.processes.start(f"superexec-{name}", clientapp_exec, self.env, self.app_dir)
+        self.processes.start(f"superexec-{name}", clientapp_exec, self.env, self.workdir)
 
     def stop_site(self, name: str) -> None:
         """Stop a site's SuperNode and SuperExec and forget it."""
@@ -199,7 +210,6 @@ class LoopbackDeployment:
 
 def _answers(url: str, ca: Path) -> bool:
     """True once the server completes a TLS handshake and answers anything over HTTP."""
-    import httpx
 
     try:
         httpx.get(url, timeout=0.5, verify=trusting(ca))
@@ -227,7 +237,7 @@ def explain_supernode_exit(name: str, code: int | None, log_tail: str) -> str:
     if "Failed to activate SuperNode" in log_tail:
         return (
             f"site {name}: the SuperLink refused its key ('Failed to activate SuperNode'). On the coordinator, "
-            f"register the site's public key: python -m fedcycle.deploy register --connection <name> {name}.pub"
+            f"register the site's public key: python -m fedcycle_tools.deploy register --connection <name> {name}.pub"
         )
     if "CERTIFICATE_VERIFY_FAILED" in log_tail:
         return (

@@ -1,0 +1,290 @@
+"""A study's profile and its plan: which runs there are, with which run config, which are done.
+
+The study runs in two phases: tuning (every method's grid at the tuning cell, chosen on the sites'
+validation data) and the comparison (every method in every cell with its chosen setting).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedcycle.tasks import load_task
+
+METHODS = ("centralized-constant", "centralized-cyclical", "fedavg-constant", "fedavg-cyclical", "fedcycle")
+# method -> the lr_grid entry it is tuned on; `fedcycle` (a server-side recipe: schedule
+# envelope, cycles across rounds, server momentum, averaging of cycle ends) only where a
+# study file has a `fedcycle` grid
+GRID_OF = {"centralized-constant": "constant", "centralized-cyclical": "cyclical", "fedavg-constant": "constant",
+           "fedavg-cyclical": "cyclical", "fedcycle": "fedcycle"}
+# the keys a `fedcycle` recipe may set, besides lr-min/lr-max/cycle-rounds: run-config keys,
+# `strategy` and its `<strategy>.<option>` keys, and when the server starts averaging cycle
+# ends as a fraction of the run's rounds
+RECIPE_KEYS = ("schedule", "lr-min", "lr-max", "cycle-rounds", "lr-envelope", "lr-decay", "lr-warmup-rounds",
+               "swa-start-fraction", "strategy")
+
+
+class StudyError(ValueError):
+    """A study file that cannot work; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    partitioner: str
+    alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    profile: str
+    dataset: str
+    model: str
+    epoch_budget: int
+    sites: tuple[int, ...]
+    local_epochs: tuple[int, ...]
+    splits: tuple[Split, ...]
+    seeds: tuple[int, ...]
+    repeat_seeds: tuple[int, ...]  # seeds for the repeat cells (tuning_sites sites, repeat_splits) in the comparison
+    grid: dict[str, tuple[dict, ...]]  # "constant" / "cyclical" / "fedcycle" -> settings to try
+    tuning_sites: int = 4
+    repeat_splits: tuple[str, ...] = ("iid",)
+    run_config: dict[str, Any] = field(default_factory=dict)  # shared run-config keys (subsets, batch size)
+    output: str = ""
+    tracking: str = "mlflow"  # every run into one MLflow experiment per profile, or "off"
+    mlflow_tracking_uri: str = ""  # default: a SQLite store in the study's output folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Study":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise StudyError(f"{path}: cannot read the study file: {err}") from None
+        if not isinstance(raw, dict):
+            raise StudyError(f"{path}: a study file is a YAML mapping")
+
+        def need(key: str, kind: type) -> Any:
+            if key not in raw:
+                raise StudyError(f"{path}: '{key}' is missing")
+            if not isinstance(raw[key], kind):
+                raise StudyError(f"{path}: '{key}' must be a {kind.__name__}, not {raw[key]!r}")
+            return raw[key]
+
+        splits = []
+        for item in need("splits", list):
+            if not isinstance(item, dict) or "name" not in item or "partitioner" not in item:
+                raise StudyError(f"{path}: each of 'splits' needs 'name' and 'partitioner', got {item!r}")
+            splits.append(Split(item["name"], item["partitioner"], item.get("alpha")))
+        grid = need("lr_grid", dict)
+        if not {"constant", "cyclical"} <= set(grid) <= {"constant", "cyclical", "fedcycle"}:
+            raise StudyError(
+                f"{path}: 'lr_grid' needs 'constant' and 'cyclical', and may have 'fedcycle'; got {sorted(grid)}"
+            )
+        for recipe in grid.get("fedcycle", []):
+            unknown = [k for k in recipe if k not in RECIPE_KEYS and "." not in k]
+            if unknown:
+                raise StudyError(f"{path}: lr_grid.fedcycle: {unknown} unknown; a recipe may set {list(RECIPE_KEYS)} "
+                                 "and '<strategy>.<option>'")
+        study = cls(
+            profile=need("profile", str),
+            dataset=need("dataset", str),
+            model=need("model", str),
+            epoch_budget=need("epoch_budget", int),
+            sites=tuple(need("sites", list)),
+            local_epochs=tuple(need("local_epochs", list)),
+            splits=tuple(splits),
+            seeds=tuple(need("seeds", list)),
+            repeat_seeds=tuple(raw.get("repeat_seeds", raw["seeds"])),
+            grid={k: tuple(v) for k, v in grid.items()},
+            tuning_sites=raw.get("tuning_sites", 4),
+            repeat_splits=tuple(raw.get("repeat_splits", ["iid"])),
+            run_config=dict(raw.get("run_config", {})),
+            output=raw.get("output", ""),
+            tracking=raw.get("tracking", "mlflow"),
+            mlflow_tracking_uri=raw.get("mlflow_tracking_uri", ""),
+        )
+        if study.tracking not in ("mlflow", "off"):
+            raise StudyError(f"{path}: 'tracking' is {study.tracking!r}; choose 'mlflow' or 'off'")
+        for le in study.local_epochs:
+            if not isinstance(le, int) or le < 1 or study.epoch_budget % le:
+                raise StudyError(f"{path}: local_epochs {le} must be a positive divisor of epoch_budget={study.epoch_budget}")
+        unknown = set(study.repeat_splits) - {s.name for s in study.splits}
+        if unknown:
+            raise StudyError(f"{path}: repeat_splits {sorted(unknown)} are not among the splits")
+        if study.tuning_sites not in study.sites or "iid" not in {s.name for s in study.splits}:
+            raise StudyError(f"{path}: the tuning cell (tuning_sites={study.tuning_sites}, split 'iid') must be in the grid")
+        return study
+
+    @property
+    def mlflow_experiment(self) -> str:
+        return f"fedcycle-study-{self.profile}"
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(m for m in METHODS if GRID_OF[m] in self.grid)
+
+    def output_dir(self) -> Path:
+        """`output` if the profile names one, else `docs/results` for the default profile and
+        `results/reproduce/<profile>` for the others, under the folder the study runs from."""
+        if self.output:
+            return Path(self.output).resolve()
+        return Path("docs/results").resolve() if self.profile == "default" else Path("results/reproduce", self.profile).resolve()
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the study. Its key names what it computes, not the phase that asked for it,
+    so the comparison reuses a tuning run with the same method, cell, seed and setting."""
+
+    method: str
+    split: Split
+    sites: int
+    local_epochs: int
+    seed: int
+    lr: dict  # the lr settings tried or chosen
+
+    @property
+    def federated(self) -> bool:
+        return not self.method.startswith("centralized")
+
+    @property
+    def key(self) -> str:
+        lr = "-".join(f"{k}{v}" for k, v in sorted(self.lr.items()))
+        where = f"{self.split.name}-s{self.sites}-le{self.local_epochs}" if self.federated else "pooled"
+        return f"{self.method}-{where}-seed{self.seed}-{lr}"
+
+    def rounds(self, budget: int) -> int:
+        return budget // self.local_epochs if self.federated else budget
+
+
+def tuning_plan(study: Study) -> list[PlannedRun]:
+    iid = next(s for s in study.splits if s.name == "iid")
+    runs = []
+    for method in study.methods:
+        grid = study.grid[GRID_OF[method]]
+        le = min(study.local_epochs)
+        for lr in grid:
+            runs.append(PlannedRun(method, iid, study.tuning_sites, le, study.seeds[0], dict(lr)))
+    return runs
+
+
+def comparison_plan(study: Study, chosen: dict[str, dict]) -> list[PlannedRun]:
+    runs = []
+    iid = next(s for s in study.splits if s.name == "iid")
+    for method in study.methods[:2]:  # centralized: the pooled data of the tuning cell's sites, whatever the split
+        for seed in sorted(set(study.seeds) | set(study.repeat_seeds)):
+            runs.append(PlannedRun(method, iid, study.tuning_sites, 1, seed, chosen[method]))
+    for split in study.splits:
+        for sites in study.sites:
+            repeat = split.name in study.repeat_splits and sites == study.tuning_sites
+            seeds = study.repeat_seeds if repeat else study.seeds
+            for le in study.local_epochs:
+                for method in study.methods[2:]:
+                    for seed in seeds:
+                        runs.append(PlannedRun(method, split, sites, le, seed, chosen[method]))
+    return runs
+
+
+def choose(study: Study, summaries: dict[str, dict]) -> dict[str, dict]:
+    """Per method, the lr setting with the best final validation accuracy in tuning."""
+    chosen = {}
+    for method in study.methods:
+        tried = [(summaries[r.key]["final_val_accuracy"], i, r.lr) for i, r in enumerate(tuning_plan(study))
+                 if r.method == method and r.key in summaries]
+        if tried:
+            chosen[method] = max(tried, key=lambda t: (t[0], -t[1]))[2]
+    return chosen
+
+
+def lr_run_config(run: PlannedRun, rounds: int) -> dict[str, Any]:
+    """The run-config keys for a run's learning-rate setting.
+
+    A cyclical setting gives its cycle as `cycle-rounds` (federated: rounds of local
+    training) and `cycle-epochs` (centralized: epochs over the pooled data). A `fedcycle`
+    recipe adds its envelope, strategy and, as `swa-start-fraction`, the point of the run
+    (a fraction of its rounds) from which the server averages the cycle ends."""
+    if run.method == "fedcycle":
+        recipe = {k: v for k, v in run.lr.items() if k not in ("schedule", "cycle-rounds", "swa-start-fraction")}
+        return {
+            "lr-schedule": run.lr.get("schedule", "triangular"),
+            "lr-cycle-unit": "round",
+            "lr-cycle-length": float(run.lr.get("cycle-rounds", 1)),
+            **recipe,
+            **({"swa-start": max(1, math.ceil(run.lr["swa-start-fraction"] * rounds))} if "swa-start-fraction" in run.lr else {}),
+        }
+    if GRID_OF[run.method] == "constant":
+        return {"lr-schedule": "constant", "lr-max": run.lr["lr-max"], "lr-min": 0.0}
+    unit, length = ("round", run.lr.get("cycle-rounds", 1)) if run.federated else ("epochs", run.lr.get("cycle-epochs", 1))
+    return {
+        "lr-schedule": run.lr.get("schedule", "triangular"),
+        "lr-min": run.lr["lr-min"],
+        "lr-max": run.lr["lr-max"],
+        "lr-cycle-unit": unit,
+        "lr-cycle-length": float(length),
+    }
+
+
+def run_config_for(study: Study, run: PlannedRun, data_root: str) -> dict[str, Any]:
+    config = {
+        "dataset": study.dataset,
+        "model": study.model,
+        "partitioner": run.split.partitioner,
+        "seed": run.seed,
+        "local-epochs": run.local_epochs,
+        "num-server-rounds": run.rounds(study.epoch_budget),
+        "site-eval": "evaluate-round",  # the validation accuracy that tuning reads
+        **({"data-root": data_root} if data_root else {}),
+        **study.run_config,
+        **lr_run_config(run, run.rounds(study.epoch_budget)),
+    }
+    if run.split.alpha is not None:
+        config[f"{run.split.partitioner}.alpha"] = float(run.split.alpha)
+    return config
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"'{value}'"
+    return repr(value)
+
+
+def model_bytes(study: Study) -> int:
+
+    model = load_task({"dataset": study.dataset, "model": study.model}).build_model()
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+# where a run ran and where it was watched, not what it computed
+VOLATILE_KEYS = ("results-dir", "run-name", "data-root", "tracking", "mlflow-tracking-uri", "mlflow-experiment")
+
+
+def check_same_config(study: Study, run: PlannedRun, summary: dict, data_root: str) -> None:
+    """Refuse to reuse a finished run that was made with another study file (budget, data, model)."""
+    planned = {k: v for k, v in run_config_for(study, run, data_root).items() if k not in VOLATILE_KEYS}
+    saved = {k: v for k, v in summary.get("run_config", {}).items() if k not in VOLATILE_KEYS}
+    if planned != saved:
+        differ = sorted(k for k in planned.keys() | saved.keys() if planned.get(k) != saved.get(k))
+        raise StudyError(
+            f"runs/{run.key}.json was made with another run config (differs in {differ}); the study file changed "
+            f"since. Move {study.output_dir() / 'runs'} away to start over, or restore the study file."
+        )
+
+
+def load_done(runs_dir: Path) -> dict[str, dict]:
+    """The finished runs' summaries, by key."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob("*.json"))}
+
+
+def missing_runs(study: Study, done: dict) -> int:
+    tuning = tuning_plan(study)
+    if any(r.key not in done for r in tuning):
+        return sum(r.key not in done for r in tuning) + len(comparison_plan(study, {m: {} for m in study.methods}))
+    return sum(r.key not in done for r in comparison_plan(study, choose(study, done)))
