@@ -1,95 +1,31 @@
-"""How a site's `Dataset` becomes mini-batches: in memory on the device, or through a DataLoader.
+"""How a site's `Dataset` becomes mini-batches: its own fast path, or through a DataLoader.
 
 A task's datasets are ordinary `torch.utils.data.Dataset`s yielding `(inputs, targets)`, where
 inputs are a tensor or a dict of tensors. `batches()` feeds them through torch's `DataLoader`
-(workers, pinned memory, a seeded sampler), so a site's data need not fit in memory. A small
-image set held as uint8 tensors (`InMemoryImages`, what the built-in image task makes) takes the
-fast path instead: copied to the device once, cut into batches and normalized there, with no
-per-item collation (about 8x less CPU per sample to feed, measured in docs/bench.md; on a GPU it
-also saves the host-to-device copy of every batch). The choice is automatic.
+(workers, pinned memory, a seeded sampler), so a site's data need not fit in memory. A dataset
+may offer a fast path of its own, `device_batches(batch_size, device, generator)`, returning
+None where it cannot take it: the image task's `InMemoryImages` (uint8 tensors) is copied to the
+device once, cut into batches and normalized there, with no per-item collation (about 8x less
+CPU per sample to feed, measured in docs/bench.md; on a GPU it also saves the host-to-device
+copy of every batch). A dataset with a `joined(datasets)` class method pools several of its
+kind into one (the centralized baseline keeps the fast path).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-# A set larger than this goes through the DataLoader even when it is in memory.
-FAST_PATH_MAX_BYTES = 1 << 30
-
-
-class InMemoryImages(Dataset):
-    """uint8 images (N, C, H, W) and int64 labels, normalized per channel on the way out.
-
-    `transform` (torchvision's, on one uint8 image) is applied before normalizing; a set with
-    a transform goes through the DataLoader, one item at a time."""
-
-    def __init__(self, images, labels, classes: Sequence[str], mean: Sequence[float], std: Sequence[float],
-                 transform=None) -> None:
-        self.images = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.classes = list(classes)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.transform = transform
-        self.scale = self.scale_on(torch.device("cpu"))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return normalize(image[None], *self.scale)[0], self.labels[index]
-
-    def scale_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-channel mean and std on `device`, in uint8 units (B, C, H, W broadcast)."""
-        shape = (1, -1, 1, 1)
-        return (torch.tensor(self.mean, device=device).view(shape) * 255,
-                torch.tensor(self.std, device=device).view(shape) * 255)
-
-    @property
-    def fits_fast_path(self) -> bool:
-        return self.transform is None and self.images.nbytes + self.labels.nbytes <= FAST_PATH_MAX_BYTES
-
-
-class DeviceBatches:
-    """The fast path: the whole set on the device, a new seeded order each time it is iterated."""
-
-    def __init__(self, data: InMemoryImages, batch_size: int, device: torch.device,
-                 generator: torch.Generator | None) -> None:
-        self.data, self.batch_size, self.generator = data, batch_size, generator
-        self.images = data.images.to(device)
-        self.labels = data.labels.to(device)
-        self.scale = data.scale_on(device)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.generator is not None else torch.arange(n)
-        order = order.to(self.images.device)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield normalize(self.images[idx], *self.scale), self.labels[idx]
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 `(x - mean) / std`, mean and std in uint8 units."""
-    return (images.float() - mean) / std
-
-
 def batches(data: Dataset, batch_size: int, device: torch.device, *, shuffle: bool,
-            generator: torch.Generator | None = None, num_workers: int = 0) -> DeviceBatches | DataLoader:
+            generator: torch.Generator | None = None, num_workers: int = 0) -> Iterable:
     """Mini-batches of `data` for `device`: an iterable with `len()` (batches per pass), a new
     order each pass when `shuffle` (drawn from `generator`)."""
-    if isinstance(data, InMemoryImages) and data.fits_fast_path:
-        return DeviceBatches(data, batch_size, device, generator if shuffle else None)
+    own = getattr(data, "device_batches", None)
+    fast = own(batch_size, device, generator if shuffle else None) if callable(own) else None
+    if fast is not None:
+        return fast
     return DataLoader(
         data,
         batch_size=batch_size,
@@ -133,12 +69,13 @@ def batch_size_of(targets: Any) -> int:
 
 
 def join(datasets: Sequence[Dataset]) -> Dataset:
-    """Several sites' datasets as one (the pooled data of the centralized baseline); in-memory
-    image sets stay one in-memory set, so they keep the fast path."""
-    if all(isinstance(d, InMemoryImages) and d.transform is None for d in datasets):
-        first = datasets[0]
-        return InMemoryImages(torch.cat([d.images for d in datasets]), torch.cat([d.labels for d in datasets]),
-                              first.classes, first.mean, first.std)
+    """Several sites' datasets as one (the pooled data of the centralized baseline): datasets of
+    one kind that can pool themselves (`joined`) stay one of their kind, keeping their fast path."""
+    kind = type(datasets[0])
+    if all(type(d) is kind for d in datasets) and callable(getattr(kind, "joined", None)):
+        pooled = kind.joined(datasets)
+        if pooled is not None:
+            return pooled
     return ConcatDataset(list(datasets))
 
 

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 
 from flwr.common.logger import log
 
+from fedcycle.files import atomic_write
+
 TRACKING = ("tensorboard", "mlflow", "both", "off")
 STATE_FILE = "tracking.json"
 # MLflow's client retries a failed request 7 times with backoff by default: minutes of a
@@ -195,7 +197,6 @@ class Trackers:
             self._safely(name, lambda name=name: self.active.__setitem__(name, self._open(
                 name, settings, run_dir, run_config, first_round)))
         if self.state:
-            from fedcycle.files import atomic_write
 
             atomic_write(self.state_path, json.dumps(self.state, indent=1).encode())
 

@@ -42,14 +42,15 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.data import DataLoader
 
-from fedcycle.batches import DeviceBatches, InMemoryImages, batches
+from fedcycle.batches import batches
 from fedcycle.config import RunSettings
-from fedcycle.datasets import DATASETS, load
-from fedcycle.models import build_model
 from fedcycle.results import machine, read_metrics, versions
 from fedcycle.schedules import LRSchedule
 from fedcycle.strategies import make_strategy
 from fedcycle.tasks import Task, load_task
+from fedcycle.tasks.image.datasets import DATASETS, load
+from fedcycle.tasks.image.in_memory import DeviceBatches, InMemoryImages
+from fedcycle.tasks.image.models import build_model
 from fedcycle.trainer import TrainConfig, evaluate, train
 from fedcycle.wire import train_reply_keys
 from fedcycle_tools.launcher import LocalSimulation, exit_on_termination

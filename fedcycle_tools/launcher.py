@@ -43,7 +43,7 @@ from rich.table import Table
 import fedcycle
 import fedcycle_tools
 from fedcycle.config import RunSettings
-from fedcycle.datasets import data_root, load
+from fedcycle.tasks.image.datasets import data_root, load
 from fedcycle.errors import ConfigError, TaskError
 from fedcycle.files import atomic_write
 from fedcycle.results import machine, read_metrics, versions

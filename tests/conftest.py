@@ -9,7 +9,7 @@ import pytest
 def data_root(tmp_path_factory) -> str:
     """A data root with Fashion-MNIST decoded once for the whole session."""
     from fedcycle.config import RunSettings
-    from fedcycle.datasets import load
+    from fedcycle.tasks.image.datasets import load
 
     root = tmp_path_factory.mktemp("data")
     settings = RunSettings(data_root=str(root))

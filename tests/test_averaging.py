@@ -9,7 +9,7 @@ import torch
 
 from fedcycle.averaging import CycleAverage, has_batchnorm
 from fedcycle.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcycle.models import build_model
+from fedcycle.tasks.image.models import build_model
 from fedcycle.schedules import LRSchedule
 
 

@@ -237,7 +237,7 @@ def test_the_centralized_baseline_of_a_builtin_task_on_real_data(tmp_path):
     import subprocess
     import sys
 
-    from fedcycle import demo_data
+    from fedcycle_tools import demo_data
 
     config = f"{demo_data.tabular(tmp_path / 'data')} batch-size=32 results-dir='{tmp_path}' run-name='pooled'"
     out = subprocess.run([sys.executable, "-m", "fedcycle_tools.launcher", "centralize", "--sites", "3", "--epochs", "3",

@@ -18,7 +18,7 @@ from fedcycle.checkpoint import (
     save_checkpoint,
 )
 from fedcycle.config import ConfigError, RunSettings
-from fedcycle.models import build_model
+from fedcycle.tasks.image.models import build_model
 from fedcycle.recorder import load_resume_point, run_identity
 from fedcycle.strategies import make_strategy
 from fedcycle.tasks import Task

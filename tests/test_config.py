@@ -7,7 +7,7 @@ import re
 import pytest
 
 from fedcycle.config import ConfigError, RunSettings
-from fedcycle.models import build_model, check_fits
+from fedcycle.tasks.image.models import build_model, check_fits
 from fedcycle.site import load_site
 from fedcycle.tasks import load_task
 from fedcycle.tasks.image import check_node_config
@@ -40,7 +40,7 @@ def test_defaults_are_valid_and_match_pyproject():
         ({"optimizer": "lion"}, "optimizer='lion' is unknown; choose one of ['adamw', 'sgd']"),
         ({"task": "no_such_pkg.tasks:Kidney"}, "task='no_such_pkg.tasks:Kidney' cannot be imported"),
         ({"task": "kidney"}, "task='kidney' is neither a built-in task ['audio', 'image-classification', 'tabular', 'text'] nor 'package.module:Class'"),
-        ({"task": "fedcycle.batches:InMemoryImages"}, "task='fedcycle.batches:InMemoryImages' lacks build_model(), site_data()"),
+        ({"task": "fedcycle.tasks.image.in_memory:InMemoryImages"}, "task='fedcycle.tasks.image.in_memory:InMemoryImages' lacks build_model(), site_data()"),
         ({"lr-schedule": "step"}, "lr-schedule='step' is unknown; choose one of ['constant', 'cosine', 'exp_range', 'triangular', 'triangular2']"),
         ({"partitioner": "random"}, "partitioner='random' is unknown; choose one of"),
         ({"lr-min": 0.5, "lr-max": 0.1}, "lr-min=0.5 must be between 0 and lr-max=0.1"),

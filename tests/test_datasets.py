@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-import fedcycle.datasets as ds
+import fedcycle.tasks.image.datasets as ds
 from fedcycle.config import ConfigError, RunSettings
-from fedcycle.datasets import DATASETS, DatasetSpec, ImageData, sources
+from fedcycle.tasks.image.datasets import DATASETS, DatasetSpec, ImageData, sources
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -226,7 +226,8 @@ def test_site_split_passes_hyphenated_partitioner_options(datasets_fmnist_root):
 
 def test_pooled_data_is_every_site_together_and_stays_in_memory(probe):
     """The centralized baseline's data: every site's split joined, still on the fast path."""
-    from fedcycle.batches import InMemoryImages, join
+    from fedcycle.batches import join
+    from fedcycle.tasks.image.in_memory import InMemoryImages
 
     parts = [ds.site_split(probe, {"partition-id": i, "num-partitions": 4}) for i in range(4)]
     pooled = [join([InMemoryImages(d.images, d.labels, d.classes, (0.5,), (0.5,)) for d in split]) for split in zip(*parts)]

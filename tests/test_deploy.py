@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fedcycle.config import RunSettings
-from fedcycle.datasets import load
+from fedcycle.tasks.image.datasets import load
 from fedcycle_tools.deploy.loopback import LoopbackDeployment
 from fedcycle_tools.deploy.pki import make_pki
 from fedcycle_tools.launcher import FlwrCli, flwr_env, trusting
@@ -48,7 +48,7 @@ def site_folders(tmp_path_factory, data_root) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def site_tables(tmp_path_factory) -> tuple[Path, Path, Path]:
     """Two hospitals' own tables (halves of the breast cancer set's 80%) and the server's test table."""
-    from fedcycle import demo_data
+    from fedcycle_tools import demo_data
 
     root = tmp_path_factory.mktemp("tables")
     demo_data.tabular(root)

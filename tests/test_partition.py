@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcycle.datasets.partition import PARTITIONERS, partition
+from fedcycle.tasks.partition import PARTITIONERS, partition
 
 ALL = tuple(PARTITIONERS)  # every registered partitioner goes through every test below
 
@@ -23,7 +23,7 @@ ALL = tuple(PARTITIONERS)  # every registered partitioner goes through every tes
 def partition_fmnist_labels(tmp_path_factory) -> np.ndarray:
     """Fashion-MNIST's 60000 train labels, decoded once per session into a shared data root."""
     from fedcycle.config import RunSettings
-    from fedcycle.datasets import load
+    from fedcycle.tasks.image.datasets import load
 
     root = Path(tmp_path_factory.getbasetemp()) / "fedcycle-fmnist-shared"
     root.mkdir(parents=True, exist_ok=True)

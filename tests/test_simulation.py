@@ -130,7 +130,7 @@ KINDS = {
 
 
 def kind_data(kind: str, root) -> str:
-    from fedcycle import demo_data
+    from fedcycle_tools import demo_data
 
     if kind == "tabular":
         return demo_data.tabular(root)

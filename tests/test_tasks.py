@@ -229,7 +229,8 @@ def test_model_weights_come_from_a_local_safetensors_file_that_fits(tmp_path):
 
 
 def test_image_augmentation_goes_through_the_dataloader_and_still_learns(data_root):
-    from fedcycle.batches import DeviceBatches, batches
+    from fedcycle.batches import batches
+    from fedcycle.tasks.image.in_memory import DeviceBatches
 
     plain = load_task({"data-root": data_root, "train-subset": 600})
     augmented = load_task({"data-root": data_root, "train-subset": 600, "augment": "crop,flip"})

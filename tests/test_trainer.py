@@ -20,7 +20,7 @@ def task(data_root):
 @pytest.fixture(scope="module")
 def small(task):
     """2,000 training and 1,000 test images of Fashion-MNIST, held in memory (the fast path)."""
-    from fedcycle.batches import InMemoryImages
+    from fedcycle.tasks.image.in_memory import InMemoryImages
 
     test = task.test_data()
     train_data, _ = task.site_data({"partition-id": 0, "num-partitions": 1})

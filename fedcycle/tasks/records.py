@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fedcycle.config import RunSettings
-from fedcycle.datasets import check_partition, partition_indices, train_val_indices
+from fedcycle.tasks.partition import check_partition, partition_indices, train_val_indices
 from fedcycle.errors import ConfigError
 
 

@@ -1,4 +1,5 @@
-"""The built-in task `image-classification`: Fashion-MNIST, CIFAR-10 or a site's own image
+"""The built-in task `image-classification` (this folder: the task, its `datasets` and their
+`sources`, its `models`, and `in_memory`, the images held as uint8 tensors for the fast path): Fashion-MNIST, CIFAR-10 or a site's own image
 folder (`dataset`), split into simulated sites (`partitioner`) or read from each site's
 `data-dir`, with one of fedcycle's models or any torchvision classifier (`model`).
 
@@ -12,12 +13,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedcycle.batches import InMemoryImages
 from fedcycle.config import RunSettings
-from fedcycle.datasets import DATASETS, ImageData, check_partition, site_split, test_split
-from fedcycle.datasets.partition import PARTITIONERS
+from fedcycle.tasks.image.datasets import DATASETS, ImageData, site_split, test_split
+from fedcycle.tasks.partition import PARTITIONERS, check_partition
 from fedcycle.errors import ConfigError
-from fedcycle.models import build_model, check_fits
+from fedcycle.tasks.image.in_memory import InMemoryImages
+from fedcycle.tasks.image.models import build_model, check_fits
 
 AUGMENTATIONS = ("crop", "flip")
 

@@ -1,4 +1,4 @@
-"""Partitioners: turn one labelled dataset into simulated data centers.
+"""Partitioners: turn one labelled dataset into simulated data centers, for every task.
 
 Each takes the labels of the whole training set, the number of sites and a seed, and
 returns one index array per site. They are pure functions of their arguments, so every
@@ -7,9 +7,14 @@ node that computes a split gets the same one.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+from fedcycle.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedcycle.config import RunSettings
 
 Partition = list[np.ndarray]
 
@@ -90,3 +95,41 @@ def partition(name: str, labels: np.ndarray, num_sites: int, seed: int, **option
     if name not in PARTITIONERS:
         raise ValueError(f"partitioner={name!r} is unknown; choose one of {sorted(PARTITIONERS)}")
     return PARTITIONERS[name](labels, num_sites, seed, **options)
+
+
+def train_val_indices(n: int, settings: "RunSettings", seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out `val-fraction` of a site's `n` examples (seeded), cap the rest at `train-subset`:
+    the sorted (train, validation) indices."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(len(order) * settings.val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    if settings.train_subset:
+        train = train[: settings.train_subset]
+        val = val[: max(1, int(round(settings.train_subset * settings.val_fraction)))] if n_val else val
+    return np.sort(train), np.sort(val)
+
+
+def check_partition(node_config: dict, own_data_key: str) -> None:
+    """Raise ConfigError unless the node config names a simulated site's part: `partition-id`
+    of `num-partitions` (a real site names its own data under `own_data_key` instead)."""
+    for key in ("partition-id", "num-partitions"):
+        if not isinstance(node_config.get(key), int) or isinstance(node_config.get(key), bool):
+            raise ConfigError(f"{key}={node_config.get(key)!r} in the node config must be an integer (or set {own_data_key})")
+    parts, pid = node_config["num-partitions"], node_config["partition-id"]
+    if parts < 1:
+        raise ConfigError(f"num-partitions={parts} must be at least 1")
+    if not 0 <= pid < parts:
+        raise ConfigError(f"partition-id={pid} must be in 0..{parts - 1} (num-partitions={parts})")
+
+
+def partition_indices(settings: "RunSettings", labels: np.ndarray, node_config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A simulated site's part of a labelled set: part `partition-id` of `num-partitions` by the
+    run's partitioner, as (train, validation) indices into `labels`."""
+    pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    index = partition(settings.partitioner, labels, parts, settings.seed, **_partition_options(settings))[pid]
+    train, val = train_val_indices(len(index), settings, settings.seed + pid)
+    return index[train], index[val]
+
+
+def _partition_options(settings: "RunSettings") -> dict:
+    return {k.replace("-", "_"): v for k, v in settings.partitioner_options.items()}

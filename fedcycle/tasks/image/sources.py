@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import gzip
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,20 @@ import numpy as np
 
 from fedcycle.errors import ConfigError
 from fedcycle.files import atomic_write
-from fedcycle.datasets import ImageData
+
+
+@dataclass(frozen=True)
+class ImageData:
+    images: np.ndarray  # uint8, (N, C, H, W)
+    labels: np.ndarray  # int64, (N,)
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "ImageData":
+        return ImageData(self.images[index], self.labels[index], self.classes)
+
 
 # Debian's `dataset-fashion-mnist` package: the complete set, offline.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -1,4 +1,4 @@
-"""Datasets: one small API that simulated and real data centers share.
+"""The image task's datasets: one small API that simulated and real data centers share.
 
 - `site_split(settings, node)`: this site's train and held-out (validation) data;
 - `test_split(settings)`: the shared test split the server evaluates on (None when the
@@ -19,24 +19,13 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from fedcycle.datasets.partition import partition
 from fedcycle.errors import ConfigError
+from fedcycle.tasks.image import sources
+from fedcycle.tasks.image.sources import ImageData
+from fedcycle.tasks.partition import partition_indices, train_val_indices
 
 if TYPE_CHECKING:
     from fedcycle.config import RunSettings
-
-
-@dataclass(frozen=True)
-class ImageData:
-    images: np.ndarray  # uint8, (N, C, H, W)
-    labels: np.ndarray  # int64, (N,)
-    classes: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: np.ndarray) -> "ImageData":
-        return ImageData(self.images[index], self.labels[index], self.classes)
 
 
 @dataclass(frozen=True)
@@ -66,8 +55,6 @@ class DatasetSpec:
 
 
 def _registry() -> dict[str, DatasetSpec]:
-    from fedcycle.datasets import sources
-
     return {
         "fashion-mnist": DatasetSpec(
             "fashion-mnist", sources.fashion_mnist, (0.2860,), (0.3530,), (1, 28, 28),
@@ -97,8 +84,6 @@ def _load_cached(name: str, split: str, root: Path) -> ImageData:
 
 @functools.lru_cache(maxsize=4)
 def _load_folder(data_dir: str, root: Path, shape: tuple[int, int, int], classes: tuple[str, ...]) -> ImageData:
-    from fedcycle.datasets import sources
-
     return sources.image_folder(data_dir, root, channels=shape[0], image_size=shape[1], classes=classes)
 
 
@@ -122,18 +107,6 @@ def load(settings: "RunSettings", split: str, node_config: dict | None = None) -
     return data
 
 
-def train_val_indices(n: int, settings: "RunSettings", seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out `val-fraction` of a site's `n` examples (seeded), cap the rest at `train-subset`:
-    the sorted (train, validation) indices."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(len(order) * settings.val_fraction))
-    val, train = order[:n_val], order[n_val:]
-    if settings.train_subset:
-        train = train[: settings.train_subset]
-        val = val[: max(1, int(round(settings.train_subset * settings.val_fraction)))] if n_val else val
-    return np.sort(train), np.sort(val)
-
-
 def _train_val(data: ImageData, settings: "RunSettings", seed: int) -> tuple[ImageData, ImageData]:
     train, val = train_val_indices(len(data), settings, seed)
     return data.subset(train), data.subset(val)
@@ -152,28 +125,6 @@ def site_split(settings: "RunSettings", node_config: dict) -> tuple[ImageData, I
     return full.subset(train), full.subset(val)
 
 
-def check_partition(node_config: dict, own_data_key: str) -> None:
-    """Raise ConfigError unless the node config names a simulated site's part: `partition-id`
-    of `num-partitions` (a real site names its own data under `own_data_key` instead)."""
-    for key in ("partition-id", "num-partitions"):
-        if not isinstance(node_config.get(key), int) or isinstance(node_config.get(key), bool):
-            raise ConfigError(f"{key}={node_config.get(key)!r} in the node config must be an integer (or set {own_data_key})")
-    parts, pid = node_config["num-partitions"], node_config["partition-id"]
-    if parts < 1:
-        raise ConfigError(f"num-partitions={parts} must be at least 1")
-    if not 0 <= pid < parts:
-        raise ConfigError(f"partition-id={pid} must be in 0..{parts - 1} (num-partitions={parts})")
-
-
-def partition_indices(settings: "RunSettings", labels: np.ndarray, node_config: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A simulated site's part of a labelled set: part `partition-id` of `num-partitions` by the
-    run's partitioner, as (train, validation) indices into `labels`."""
-    pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    index = partition(settings.partitioner, labels, parts, settings.seed, **_partition_options(settings))[pid]
-    train, val = train_val_indices(len(index), settings, settings.seed + pid)
-    return index[train], index[val]
-
-
 def test_split(settings: "RunSettings") -> ImageData | None:
     """The shared test split (first `test-subset` of a seeded shuffle), or None if site-local."""
     if DATASETS[settings.dataset].site_local:
@@ -183,7 +134,3 @@ def test_split(settings: "RunSettings") -> ImageData | None:
         order = np.random.default_rng(settings.seed).permutation(len(data))[: settings.test_subset]
         data = data.subset(np.sort(order))
     return data
-
-
-def _partition_options(settings: "RunSettings") -> dict:
-    return {k.replace("-", "_"): v for k, v in settings.partitioner_options.items()}
