@@ -16,9 +16,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedcycle.errors import ConfigError, TaskError
-from fedcycle.schedules import LRSchedule
 from fedcycle.site import Site, load_site
 from fedcycle.trainer import TrainConfig, evaluate, train
+from fedcycle.wire import EvaluateConfig, EvaluateReply, RoundConfig, SiteReport, TrainReply
 
 app = ClientApp()
 
@@ -28,16 +28,16 @@ def preflight(msg: Message, context: Context) -> Message:
     try:
         report = load_site(context.run_config, context.node_config).report()
     except (ConfigError, ValueError, OSError) as err:
-        report = {"ok": False, "error": str(err), "node-config": str(dict(context.node_config))}
-    return Message(RecordDict({"report": ConfigRecord(report)}), reply_to=msg)
+        report = SiteReport(ok=False, error=str(err))
+    return Message(RecordDict({"report": ConfigRecord(report.to_record())}), reply_to=msg)
 
 
-def held_out(site: Site, model) -> dict[str, float]:
+def held_out(site: Site, model, batch_size: int) -> EvaluateReply:
     """Loss and metrics of `model` on the site's held-out split (zeros when it has none)."""
     if not len(site.val):
-        return {"loss": 0.0, **{name: 0.0 for name in site.metric_names}}
-    loss, metrics = evaluate(site.task, model, site.val, site.device, site.settings.batch_size, site.num_workers)
-    return {"loss": loss, **metrics}
+        return EvaluateReply(0.0, {name: 0.0 for name in site.metric_names}, 0)
+    loss, metrics = evaluate(site.task, model, site.val, site.device, batch_size, site.num_workers)
+    return EvaluateReply(loss, metrics, len(site.val))
 
 
 def own_loop_metrics(site: Site, returned: dict[str, float]) -> dict[str, float]:
@@ -58,64 +58,60 @@ def own_loop_metrics(site: Site, returned: dict[str, float]) -> dict[str, float]
 def train_round(msg: Message, context: Context) -> Message:
     entered = time.perf_counter()
     site = load_site(context.run_config, context.node_config)
-    config = msg.content["config"]
-    site.use_statistics(config)
+    config = RoundConfig.from_record(msg.content["config"])
+    site.task.use_statistics(config.task_statistics)
     model = site.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(site.device)
     setup_seconds = time.perf_counter() - entered  # data, model, weights, device: before any step
 
-    metrics: dict[str, float] = {}
-    if site.settings.site_eval == "train-reply":  # a site without held-out data reports 0 examples
-        metrics.update({f"received-{k}": v for k, v in held_out(site, model).items()})
-        metrics["val-examples"] = len(site.val)
-
-    server_round = int(config["server-round"])
+    # a site without held-out data reports 0 examples
+    received = held_out(site, model, config.batch_size) if config.evaluate_received else None
     result = train(
         site.task,
         model,
         site.train,
         TrainConfig(
-            schedule=LRSchedule.from_config(config),
-            epochs=int(config["local-epochs"]),
-            server_round=server_round,
-            epochs_before=int(config["epochs-before"]),
-            batch_size=int(config["batch-size"]),
-            optimizer=str(config["optimizer"]),
-            momentum=float(config["momentum"]),
-            weight_decay=float(config["weight-decay"]),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            mixed_precision=site.settings.mixed_precision,
-            seed=site.seed(server_round),
+            schedule=config.schedule,
+            epochs=config.local_epochs,
+            server_round=config.server_round,
+            epochs_before=config.epochs_before,
+            batch_size=config.batch_size,
+            optimizer=config.optimizer,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            proximal_mu=config.proximal_mu,
+            mixed_precision=config.mixed_precision,
+            seed=site.seed(config.server_round),
             num_workers=site.num_workers,
         ),
         site.device,
     )
-    train_metrics = result.metrics if site.task.own_train is None else own_loop_metrics(site, result.metrics)
-    metrics.update(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            **{f"train-{k}": v for k, v in train_metrics.items()},
-            "train-seconds": result.seconds,
-            "setup-seconds": setup_seconds,
-            "local-epochs": int(config["local-epochs"]),
-            "steps": result.steps,
-            "lr-first": result.lr_first,
-            "lr-peak": result.lr_peak,
-            "lr-last": result.lr_last,
-        }
+    reply = TrainReply(
+        num_examples=result.num_examples,
+        train_loss=result.loss,
+        train_metrics=result.metrics if site.task.own_train is None else own_loop_metrics(site, result.metrics),
+        train_seconds=result.seconds,
+        setup_seconds=setup_seconds,
+        local_epochs=config.local_epochs,
+        steps=result.steps,
+        lr_first=result.lr_first,
+        lr_peak=result.lr_peak,
+        lr_last=result.lr_last,
+        received=received,
     )
     return Message(
-        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}), reply_to=msg
+        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(reply.to_record())}),
+        reply_to=msg,
     )
 
 
 @app.evaluate()
 def evaluate_round(msg: Message, context: Context) -> Message:
     site = load_site(context.run_config, context.node_config)
-    site.use_statistics(msg.content["config"])
+    config = EvaluateConfig.from_record(msg.content["config"])
+    site.task.use_statistics(config.task_statistics)
     model = site.new_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    metrics = {**held_out(site, model), "num-examples": len(site.val)}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    reply = held_out(site, model, config.batch_size)
+    return Message(RecordDict({"metrics": MetricRecord(reply.to_record())}), reply_to=msg)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from fedcycle.errors import ConfigError
-from fedcycle.tracking import TRACKING, missing_package
+from fedcycle.tracking import TRACKING
 from fedcycle.schedules import Envelope, LRSchedule, local_epochs_for_round
 
 SITE_EVAL_MODES = ("train-reply", "evaluate-round", "off")
@@ -154,9 +154,7 @@ class RunSettings:
         """Check every value that does not need a task, a dataset or a site; raise ConfigError."""
         _choice("site-eval", self.site_eval, SITE_EVAL_MODES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("tracking", self.tracking, TRACKING)
-        if problem := missing_package(self.tracking):
-            raise ConfigError(problem)
+        _choice("tracking", self.tracking, TRACKING)  # its packages are the server's: check_tracking
         if not self.task.strip():
             raise ConfigError("task='' is empty; give a built-in task's name or 'package.module:Class'")
         self.schedule  # noqa: B018 - validates the lr-* keys

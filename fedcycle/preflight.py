@@ -1,7 +1,7 @@
 """The pre-flight round: before any training, every connected site reports what it would train
 and the server stops the run, naming each site and what differs, unless all can take part.
 
-A site's report (`Site.report`) holds its data sizes, the task's metric names, the structure of
+A site's report (`fedcycle.wire.SiteReport`, made by `Site.report`) holds its data sizes, the task's metric names, the structure of
 one example (inputs and targets), the model's fingerprint (every array's name, dtype and shape),
 its class names if its data has them, device and versions. The server compares each with its
 own: the model it built, the task's classes, and one batch of its test split (when it has one);
@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from fedcycle.config import RunSettings
 from fedcycle.tasks import add_up, statistics_mismatch
-from fedcycle.wire import superlink_errors
+from fedcycle.wire import SiteReport, superlink_errors
 
 
 class PreflightError(RuntimeError):
@@ -43,7 +43,7 @@ def wait_for_min_sites(grid: Grid, settings: RunSettings) -> list[int]:
 
 
 def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
-              needs_val: bool = False) -> dict[int, dict[str, Any]]:
+              needs_val: bool = False) -> dict[int, SiteReport]:
     """Ask every connected site for its report; raise PreflightError unless all fit `expected`
     (`model`: the server's fingerprint; `classes`, `metric-names`, `inputs`, `targets` where the
     server knows them, else what most sites say). With `needs_val` (the sites' held-out data is
@@ -61,13 +61,13 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
         if reply.has_error():
             problems.append(f"node {node}: {reply.error.reason}")
             continue
-        report = dict(reply.content["report"])
-        if not report.get("ok"):
-            problems.append(f"node {node} ({report.get('node-config')}): {report.get('error')}")
+        try:
+            report = SiteReport.from_record(reply.content["report"])
+        except KeyError as missing:
+            problems.append(f"node {node}: its pre-flight report lacks {missing.args[0]} (another fedcycle version?)")
             continue
-        missing = [k for k in REPORT_KEYS if k not in report]
-        if missing:
-            problems.append(f"node {node}: its pre-flight report lacks {missing} (another fedcycle version?)")
+        if not report.ok:
+            problems.append(f"node {node}: {report.error}")
             continue
         malformed = report_malformed(report)
         if malformed:
@@ -76,22 +76,22 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
         answered[node] = report
     want = {k: v for k, v in expected.items() if v is not None}
     for key in ("metric-names", "inputs", "targets", "classes"):  # what the server cannot know: the majority's
-        if key not in want and any(key in r for r in answered.values()):
-            votes = Counter(json.dumps(list_or_value(r.get(key))) for r in answered.values())
+        if key not in want and any(_field(r, key) is not None for r in answered.values()):
+            votes = Counter(json.dumps(list_or_value(_field(r, key))) for r in answered.values())
             want[key] = json.loads(votes.most_common(1)[0][0])
     for node, report in answered.items():
         difference = report_difference(report, want)
-        if not difference and needs_val and not report["num-val"]:
+        if not difference and needs_val and not report.num_val:
             difference = ("it holds no held-out data (num-val=0), and the run has no test split: every site's "
                           "held-out data is the evaluation; give it some (val-fraction, or its validation set)")
         if difference:
-            problems.append(f"node {node} ({report['site']}): {difference}")
+            problems.append(f"node {node} ({report.site}): {difference}")
             continue
         reports[node] = report
         log(
             INFO,
             "Site %s (node %d): %d train / %d val examples on %s, torch %s, flwr %s",
-            report["site"], node, report["num-train"], report["num-val"], report["device"], report["torch"], report["flwr"],
+            report.site, node, report.num_train, report.num_val, report.device, report.torch, report.flwr,
         )
     missing = set(nodes) - {r.metadata.src_node_id for r in replies}
     problems += [f"node {n}: " + unreachable.get(n, f"no pre-flight reply within round-timeout={settings.round_timeout}s")
@@ -101,46 +101,44 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
     return reports
 
 
-REPORT_KEYS = ("site", "num-train", "num-val", "metric-names", "inputs", "targets", "model", "device", "torch", "flwr")
+def _field(report: SiteReport, key: str) -> Any:
+    """A report's value under its wire key (`metric-names` -> `metric_names`)."""
+    return getattr(report, key.replace("-", "_"))
 
 
-def report_malformed(report: dict[str, Any]) -> str | None:
+def report_malformed(report: SiteReport) -> str | None:
     """What in a report has the wrong kind of value, in one line; None if nothing."""
     for key in ("num-train", "num-val"):
-        value = report[key]
+        value = _field(report, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"{key}={value!r}; expected a whole number of examples, 0 or more"
-    if not report["num-train"]:
+    if not report.num_train:
         return "num-train=0; a site needs training data"
     for key in ("model", "metric-names"):
-        value = report[key]
+        value = _field(report, key)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             return f"{key}={_short(value)}; expected a list of strings"
-    if "classes" in report and not (isinstance(report["classes"], (list, tuple))
-                                    and all(isinstance(c, str) for c in report["classes"])):
-        return f"classes={_short(report['classes'])}; expected a list of class names"
-    if "statistics" in report:
-        try:
-            sums = json.loads(report["statistics"])
-        except (TypeError, ValueError):
-            sums = None
-        if not (isinstance(sums, dict) and all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
-                                               for v in sums.values())):
-            return f"statistics={_short(report['statistics'])}; expected JSON of name -> list of numbers"
+    if report.classes is not None and not (isinstance(report.classes, (list, tuple))
+                                           and all(isinstance(c, str) for c in report.classes)):
+        return f"classes={_short(report.classes)}; expected a list of class names"
+    sums = report.statistics
+    if sums is not None and not (isinstance(sums, dict) and all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in sums.values())):
+        return f"statistics={_short(sums)}; expected JSON of name -> list of numbers"
     return None
 
 
-def summed_statistics(reports: dict[int, dict[str, Any]]) -> dict[str, list[float]] | None:
+def summed_statistics(reports: dict[int, SiteReport]) -> dict[str, list[float]] | None:
     """The task statistics of all sites added up, key by key (None: the task keeps none).
     Raise PreflightError naming each site whose statistics do not fit the others'."""
     sums, problems = [], []
     for node, report in sorted(reports.items()):
-        if "statistics" not in report:
+        if report.statistics is None:
             continue
-        site = json.loads(report["statistics"])
+        site = report.statistics
         problem = statistics_mismatch(site, sums[0] if sums else None)
         if problem:
-            problems.append(f"node {node} ({report['site']}): {problem}")
+            problems.append(f"node {node} ({report.site}): {problem}")
         else:
             sums.append(site)
     if problems:
@@ -148,16 +146,16 @@ def summed_statistics(reports: dict[int, dict[str, Any]]) -> dict[str, list[floa
     return add_up(sums) if sums else None
 
 
-def report_difference(report: dict[str, Any], want: dict[str, Any]) -> str | None:
+def report_difference(report: SiteReport, want: dict[str, Any]) -> str | None:
     """What in a site's report differs from what the run expects, in one line; None if nothing."""
-    if list(report["model"]) != list(want["model"]):
-        theirs, ours = list(report["model"]), list(want["model"])
+    if list(report.model) != list(want["model"]):
+        theirs, ours = list(report.model), list(want["model"])
         pairs = [(a, b) for a, b in zip(theirs, ours) if a != b]
         detail = (f"the site has {pairs[0][0]!r}, the server {pairs[0][1]!r}" if pairs
                   else f"the site's has {len(theirs)} arrays, the server's {len(ours)}")
         return f"the task builds another model than the server's (key model: {detail})"
     for key in ("classes", "metric-names", "inputs", "targets"):
-        theirs, ours = list_or_value(report.get(key)), list_or_value(want.get(key))
+        theirs, ours = list_or_value(_field(report, key)), list_or_value(want.get(key))
         if key in want and theirs != ours:
             if isinstance(theirs, list) and isinstance(ours, list) and len(theirs) == len(ours):
                 i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)

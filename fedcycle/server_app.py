@@ -30,7 +30,7 @@ from fedcycle.results import RunResults, resolve_run_dir
 from fedcycle.round_loop import RoundFailed, run_rounds
 from fedcycle.strategies import check_strategy, make_strategy
 from fedcycle.tasks import fingerprint, load_task
-from fedcycle.tracking import Trackers
+from fedcycle.tracking import Trackers, check_tracking
 
 # fedcycle's own errors: a bad run config or task, a site that cannot take part, a checkpoint
 # that does not fit, a round that failed. Each message says what is wrong and what to do.
@@ -56,6 +56,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
     check_strategy(settings)
+    check_tracking(settings.tracking)
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)  # Flower samples the round's sites with the random module
     task = load_task(context.run_config)
@@ -92,9 +93,9 @@ def main(grid: Grid, context: Context) -> None:
     task.use_statistics(statistics)
     strategy = make_strategy(settings, num_sites=len(reports), has_test_data=test is not None)
     strategy.task_statistics = statistics
-    strategy.expect_metrics(next(iter(reports.values()))["metric-names"])
-    strategy.declared_examples = {node: int(r["num-train"]) for node, r in reports.items()}
-    strategy.site_names = {node: str(r["site"]) for node, r in reports.items()}
+    strategy.expect_metrics(next(iter(reports.values())).metric_names)
+    strategy.declared_examples = {node: r.num_train for node, r in reports.items()}
+    strategy.site_names = {node: r.site for node, r in reports.items()}
     trackers = Trackers(settings, results.path, context.run_config, first_round=0 if ckpt is None else ckpt.round + 1)
     recorder = RoundRecorder(settings, task, test, strategy, results, grid, trackers)
     if ckpt is None:
@@ -107,7 +108,8 @@ def main(grid: Grid, context: Context) -> None:
         torch.set_rng_state(ckpt.torch_rng)
         extra["resumed_value"] = recorder.resume(ckpt)
         log(INFO, "fedcycle: the resumed model's %s, evaluated again: %s", task.primary_metric, extra["resumed_value"])
-    results.write_config(settings, dict(context.run_config), **extra, sites=reports)
+    results.write_config(settings, dict(context.run_config), **extra,
+                         sites={node: report.to_record() for node, report in reports.items()})
 
     try:
         run_rounds(grid, strategy, settings, arrays, first_round, recorder)

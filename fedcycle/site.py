@@ -9,7 +9,6 @@ network.
 from __future__ import annotations
 
 import functools
-import json
 import platform
 import sys
 import zlib
@@ -17,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import flwr
 import torch
+import torchvision
 
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
 from fedcycle.tasks import Task, fingerprint
 from fedcycle.trainer import pick_device
+from fedcycle.wire import SiteReport
 
 # Node-config keys fedcycle itself reads; a task may read any other key of the node config.
 SITE_KEYS = ("device", "num-workers", "task-path")
@@ -66,40 +68,27 @@ class Site:
     def metric_names(self) -> list[str]:
         return self.checked["metric-names"]
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> SiteReport:
         """What the server asks in the pre-flight round."""
-        import flwr
-        import torchvision
-
         checked = self.checked
-        report = {
-            "ok": True,
-            "site": self.label,
-            "num-train": len(self.train),
-            "num-val": len(self.val),
-            "metric-names": checked["metric-names"],
-            "inputs": checked["inputs"],
-            "targets": checked["targets"],
-            "model": fingerprint(self.new_model()),
-            "device": str(self.device),
-            "device-name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "flwr": flwr.__version__,
-        }
         classes = getattr(self.train, "classes", None)
-        if classes is not None:
-            report["classes"] = [str(c) for c in classes]
-        sums = self.task.statistics(self.train)
-        if sums is not None:
-            report["statistics"] = json.dumps(sums)
-        return report
-
-    def use_statistics(self, config: Mapping[str, Any]) -> None:
-        """The sites' summed task statistics the server sends with every message, if any."""
-        if "task-statistics" in config:
-            self.task.use_statistics(json.loads(str(config["task-statistics"])))
+        return SiteReport(
+            site=self.label,
+            num_train=len(self.train),
+            num_val=len(self.val),
+            metric_names=list(checked["metric-names"]),
+            inputs=checked["inputs"],
+            targets=checked["targets"],
+            model=fingerprint(self.new_model()),
+            device=str(self.device),
+            device_name=torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
+            python=platform.python_version(),
+            torch=torch.__version__,
+            torchvision=torchvision.__version__,
+            flwr=flwr.__version__,
+            classes=None if classes is None else [str(c) for c in classes],
+            statistics=self.task.statistics(self.train),
+        )
 
 
 @functools.lru_cache(maxsize=2)

@@ -25,19 +25,26 @@ from typing import Any, Mapping
 
 from flwr.common.logger import log
 
+from fedcycle.errors import ConfigError
 from fedcycle.files import atomic_write
+from fedcycle.wire import SCREEN_EVENTS
 
 TRACKING = ("tensorboard", "mlflow", "both", "off")
 STATE_FILE = "tracking.json"
 # MLflow's client retries a failed request 7 times with backoff by default: minutes of a
 # round. Once is enough to tell a server that is down.
 MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-SCREEN_EVENTS = ("rejected", "clipped", "weight-capped", "missing")
 
 
 def uses(tracking: str) -> tuple[str, ...]:
     """The trackers a `tracking` value names."""
     return {"both": ("tensorboard", "mlflow"), "off": ()}.get(tracking, (tracking,))
+
+
+def check_tracking(tracking: str) -> None:
+    """ConfigError unless `tracking`'s packages import: the server's check (a site needs neither)."""
+    if problem := missing_package(tracking):
+        raise ConfigError(problem)
 
 
 def missing_package(tracking: str) -> str | None:

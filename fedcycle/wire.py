@@ -1,40 +1,267 @@
-"""What travels between the ServerApp and the ClientApps, besides the model's arrays.
+"""What travels between the ServerApp and the ClientApps, besides the model's arrays: one schema
+that both apps import.
 
-The server checks every reply against this schema (it imports nothing of the apps'); the
-ClientApp writes these keys, and tests/test_strategy.py passes its real replies through the
-server's check. A task's metrics (accuracy by default, or what
-the task's `metrics` returns) travel under `train-<name>` (measured while training),
+- `RoundConfig`: what a site needs to train a round exactly as the server means (the schedule,
+  local epochs, batch size, optimizer, mixed precision, whether to evaluate the received model);
+- `EvaluateConfig`: what a site needs to evaluate the global model;
+- `TrainReply` and `EvaluateReply`: the numbers a site sends back;
+- `SiteReport`: a site's answer to the pre-flight round;
+- `EVENTS`: the kinds of event the server records in a round (what the screen left out, who
+  was missing).
+
+Each has `to_record()` and `from_record()` (Flower's ConfigRecord / MetricRecord values); a
+round trip through them is exact (tests/test_wire.py). A task's metrics (accuracy by default, or
+what the task's `metrics` returns) travel under `train-<name>` (measured while training),
 `received-<name>` (the received global model on the site's held-out split) and `<name>` (an
 evaluate reply).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Mapping
 
 from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 
-# What every train reply's MetricRecord holds, whatever the task.
-TRAIN_KEYS = frozenset(
-    {"num-examples", "train-loss", "train-seconds", "setup-seconds", "local-epochs", "steps",
-     "lr-first", "lr-peak", "lr-last"}
-)
-# Added when the site evaluates the received model inside the train reply (site-eval = "train-reply").
-RECEIVED_KEYS = frozenset({"received-loss", "val-examples"})
-EVALUATE_KEYS = frozenset({"loss", "num-examples"})
+from fedcycle.schedules import LRSchedule
+
+# The kinds of event in a round's `events` (metrics.jsonl, the trackers): a reply the screen
+# left out, scaled down or capped, a site that did not reply, and the round's own troubles.
+EVENTS = {
+    "rejected": "a reply the screen left out of the average",
+    "clipped": "a reply whose update was scaled down to the round's bound",
+    "weight-capped": "a reply whose example count was capped",
+    "missing": "a sampled site that sent no train reply",
+    "rejected-evaluation": "an evaluate reply left out of the sites' evaluation",
+    "missing-evaluation": "a site that sent no evaluate reply",
+    "not-sampled": "a site that connected after the pre-flight round",
+    "round-attempt-failed": "an attempt of the round that got too few usable replies",
+    "evaluation-skipped": "the sites' evaluation, skipped because the round's time was spent",
+}
+# The events that concern one site's reply (counted as "left out" in a round's summary).
+SCREEN_EVENTS = ("rejected", "clipped", "weight-capped", "missing")
 
 
-def train_reply_keys(metric_names: Iterable[str], site_eval: str) -> frozenset[str]:
-    names = tuple(metric_names)
-    keys = TRAIN_KEYS | {f"train-{m}" for m in names}
-    if site_eval == "train-reply":
-        keys |= RECEIVED_KEYS | {f"received-{m}" for m in names}
-    return frozenset(keys)
+@dataclass(frozen=True)
+class RoundConfig:
+    """A train message's config: set by the server's strategy, followed by the site."""
+
+    server_round: int
+    schedule: LRSchedule
+    local_epochs: int
+    epochs_before: int  # local epochs this site's schedule ran in earlier rounds
+    batch_size: int
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    mixed_precision: bool = False
+    evaluate_received: bool = True  # evaluate the received model on the held-out split first
+    proximal_mu: float = 0.0  # FedProx's term, which Flower's FedProx adds to the config itself
+    task_statistics: dict[str, list[float]] | None = None  # the sites' summed task statistics
+
+    def to_record(self) -> dict[str, Any]:
+        record = {
+            "server-round": self.server_round,
+            **self.schedule.to_config(),
+            "local-epochs": self.local_epochs,
+            "epochs-before": self.epochs_before,
+            "batch-size": self.batch_size,
+            "optimizer": self.optimizer,
+            "momentum": self.momentum,
+            "weight-decay": self.weight_decay,
+            "mixed-precision": self.mixed_precision,
+            "evaluate-received": self.evaluate_received,
+            "proximal-mu": self.proximal_mu,
+        }
+        if self.task_statistics is not None:
+            record["task-statistics"] = json.dumps(self.task_statistics)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "RoundConfig":
+        return cls(
+            server_round=int(record["server-round"]),
+            schedule=LRSchedule.from_config(dict(record)),
+            local_epochs=int(record["local-epochs"]),
+            epochs_before=int(record["epochs-before"]),
+            batch_size=int(record["batch-size"]),
+            optimizer=str(record["optimizer"]),
+            momentum=float(record["momentum"]),
+            weight_decay=float(record["weight-decay"]),
+            mixed_precision=bool(record["mixed-precision"]),
+            evaluate_received=bool(record["evaluate-received"]),
+            proximal_mu=float(record.get("proximal-mu", 0.0)),
+            task_statistics=_statistics(record),
+        )
 
 
-def evaluate_reply_keys(metric_names: Iterable[str]) -> frozenset[str]:
-    return EVALUATE_KEYS | frozenset(metric_names)
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """An evaluate message's config."""
+
+    server_round: int
+    batch_size: int
+    task_statistics: dict[str, list[float]] | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"server-round": self.server_round, "batch-size": self.batch_size}
+        if self.task_statistics is not None:
+            record["task-statistics"] = json.dumps(self.task_statistics)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "EvaluateConfig":
+        return cls(int(record["server-round"]), int(record["batch-size"]), _statistics(record))
+
+
+def _statistics(record: Mapping[str, Any]) -> dict[str, list[float]] | None:
+    return json.loads(str(record["task-statistics"])) if "task-statistics" in record else None
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A train reply's metrics: what the site trained, and how the received model fared."""
+
+    num_examples: int
+    train_loss: float
+    train_metrics: dict[str, float]
+    train_seconds: float
+    setup_seconds: float  # data, model, weights, device: before the first step
+    local_epochs: int
+    steps: int
+    lr_first: float
+    lr_peak: float
+    lr_last: float
+    received: "EvaluateReply | None" = None  # the received model on the held-out split
+
+    SCALARS = ("num-examples", "train-loss", "train-seconds", "setup-seconds", "local-epochs", "steps",
+               "lr-first", "lr-peak", "lr-last")
+
+    def to_record(self) -> dict[str, float | int]:
+        record: dict[str, float | int] = {
+            "num-examples": self.num_examples, "train-loss": self.train_loss, "train-seconds": self.train_seconds,
+            "setup-seconds": self.setup_seconds, "local-epochs": self.local_epochs, "steps": self.steps,
+            "lr-first": self.lr_first, "lr-peak": self.lr_peak, "lr-last": self.lr_last,
+            **{f"train-{k}": v for k, v in self.train_metrics.items()},
+        }
+        if self.received is not None:
+            record.update({"received-loss": self.received.loss, "val-examples": self.received.num_examples,
+                           **{f"received-{k}": v for k, v in self.received.metrics.items()}})
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], metric_names: Iterable[str]) -> "TrainReply":
+        names = list(metric_names)
+        received = None
+        if "received-loss" in record:
+            received = EvaluateReply(record["received-loss"], {n: record[f"received-{n}"] for n in names},
+                                     record["val-examples"])
+        return cls(
+            num_examples=record["num-examples"], train_loss=record["train-loss"],
+            train_metrics={n: record[f"train-{n}"] for n in names}, train_seconds=record["train-seconds"],
+            setup_seconds=record["setup-seconds"], local_epochs=record["local-epochs"], steps=record["steps"],
+            lr_first=record["lr-first"], lr_peak=record["lr-peak"], lr_last=record["lr-last"], received=received,
+        )
+
+    @staticmethod
+    def keys(metric_names: Iterable[str], evaluate_received: bool) -> frozenset[str]:
+        """Every key a train reply holds: what the server checks a reply against."""
+        names = tuple(metric_names)
+        keys = set(TrainReply.SCALARS) | {f"train-{m}" for m in names}
+        if evaluate_received:
+            keys |= {"received-loss", "val-examples"} | {f"received-{m}" for m in names}
+        return frozenset(keys)
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """A model's loss and the task's metrics on a site's held-out split (`num_examples` of it)."""
+
+    loss: float
+    metrics: dict[str, float]
+    num_examples: int
+
+    def to_record(self) -> dict[str, float | int]:
+        return {"loss": self.loss, **self.metrics, "num-examples": self.num_examples}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], metric_names: Iterable[str]) -> "EvaluateReply":
+        return cls(record["loss"], {n: record[n] for n in metric_names}, record["num-examples"])
+
+    @staticmethod
+    def keys(metric_names: Iterable[str]) -> frozenset[str]:
+        return frozenset({"loss", "num-examples", *metric_names})
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """A site's pre-flight answer: what it would train (the server compares it with its own), or
+    the error that keeps it out (`ok` false, `error` says why)."""
+
+    ok: bool = True
+    error: str = ""
+    site: str = ""
+    num_train: int = 0
+    num_val: int = 0
+    metric_names: list[str] = field(default_factory=list)
+    inputs: str = ""  # one example's structure (fedcycle.batches.describe)
+    targets: str = ""
+    model: list[str] = field(default_factory=list)  # the model's fingerprint: name, dtype, shape per array
+    device: str = ""
+    device_name: str = ""
+    python: str = ""
+    torch: str = ""
+    torchvision: str = ""
+    flwr: str = ""
+    classes: list[str] | None = None  # where the site's data names its classes
+    statistics: dict[str, list[float]] | None = None  # the task's sums over the site's train split
+
+    def to_record(self) -> dict[str, Any]:
+        """The report's ConfigRecord values (a failed report holds `ok` and `error` only)."""
+        if not self.ok:
+            return {"ok": False, "error": self.error}
+        record = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)
+                  if f.name not in ("error", "classes", "statistics")}
+        if self.classes is not None:
+            record["classes"] = list(self.classes)
+        if self.statistics is not None:
+            record["statistics"] = json.dumps(self.statistics)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "SiteReport":
+        """The report, its values as sent (the pre-flight checks their kinds); KeyError names a
+        key a site's report lacks (another fedcycle version)."""
+        if not record.get("ok"):
+            return cls(ok=False, error=str(record.get("error", "")))
+        missing = [k for k in REPORT_KEYS if k not in record]
+        if missing:
+            raise KeyError(missing)
+        values = {f.name: record[f.name.replace("_", "-")] for f in fields(cls)
+                  if f.name.replace("_", "-") in record and f.name not in ("statistics", "error")}
+        for key in ("metric_names", "model", "classes"):
+            if isinstance(values.get(key), tuple):
+                values[key] = list(values[key])
+        if "statistics" in record:
+            values["statistics"] = _json_or_raw(record["statistics"])
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# What every report that says ok must hold.
+REPORT_KEYS = ("site", "num-train", "num-val", "metric-names", "inputs", "targets", "model", "device", "torch", "flwr")
+
+
+def _json_or_raw(value: Any) -> Any:
+    """JSON text as its value; anything else as it came (the pre-flight names what is wrong)."""
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def superlink_errors(sent: Iterable[Message], replies: Iterable[Message]) -> tuple[list[Message], dict[int, str]]:

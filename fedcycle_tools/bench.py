@@ -52,7 +52,7 @@ from fedcycle.tasks.image.datasets import DATASETS, load
 from fedcycle.tasks.image.in_memory import DeviceBatches, InMemoryImages
 from fedcycle.tasks.image.models import build_model
 from fedcycle.trainer import TrainConfig, evaluate, train
-from fedcycle.wire import train_reply_keys
+from fedcycle.wire import TrainReply
 from fedcycle_tools.launcher import LocalSimulation, exit_on_termination
 
 OUT = Path("results") / "bench"  # under the folder it runs from
@@ -86,7 +86,7 @@ def bench_aggregation(repeat: int) -> dict:
         instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
         arrays = ArrayRecord({k: Array(v + 0.01 * rng.standard_normal(v.shape).astype(v.dtype) if v.dtype == np.float32 else v)
                               for k, v in state.items()})
-        metrics = MetricRecord({**{key: 1.0 for key in train_reply_keys(["accuracy"], "train-reply")}, "num-examples": 100 + node})
+        metrics = MetricRecord({**{key: 1.0 for key in TrainReply.keys(["accuracy"], evaluate_received=True)}, "num-examples": 100 + node})
         replies.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=instruction))
     size = sum(v.nbytes for v in state.values())
 

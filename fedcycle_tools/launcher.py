@@ -43,13 +43,14 @@ from rich.table import Table
 import fedcycle
 import fedcycle_tools
 from fedcycle.config import RunSettings
-from fedcycle.tasks.image.datasets import data_root, load
 from fedcycle.errors import ConfigError, TaskError
 from fedcycle.files import atomic_write
 from fedcycle.results import machine, read_metrics, versions
 from fedcycle.site import add_task_path
 from fedcycle.strategies import check_strategy
 from fedcycle.tasks import load_task
+from fedcycle.tasks.image.datasets import data_root, load
+from fedcycle.tracking import check_tracking
 from fedcycle_tools.centralized import train_centralized
 
 
@@ -409,7 +410,9 @@ def check_run_config(overrides: str, task_path: str = "") -> None:
     """The run config, checked here before anything starts: ConfigError or TaskError with one line."""
 
     run_config = full_run_config(overrides)
-    check_strategy(RunSettings.from_run_config(run_config))
+    settings = RunSettings.from_run_config(run_config)
+    check_strategy(settings)
+    check_tracking(settings.tracking)
     if task_path:
         add_task_path(task_path)
     load_task(run_config)

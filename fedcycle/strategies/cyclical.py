@@ -10,7 +10,6 @@ BatchNorm's `num_batches_tracked` are not averaged).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import statistics
 import time
@@ -28,7 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedcycle.config import RunSettings
 from fedcycle.schedules import LRSchedule
 from fedcycle.strategies import peers
-from fedcycle.wire import evaluate_reply_keys, train_reply_keys
+from fedcycle.wire import EvaluateConfig, EvaluateReply, RoundConfig, TrainReply
 
 if TYPE_CHECKING:
     import torch
@@ -72,21 +71,34 @@ class CyclicalMixin:
     def expect_metrics(self, names: Iterable[str]) -> None:
         """The task's metric names (agreed in the pre-flight round): what every reply must hold."""
         self.metric_names = list(names)
-        self.expected_metrics = train_reply_keys(self.metric_names, self.settings.site_eval)
-        self.expected_evaluate = evaluate_reply_keys(self.metric_names)
+        self.expected_metrics = TrainReply.keys(self.metric_names, self.evaluates_received)
+        self.expected_evaluate = EvaluateReply.keys(self.metric_names)
 
-    def round_train_config(self, server_round: int) -> dict[str, Any]:
+    @property
+    def evaluates_received(self) -> bool:
+        """Whether each site evaluates the received model inside its train reply."""
+        return self.settings.site_eval == "train-reply"
+
+    def round_config(self, server_round: int) -> RoundConfig:
         """What every site needs to train round `server_round` exactly as the server means."""
         s = self.settings
-        return {
-            **s.schedule_for_round(server_round).to_config(),
-            "local-epochs": s.epochs_for_round(server_round),
-            "epochs-before": sum(s.epochs_for_round(r) for r in range(1, server_round)),
-            "batch-size": s.batch_size,
-            "optimizer": s.optimizer,
-            "momentum": s.momentum,
-            "weight-decay": s.weight_decay,
-        }
+        return RoundConfig(
+            server_round=server_round,
+            schedule=s.schedule_for_round(server_round),
+            local_epochs=s.epochs_for_round(server_round),
+            epochs_before=sum(s.epochs_for_round(r) for r in range(1, server_round)),
+            batch_size=s.batch_size,
+            optimizer=s.optimizer,
+            momentum=s.momentum,
+            weight_decay=s.weight_decay,
+            mixed_precision=s.mixed_precision,
+            evaluate_received=self.evaluates_received,
+            task_statistics=self.task_statistics,
+        )
+
+    def round_train_config(self, server_round: int) -> dict[str, Any]:
+        """The round's config as it travels (`RoundConfig.to_record`)."""
+        return self.round_config(server_round).to_record()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -95,26 +107,24 @@ class CyclicalMixin:
         self.site_metrics[server_round] = []  # a retried round keeps only its last attempt's replies
         config = ConfigRecord({**dict(config), **self.round_train_config(server_round)})
         messages = self.preflighted(server_round, super().configure_train(server_round, arrays, config, grid))
-        self.sent_config[server_round] = dict(config)  # with what the strategy added (server-round, proximal-mu)
+        # what the round's line in metrics.jsonl shows: as sent, FedProx's proximal-mu included,
+        # less the task's statistics (config.json holds each site's)
+        self.sent_config[server_round] = {k: v for k, v in config.items() if k != "task-statistics"}
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config), **EvaluateConfig(server_round, self.settings.batch_size,
+                                                                 self.task_statistics).to_record()})
         return self.preflighted(server_round, super().configure_evaluate(server_round, arrays, config, grid))
 
     def preflighted(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
-        """The messages to sites that passed the pre-flight round, each with the task's summed
-        statistics (a site's ClientApp may be a fresh process every message). A site that
-        connected after the pre-flight round is not sent work (its data, model and classes were
-        never checked) and does not count against the round; it is named once, and takes part
-        in the next run."""
+        """The messages to sites that passed the pre-flight round. A site that connected after
+        the pre-flight round is not sent work (its data, model and classes were never checked)
+        and does not count against the round; it is named once, and takes part in the next run."""
         messages = list(messages)
-        if self.task_statistics is not None:  # a copy per message: Flower's FedAvg shares one config
-            for msg in messages:
-                msg.content["config"] = ConfigRecord({**dict(msg.content["config"]),
-                                                      "task-statistics": json.dumps(self.task_statistics)})
         if not self.declared_examples:
             return messages
         for node in sorted({m.metadata.dst_node_id for m in messages} - set(self.declared_examples) - self.late_nodes):
@@ -344,8 +354,9 @@ class CyclicalMixin:
         config = self.sent_config.get(server_round)
         if config is None:
             return None
+        sent = RoundConfig.from_record(config)
         n, steps = metrics["num-examples"], metrics["steps"]
-        batch, epochs = int(config["batch-size"]), int(config["local-epochs"])
+        batch, epochs = sent.batch_size, sent.local_epochs
         per_epoch = math.ceil(n / batch)
         if steps != per_epoch * epochs:
             return (
@@ -353,8 +364,7 @@ class CyclicalMixin:
                 f"({epochs} local epochs of {per_epoch} batches of {batch} for num-examples={n})"
             )
         want = schedule_summary(
-            tuple(sorted(LRSchedule.from_config(config).to_config().items())), per_epoch, epochs, server_round,
-            int(config["epochs-before"]),
+            tuple(sorted(sent.schedule.to_config().items())), per_epoch, epochs, server_round, sent.epochs_before,
         )
         for key, expected in zip(("lr-first", "lr-peak", "lr-last"), want):
             got = metrics[key]

@@ -24,6 +24,7 @@ from fedcycle import tracking
 from fedcycle.files import atomic_write
 from fedcycle.results import load_model, machine, read_metrics, versions
 from fedcycle.tracking import log_finished_run
+from fedcycle.wire import SCREEN_EVENTS
 from fedcycle_tools.centralized import (
     pooled_site_data,
     primary_value,
@@ -78,7 +79,7 @@ def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: P
         "run_config": config,
         # every site is honest here: what the reply screen left out or capped is a false alarm
         "screened": {kind: sum(1 for r in rounds for e in r.get("events", []) if e["event"] == kind)
-                     for kind in ("rejected", "clipped", "weight-capped", "missing")},
+                     for kind in SCREEN_EVENTS},
         "replies": sum(len(r.get("sites", [])) for r in rounds) + sum(
             1 for r in rounds for e in r.get("events", []) if e["event"] == "rejected"),
     }
@@ -122,7 +123,9 @@ def log_missing_to_mlflow(study: Study, done: dict[str, dict]) -> None:
     (or after its store was deleted) would otherwise show only the runs made there."""
     if study.tracking != "mlflow" or not done:
         return
-    from mlflow.tracking import MlflowClient  # lazily: MLflow is the optional `mlflow` extra
+    from mlflow.tracking import (
+        MlflowClient,  # lazily: MLflow is the optional `mlflow` extra
+    )
 
 
     uri, artifacts = mlflow_store(study)
