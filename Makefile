@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fedcycle-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 RESULTS := $(CURDIR)/results
 
-.PHONY: setup data demo test clean deploy-demo deploy-tools task-tools reproduce bench demo-tabular demo-text demo-audio
+.PHONY: setup data demo test test-fast clean deploy-demo deploy-tools task-tools reproduce bench demo-tabular demo-text demo-audio
 
 # $(call apt-install,PACKAGES,WHY): install Debian packages with apt-get, saying what and why first
 # (a comma inside WHY is written $(,)).
@@ -42,6 +42,11 @@ demo: data
 # PYTEST_ARGS adds pytest options, e.g. make test PYTEST_ARGS="--durations=30 -x".
 test: data deploy-tools task-tools
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# The unit lane: every test not marked e2e (no process, no socket; tests/conftest.py enforces it).
+# Only the data: the unit tests need neither nginx and docker-compose nor the fortunes and espeak-ng.
+test-fast: data
+	$(BIN)/python -m pytest -q -ra -m "not e2e" $(PYTEST_ARGS)
 
 clean:
 	rm -rf .flwr-home .pytest_cache

@@ -15,15 +15,22 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
+from tests.fakes import Sites, context
 
 from fedcycle import client_app
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
 from fedcycle.preflight import PreflightError, preflight, summed_statistics
 from fedcycle.tasks import fingerprint, load_task
-from fedcycle.tasks.audio import AudioFormat, log_mel, mel_filterbank, read_wav, resample
+from fedcycle.tasks.audio import (
+    AudioFormat,
+    log_mel,
+    mel_filterbank,
+    read_wav,
+    resample,
+)
 from fedcycle.tasks.text import encode
-from test_strategy import Sites, context
+from fedcycle.wire import SiteReport
 
 PATIENTS = """age,bmi,smoker,outcome
 54,31.2,yes,sick
@@ -116,14 +123,14 @@ def test_sites_standardise_with_the_pooled_mean_and_variance_without_pooling_row
     config = tabular_config(path)
     task = load_task(config)
     sites = [task.site_data({"partition-id": i, "num-partitions": 3})[0] for i in range(3)]
-    reports = {i + 1: {"site": f"s{i}", "statistics": json.dumps(task.statistics(s))} for i, s in enumerate(sites)}
+    reports = {i + 1: SiteReport(site=f"s{i}", statistics=task.statistics(s)) for i, s in enumerate(sites)}
     task.use_statistics(summed_statistics(reports))
     pooled = torch.cat([s.numeric for s in sites])
     features = torch.stack([x for s in sites for x, _ in s])[:, :2].double()
     assert features.mean(0).abs().max() < 1e-5
     assert torch.allclose(features.std(0, unbiased=False), torch.ones(2, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(task.impl.scale.mean, pooled.mean(0))
-    lopsided = {**reports, 4: {"site": "s3", "statistics": json.dumps({"count": [1.0], "sum": [1.0]})}}
+    lopsided = {**reports, 4: SiteReport(site="s3", statistics={"count": [1.0], "sum": [1.0]})}
     with pytest.raises(PreflightError, match=r"node 4 \(s3\): statistics keys \['count', 'sum'\] differ from"):
         summed_statistics(lopsided)
 
@@ -232,6 +239,7 @@ def test_an_audio_site_without_a_class_is_named_with_its_folder(tmp_path):
         reads(per_site, {"partition-id": 0, "num-partitions": 2})
 
 
+@pytest.mark.e2e  # runs `python -m fedcycle_tools.launcher centralize` as a process
 def test_the_centralized_baseline_of_a_builtin_task_on_real_data(tmp_path):
     """`python -m fedcycle_tools.launcher centralize`: the breast cancer table (scikit-learn's), pooled from 3 sites."""
     import subprocess

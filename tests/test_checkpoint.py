@@ -22,7 +22,7 @@ from fedcycle.tasks.image.models import build_model
 from fedcycle.recorder import load_resume_point, run_identity
 from fedcycle.strategies import make_strategy
 from fedcycle.tasks import Task
-from tests.test_strategy import SHAPES, arrays, reply, start_round
+from tests.fakes import SHAPES, arrays, reply, start_round
 
 
 def task_of(settings: RunSettings) -> Task:

@@ -14,6 +14,7 @@ from fedcycle_tools.cli import VERBS, main
 FEDCYCLE = Path(sys.executable).parent / "fedcycle"
 
 
+@pytest.mark.e2e  # runs the `fedcycle` command as a process
 def test_the_command_lists_its_verbs():
     out = subprocess.run([str(FEDCYCLE), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -33,6 +34,7 @@ def test_each_verb_has_its_own_help(verb, option, capsys):
     assert printed.startswith(f"usage: fedcycle {verb}") and option in printed
 
 
+@pytest.mark.e2e  # runs the `fedcycle` command as a process
 def test_a_deploy_step_has_its_own_help():
     out = subprocess.run([str(FEDCYCLE), "deploy", "site", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("usage: fedcycle deploy site") and "--node-config" in out.stdout

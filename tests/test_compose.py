@@ -42,6 +42,7 @@ def compose_config(project: Path, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e  # runs Debian's docker-compose
 def test_compose_file_is_valid_with_every_profile_and_gpus(project):
     done = compose_config(project)
     assert done.returncode == 0, done.stderr
@@ -52,6 +53,7 @@ def test_compose_file_is_valid_with_every_profile_and_gpus(project):
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
 
+@pytest.mark.e2e  # runs Debian's docker-compose
 def test_gpus_can_be_switched_off_and_each_host_starts_only_its_role(project):
     done = compose_config(project, COMPOSE_FILE="docker-compose.yml")
     assert done.returncode == 0, done.stderr
@@ -64,6 +66,7 @@ def test_gpus_can_be_switched_off_and_each_host_starts_only_its_role(project):
     }
 
 
+@pytest.mark.e2e  # runs Debian's docker-compose
 def test_the_validator_rejects_a_broken_file(project, tmp_path):
     broken = yaml.safe_load((project / "docker-compose.yml").read_text())
     broken["services"]["superlink"]["ports"] = {"not": "a list"}
@@ -77,6 +80,7 @@ def services() -> dict:
     return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
 
 
+@pytest.mark.e2e  # runs flower-superlink/-supernode/-superexec --help
 @pytest.mark.parametrize("name", sorted(n for n, s in services().items() if "command" in s))
 def test_every_flag_is_one_the_pinned_flwr_accepts(name):
     service = services()[name]  # safe_load applies the <<: *anchor merge keys

@@ -19,6 +19,10 @@ from fedcycle_tools.deploy.pki import make_pki
 from fedcycle_tools.launcher import FlwrCli, flwr_env, trusting
 from fedcycle.results import read_metrics
 
+# every test runs on a LoopbackDeployment (SuperLink, nginx, SuperExecs, SuperNodes) or runs `flwr`
+pytestmark = pytest.mark.e2e
+
+
 FOLDERS = tuple(f"class-{i}" for i in range(10))  # a site's folder names for Fashion-MNIST's 10 classes
 
 

@@ -32,6 +32,9 @@ from fedcycle_tools.launcher import RunOutcome
 from fedcycle.results import load_model, read_metrics
 from fedcycle.strategies import make_strategy
 
+# every test runs on a LoopbackDeployment with faulty SuperNodes, some with an `mlflow server`
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def fault_app(tmp_path_factory) -> Path:

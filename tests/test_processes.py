@@ -5,7 +5,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from fedcycle_tools.launcher import ProcessGroup
+
+# starts real processes to see that the launcher stops them
+pytestmark = pytest.mark.e2e
+
 
 # A leader that starts a child in a session of its own, as a simulation SuperLink starts its
 # SuperExec (and that one the simulation and Ray), then both wait to be stopped.

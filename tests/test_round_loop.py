@@ -13,7 +13,7 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from fedcycle.config import RunSettings
 from fedcycle.round_loop import RoundFailed, run_rounds, train_round
 from fedcycle.strategies import make_strategy
-from tests.test_strategy import Sites, arrays, honest_schedule, reply
+from tests.fakes import Sites, arrays, honest_schedule, reply
 
 
 class Clock:

@@ -35,6 +35,7 @@ def run(superlink, tmp_path, data_root, overrides: str, sites: int = 2):
     return superlink.run(sites, " ".join(f"{k}={v}" for k, v in pairs.items()), stream=False)
 
 
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 def test_cyclical_fedavg_run_completes_and_learns(superlink, tmp_path, data_root):
     out = run(superlink, tmp_path, data_root, "num-server-rounds=2 local-epochs=2 swa-start=1 checkpoints-keep=5 run-name='e2e'")
     assert out.completed, out.log[-3000:]
@@ -68,6 +69,7 @@ def test_cyclical_fedavg_run_completes_and_learns(superlink, tmp_path, data_root
         assert torch.equal(value, mean.to(value.dtype)), key
 
 
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 def test_fedprox_with_site_evaluation_on_a_dirichlet_split(superlink, tmp_path, data_root):
     out = run(
         superlink, tmp_path, data_root,
@@ -86,6 +88,7 @@ def test_fedprox_with_site_evaluation_on_a_dirichlet_split(superlink, tmp_path, 
     assert "CyclicalFedProx" in out.log and "the sites' evaluation of the global model" in out.log
 
 
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 def test_bad_run_config_fails_the_run_before_training(superlink, tmp_path, data_root):
     out = run(superlink, tmp_path, data_root, "lr-min=0.5 lr-max=0.1 run-name='bad'")
     assert out.run_id is not None
@@ -95,6 +98,7 @@ def test_bad_run_config_fails_the_run_before_training(superlink, tmp_path, data_
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.e2e  # runs `fedcycle simulate` as a process
 @pytest.mark.parametrize("overrides, message", [
     ("dataset='no-such-set'", "error: dataset='no-such-set' is unknown; choose one of ['cifar10', 'fashion-mnist', 'image-folder']"),
     ("strategy='fedprox' fedprox.proximal-mu=-1.0", "error: fedprox.proximal-mu=-1.0 must be a number in [0, inf)"),
@@ -112,6 +116,7 @@ def test_the_launcher_checks_the_run_config_before_it_starts_anything(tmp_path, 
     assert not home.exists()  # no SuperLink was started
 
 
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 def test_undeclared_key_is_refused_by_flower(superlink, tmp_path, data_root):
     out = run(superlink, tmp_path, data_root, "learning-rate=0.1")
     assert out.run_id is None and not out.completed
@@ -147,6 +152,7 @@ def kind_data(kind: str, root) -> str:
     return config
 
 
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_each_builtin_kind_learns_in_simulation(superlink, tmp_path, kind):
     overrides, sites, margins = KINDS[kind]

@@ -7,81 +7,14 @@ import re
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fedcycle import client_app
 from fedcycle.config import ConfigError, RunSettings
 from fedcycle.strategies import STRATEGIES, make_strategy, resolve_strategy
-from fedcycle.schedules import LRSchedule
-from fedcycle.strategies.cyclical import CyclicalMixin, schedule_summary
-from fedcycle.wire import train_reply_keys
-
-SHAPES = {"conv.weight": (4, 3), "conv.bias": (4,)}
-
-
-def arrays(rng, scale=1.0, shapes=SHAPES) -> dict[str, np.ndarray]:
-    return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
-
-
-def reply(node: int, weights: dict[str, np.ndarray], n: float, to: Message | None = None, **metrics: float) -> Message:
-    """A train reply as fedcycle's ClientApp sends it (every metric 1.0 unless given), to the
-    message `to` if given."""
-    instruction = to or Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
-    values = {key: 1.0 for key in train_reply_keys(["accuracy"], "train-reply")}
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-            "metrics": MetricRecord({**values, "num-examples": n, **metrics}),
-        }
-    )
-    return Message(content, reply_to=instruction)
-
-
-class Sites(Grid):
-    """The connected sites as a strategy's sampling sees them: node ids, nothing sent."""
-
-    def __init__(self, nodes) -> None:
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return self.nodes
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def pull_messages(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def push_messages(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def send_and_receive(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def set_run(self, *args, **kwargs):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-
-def start_round(strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord, nodes) -> dict[str, float]:
-    """Open a round as the round loop does (configure_train); the schedule metrics an honest
-    site with 10 examples reports for it."""
-    list(strategy.configure_train(server_round, arrays, ConfigRecord(), Sites(nodes)))
-    return honest_schedule(strategy, server_round)
-
-
-def honest_schedule(strategy: CyclicalMixin, server_round: int) -> dict[str, float]:
-    """The steps and learning rates an honest site with 10 examples reports for an open round."""
-    config = strategy.sent_config[server_round]
-    per_epoch, epochs = math.ceil(10 / config["batch-size"]), config["local-epochs"]
-    first, peak, last = schedule_summary(tuple(sorted(LRSchedule.from_config(config).to_config().items())),
-                                         per_epoch, epochs, server_round, config["epochs-before"])
-    return {"steps": float(per_epoch * epochs), "lr-first": first, "lr-peak": peak, "lr-last": last}
+from fedcycle.strategies.cyclical import CyclicalMixin
+from tests.fakes import SHAPES, Sites, arrays, context, reply, start_round
 
 
 @pytest.fixture
@@ -197,10 +130,6 @@ def test_user_strategy_by_dotted_path():
         resolve_strategy("os.path:join")
     with pytest.raises(ConfigError, match="cannot be imported"):
         resolve_strategy("no_such_module.sub:Thing")
-
-
-def context(run_config: dict, node_config: dict) -> Context:
-    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
 def train_message(settings: RunSettings, weights: ArrayRecord, server_round: int) -> Message:

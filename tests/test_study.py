@@ -46,6 +46,7 @@ def summaries(out: Path) -> dict[str, float]:
     return {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
 
 
+@pytest.mark.e2e  # runs `python -m fedcycle_tools.study` (and `flwr run`) as processes
 def test_an_interrupted_study_continues_without_redoing_finished_runs(tmp_path, data_root):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(output=tmp_path / "out"))

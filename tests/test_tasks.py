@@ -136,7 +136,7 @@ def test_a_loop_that_ignores_the_scheduler_is_refused(on_path):
 def test_the_server_leaves_out_a_reply_whose_rates_are_not_its_schedule(task_identity):
     from fedcycle.config import RunSettings
     from fedcycle.strategies import make_strategy
-    from tests.test_strategy import SHAPES, arrays, reply
+    from tests.fakes import SHAPES, arrays, reply
 
     settings = RunSettings(local_epochs=2, batch_size=50)
     strategy = make_strategy(settings, num_sites=3)
@@ -261,6 +261,7 @@ def simulate(superlink, tmp_path, overrides: str, sites: int = 2):
     return superlink.run(sites, f"results-dir='{tmp_path}' batch-size=50 {overrides}", stream=False)
 
 
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 def test_a_users_task_with_its_own_metric_runs_in_simulation(superlink, tmp_path, on_path):
     out = simulate(superlink, tmp_path, "task='clinic_tasks:BloodPressure' num-server-rounds=3 local-epochs=2 "
                                        "lr-max=0.1 run-name='bp'")
@@ -280,6 +281,7 @@ def test_a_users_task_with_its_own_metric_runs_in_simulation(superlink, tmp_path
     assert re.search(r"fedcycle round 3/3  mae 0\.\d{4} \(server-test\)", out.log)
 
 
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 def test_a_sites_own_loop_follows_the_servers_schedule_in_simulation(superlink, tmp_path, task_dir):
     for old in task_dir.glob("lrs-*.json"):
         old.unlink()
@@ -297,6 +299,7 @@ def test_a_sites_own_loop_follows_the_servers_schedule_in_simulation(superlink, 
     assert matched == [1, 1, 2, 2]
 
 
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 def test_a_loop_that_keeps_its_own_rate_is_left_out_by_the_server(superlink, tmp_path):
     out = simulate(superlink, tmp_path, "task='clinic_tasks:BloodPressureFixedRate' num-server-rounds=1 local-epochs=1 "
                                        "round-retries=0 run-name='fixed'")
@@ -306,6 +309,7 @@ def test_a_loop_that_keeps_its_own_rate_is_left_out_by_the_server(superlink, tmp
     assert len(reasons) == 2 and all(r.startswith("lr-first=0.01, but the server's schedule gives 0.005") for r in reasons)
 
 
+@pytest.mark.e2e  # a LoopbackDeployment (SuperLink, nginx, SuperNodes)
 def test_a_users_task_runs_on_the_loopback_deployment(tmp_path_factory, task_dir):
     from fedcycle_tools.deploy.loopback import LoopbackDeployment
 

@@ -77,6 +77,7 @@ def test_a_sqlite_store_named_in_the_run_config_keeps_the_models_beside_it(tmp_p
     assert list((store.parent / "mlartifacts").rglob("global-final.safetensors"))
 
 
+@pytest.mark.e2e  # MLflow's client connects to a loopback port nobody listens on
 def test_a_tracker_that_fails_is_logged_once_and_the_others_go_on(tmp_path, caplog):
     settings = RunSettings(tracking="both", mlflow_tracking_uri=f"http://127.0.0.1:{free_port()}")  # nobody there
     with caplog.at_level(logging.WARNING):

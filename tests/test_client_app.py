@@ -1,0 +1,66 @@
+"""fedcycle's ClientApp handlers (fedcycle.client_app) on real data, as a site runs them: the
+evaluate reply is the received model on the site's held-out split; a task's own training loop
+must report the task's metrics. (The train reply's schedule: tests/test_strategy.py; the
+pre-flight report: tests/test_site.py and tests/test_preflight.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from torch.nn import functional as F
+
+from fedcycle import client_app
+from fedcycle.config import RunSettings
+from fedcycle.errors import TaskError
+from fedcycle.site import load_site
+from fedcycle.strategies import make_strategy
+from fedcycle.trainer import evaluate
+from tests.fakes import Sites, context
+from tests.user_tasks import BloodPressure
+
+
+def test_the_evaluate_reply_is_the_received_model_on_the_sites_held_out_split(data_root, task_identity):
+    run_config = {"data-root": data_root, "train-subset": 200, "val-fraction": 0.2, "batch-size": 32}
+    node = {"partition-id": 1, "num-partitions": 2}
+    site = load_site(run_config, node)
+    torch.manual_seed(3)
+    model = site.new_model()
+    strategy = make_strategy(RunSettings.from_run_config(run_config), num_sites=2, has_test_data=False)
+    config = ConfigRecord(dict(next(iter(strategy.configure_evaluate(4, ArrayRecord(model.state_dict()), ConfigRecord(),
+                                                                     Sites([1, 2])))).content["config"]))
+    message = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=2,
+                      message_type="evaluate")
+    metrics = client_app.evaluate_round(message, context(run_config, node)).content["metrics"]
+    loss, expected = evaluate(site.task, model, site.val, torch.device("cpu"), 32)
+    assert metrics["num-examples"] == len(site.val) > 0
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-12) and metrics["accuracy"] == pytest.approx(expected["accuracy"])
+
+
+class ForgetsAMetric(BloodPressure):
+    """A site's own loop that follows the schedule but reports only one of the task's two metrics."""
+
+    def train(self, model, loader, optimizer, scheduler, epochs, device):
+        for _ in range(epochs):
+            for x, y in loader:
+                loss = F.mse_loss(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+        return {"loss": loss.item(), "mae": 0.5}
+
+
+def test_a_sites_own_loop_must_report_the_tasks_metrics(task_identity):
+    name = f"{ForgetsAMetric.__module__}:ForgetsAMetric"
+    run_config = {"task": name, "batch-size": 100, "local-epochs": 1}
+    node = {"partition-id": 0}
+    settings = RunSettings.from_run_config(run_config)
+    config = ConfigRecord({**make_strategy(settings, num_sites=1).round_train_config(1), "server-round": 1})
+    model = load_site(run_config, node).new_model()
+    message = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1,
+                      message_type="train")
+    with pytest.raises(TaskError) as failed:
+        client_app.train_round(message, context(run_config, node))
+    assert str(failed.value) == (f"task={name!r}: train() returned ['mae'] besides the loss; "
+                                 "it must also return the task's metrics ['mse']")
