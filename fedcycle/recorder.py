@@ -2,6 +2,9 @@
 split, or the sites' held-out splits when it has none), a line in metrics.jsonl, the latest and
 best models and a checkpoint; and how a run picks up from its newest checkpoint.
 
+The recorder writes what a round produced (`fedcycle.round_loop.RoundOutcome`); it sends no
+message and reads nothing of the strategy.
+
 With `swa-start`, the server also keeps the mean of the global models at cycle ends
 (`fedcycle.averaging`), evaluates it beside the global model every round (`swa` in
 metrics.jsonl) and saves it as `global-swa.safetensors`.
@@ -18,17 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 from fedcycle.averaging import CycleAverage, has_batchnorm
 from fedcycle.checkpoint import Checkpoint, check_identity, latest_checkpoint, save_checkpoint
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
 from fedcycle.results import RunResults
-from fedcycle.round_loop import evaluate_on_sites
-from fedcycle.strategies.cyclical import CyclicalMixin
+from fedcycle.round_loop import RoundOutcome
 from fedcycle.tasks import Task
 from fedcycle.tracking import Trackers
 from fedcycle.trainer import evaluate, pick_device
@@ -71,10 +71,11 @@ class RoundRecorder:
     """Called after every round: evaluates the global model, writes the round's line, the
     models and a checkpoint."""
 
-    def __init__(self, settings: RunSettings, task: Task, test, strategy: CyclicalMixin, results: RunResults,
-                 grid: Grid, trackers: Trackers) -> None:
+    def __init__(self, settings: RunSettings, task: Task, test, results: RunResults, trackers: Trackers,
+                 metric_names: list[str]) -> None:
         self.settings, self.task, self.test = settings, task, test
-        self.strategy, self.results, self.grid, self.trackers = strategy, results, grid, trackers
+        self.results, self.trackers = results, trackers
+        self.metric_names = list(metric_names)  # the task's metrics, as the sites report them
         self.metric = task.primary_metric
         self.model = task.build_model()
         self.device = pick_device("auto")
@@ -100,14 +101,14 @@ class RoundRecorder:
         self.model.load_state_dict(ckpt.model)
         return evaluate(self.task, self.model, self.test, self.device, self.settings.batch_size)[1][self.metric]
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        started = time.perf_counter()
-        state = arrays.to_torch_state_dict()
+    def record(self, outcome: RoundOutcome) -> None:
+        """Evaluate the round's global model and write the round: its line, models, checkpoint."""
+        server_round, started = outcome.server_round, time.perf_counter()
+        state = outcome.arrays.to_torch_state_dict()
         self.model.load_state_dict(state)
-        loss, metrics, source = self._evaluate(server_round, arrays)
+        loss, metrics, source = self._evaluate(outcome)
         value = None if metrics is None else metrics[self.metric]
         now = time.perf_counter()
-        s = self.strategy
         line = {
             "round": server_round,
             "primary_metric": self.metric,
@@ -117,11 +118,11 @@ class RoundRecorder:
             "metrics_source": source,
             "seconds": round(now - self.last, 3),
             "elapsed": round(now - self.started, 3),
-            "train_config": s.sent_config.get(server_round),
-            "sites_evaluation": _plain(s.evaluate_metrics.get(server_round)),
-            "timing": {"aggregate_seconds": s.aggregate_seconds.get(server_round), "evaluate_seconds": now - started},
-            "sites": s.site_metrics.get(server_round, []),
-            "events": s.events.get(server_round, []),
+            "train_config": outcome.train_config,
+            "sites_evaluation": outcome.sites_evaluation,
+            "timing": {"aggregate_seconds": outcome.aggregate_seconds, "evaluate_seconds": now - started},
+            "sites": outcome.sites,
+            "events": outcome.events,
         }
         if self.swa is not None:
             line["swa"] = self._average(server_round, state)
@@ -140,7 +141,7 @@ class RoundRecorder:
                 best_value=self.best,
                 metrics=self.lines,
                 identity=run_identity(self.settings, self.task),
-                strategy_arrays=self.strategy.state_arrays(),
+                strategy_arrays=outcome.strategy_state,
                 swa_total=self.swa.total if self.swa is not None else {},
                 swa_rounds=self.swa.rounds if self.swa is not None else [],
             ),
@@ -160,7 +161,6 @@ class RoundRecorder:
             source, loss if loss is not None else float("nan"), "" if swa is None else f"  cycle-end mean {swa:.4f}",
             line["seconds"], len(line["sites"]), len(line["events"]),
         )
-        return MetricRecord({"loss": loss or 0.0, **(metrics or {})})
 
     def _average(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
         """Take this round's model into the mean of cycle ends if it ends a cycle; the mean's
@@ -181,15 +181,13 @@ class RoundRecorder:
             self.model.load_state_dict(state)
         return entry
 
-    def record_failed_round(self, server_round: int, reason: str) -> None:
+    def record_failed_round(self, outcome: RoundOutcome, reason: str) -> None:
         """A line for the round that failed, with what went wrong at each site (a resumed run
         replaces it with the rounds of its checkpoint)."""
-        s = self.strategy
         line = {
-            "round": server_round, "primary_metric": self.metric, self.metric: None, "loss": None, "metrics": None,
-            "metrics_source": None, "seconds": round(time.perf_counter() - self.last, 3), "failed": reason,
-            "train_config": s.sent_config.get(server_round), "sites": s.site_metrics.get(server_round, []),
-            "events": s.events.get(server_round, []),
+            "round": outcome.server_round, "primary_metric": self.metric, self.metric: None, "loss": None,
+            "metrics": None, "metrics_source": None, "seconds": round(time.perf_counter() - self.last, 3),
+            "failed": reason, "train_config": outcome.train_config, "sites": outcome.sites, "events": outcome.events,
         }
         self.results.append_round(line)
         self.trackers.log_round(line)
@@ -202,17 +200,12 @@ class RoundRecorder:
         models = [self.results.path / f"global-{name}.safetensors" for name in ("final", "best", "swa")]
         self.trackers.finish(status, {k: float(v) for k, v in values.items() if v is not None}, models)
 
-    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> tuple[float | None, dict | None, str]:
+    def _evaluate(self, outcome: RoundOutcome) -> tuple[float | None, dict | None, str]:
+        """The loaded model on the test split, or (no test split) the sites' weighted evaluation."""
         if self.test is not None:
             loss, metrics = evaluate(self.task, self.model, self.test, self.device, self.settings.batch_size)
             return loss, metrics, "server-test"
-        if server_round == 0:  # no test split: ask the sites about the initial model too
-            evaluate_on_sites(self.grid, self.strategy, 0, arrays, self.settings.round_timeout)
-        metrics = self.strategy.evaluate_metrics.get(server_round)
-        if metrics is None:
+        sites = outcome.sites_evaluation
+        if sites is None:
             return None, None, "sites-weighted"
-        return float(metrics["loss"]), {k: float(metrics[k]) for k in self.strategy.metric_names}, "sites-weighted"
-
-
-def _plain(metrics: MetricRecord | None) -> dict | None:
-    return None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return sites["loss"], {k: sites[k] for k in self.metric_names}, "sites-weighted"

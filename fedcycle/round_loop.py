@@ -8,14 +8,21 @@ sites, training, every retry and the sites' evaluation: a round with fewer usabl
 deadline allows, and then the run stops with a clear message. Every message lives only until
 the deadline (a late site does not go on to work on a round the server has given up on). The
 strategy's own methods (configure, aggregate) do the rest.
+
+Each round's result is a value, `RoundOutcome`: the global model after the round and what
+happened on the way (the config sent, the accepted replies, the events, the sites' evaluation).
+The loop hands it back; the recorder writes it and sends nothing.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Callable
+from typing import Any, Callable, Iterator
+
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -26,12 +33,28 @@ from fedcycle.strategies.cyclical import CyclicalMixin
 from fedcycle.wire import superlink_errors
 
 
-class RoundFailed(RuntimeError):
-    """A round got too few usable replies, also after its retries."""
+@dataclass
+class RoundOutcome:
+    """What one round produced: the global model after it, and what happened on the way."""
 
-    def __init__(self, server_round: int, message: str) -> None:
+    server_round: int
+    arrays: ArrayRecord
+    train_config: dict[str, Any] | None = None  # as the sites received it
+    sites: list[dict] = field(default_factory=list)  # the accepted replies' metrics
+    events: list[dict] = field(default_factory=list)  # replies left out, sites missing, failed attempts
+    sites_evaluation: dict[str, float] | None = None  # the sites' weighted evaluation of `arrays`
+    aggregate_seconds: float | None = None
+    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)  # for the checkpoint
+
+
+class RoundFailed(RuntimeError):
+    """A round got too few usable replies, also after its retries: `attempts` are the events of
+    its failed attempts; out of `run_rounds`, `outcome` holds all the round got."""
+
+    def __init__(self, server_round: int, message: str, attempts: list[dict] = (),
+                 outcome: RoundOutcome | None = None) -> None:
         super().__init__(message)
-        self.server_round = server_round
+        self.server_round, self.attempts, self.outcome = server_round, list(attempts), outcome
 
 
 # Replies are pulled every tenth of the time waited so far, at least every POLL_MAX_SECONDS (as
@@ -41,24 +64,54 @@ POLL_MIN_SECONDS, POLL_MAX_SECONDS, POLL_FRACTION = 0.05, 3.0, 0.1
 PROGRESS_SECONDS = 60.0  # a longer exchange says, once a minute, which sites have replied
 
 
+def outcome_of(strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord,
+               events: list[dict] = ()) -> RoundOutcome:
+    """The round's outcome: `arrays`, and what the strategy recorded of the round (taken out of
+    it), with the loop's own `events`."""
+    evaluation = strategy.evaluate_metrics.pop(server_round, None)
+    return RoundOutcome(
+        server_round=server_round,
+        arrays=arrays,
+        train_config=strategy.sent_config.pop(server_round, None),
+        sites=strategy.site_metrics.pop(server_round, []),
+        events=[*strategy.events.pop(server_round, []), *events],
+        sites_evaluation=None if evaluation is None else {k: float(v) for k, v in evaluation.items()},
+        aggregate_seconds=strategy.aggregate_seconds.pop(server_round, None),
+        strategy_state=strategy.state_arrays(),
+    )
+
+
+def initial_round(grid: Grid, strategy: CyclicalMixin, settings: RunSettings, arrays: ArrayRecord,
+                  sites_evaluate: bool) -> RoundOutcome:
+    """Round 0, the initial model: evaluated by the sites when they are the only evaluation there
+    is (no test split on the server)."""
+    if sites_evaluate:
+        evaluate_on_sites(grid, strategy, 0, arrays, settings.round_timeout)
+    return outcome_of(strategy, 0, arrays)
+
+
 def run_rounds(
     grid: Grid,
     strategy: CyclicalMixin,
     settings: RunSettings,
     arrays: ArrayRecord,
     first_round: int,
-    round_done: Callable[[int, ArrayRecord], None],
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> ArrayRecord:
-    """Rounds `first_round`..`num-server-rounds`; `round_done(round, arrays)` after each."""
+) -> Iterator[RoundOutcome]:
+    """Rounds `first_round`..`num-server-rounds`, each one's outcome as it ends; RoundFailed,
+    with the failed round's outcome, when a round gets too few usable replies."""
     log(INFO, "Starting %s, rounds %d to %d:", type(strategy).__name__, first_round, settings.num_server_rounds)
     strategy.summary()
     for server_round in range(first_round, settings.num_server_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_server_rounds)
         deadline = clock() + settings.round_timeout
-        accepted = train_round(grid, strategy, settings, server_round, arrays, deadline, clock, sleep)
+        try:
+            accepted, events = train_round(grid, strategy, settings, server_round, arrays, deadline, clock, sleep)
+        except RoundFailed as err:
+            raise RoundFailed(server_round, str(err), err.attempts,
+                              outcome_of(strategy, server_round, arrays, err.attempts)) from None
         aggregated, _ = strategy.aggregate_accepted(server_round, accepted)
         if aggregated is not None:
             arrays = aggregated
@@ -67,12 +120,11 @@ def run_rounds(
             if left > 0:
                 metrics = evaluate_on_sites(grid, strategy, server_round, arrays, left, clock, sleep)
             else:
-                strategy.events[server_round].append(
+                events.append(
                     {"event": "evaluation-skipped", "reason": f"round-timeout={settings.round_timeout}s spent on training"})
                 metrics = strategy.aggregate_evaluate(server_round, [])
             log(INFO, "Round %d: the sites' evaluation of the global model: %s", server_round, metrics)
-        round_done(server_round, arrays)
-    return arrays
+        yield outcome_of(strategy, server_round, arrays, events)
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, what: str, names: dict[int, str],
@@ -116,10 +168,10 @@ def evaluate_on_sites(grid: Grid, strategy: CyclicalMixin, server_round: int, ar
 def train_round(
     grid: Grid, strategy: CyclicalMixin, settings: RunSettings, server_round: int, arrays: ArrayRecord,
     deadline: float, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-) -> list[Message]:
-    """The round's usable train replies, retried while too few and the deadline allows;
-    RoundFailed in the end."""
-    attempts = settings.round_retries + 1
+) -> tuple[list[Message], list[dict]]:
+    """The round's usable train replies, retried while too few and the deadline allows, and an
+    event for each attempt that failed; RoundFailed (its `attempts`: those events) in the end."""
+    attempts, failed = settings.round_retries + 1, []
     for attempt in range(1, attempts + 1):
         connected = wait_for_sites(grid, settings.min_replies, deadline, clock, sleep)
         left = deadline - clock()
@@ -135,13 +187,13 @@ def train_round(
             accepted = strategy.screen_round(server_round, replies, unreachable)
             needed = max(settings.min_replies, math.ceil(settings.min_reply_fraction * len(messages)))
             if len(accepted) >= needed:
-                return accepted
+                return accepted, failed
             shortfall = (
                 f"{len(accepted)} usable repl{'y' if len(accepted) == 1 else 'ies'} of {len(messages)} sampled site(s), "
                 f"at least {needed} needed (min-replies={settings.min_replies}, "
                 f"min-reply-fraction={settings.min_reply_fraction})"
             )
-        strategy.events[server_round].append({"event": "round-attempt-failed", "attempt": attempt, "reason": shortfall})
+        failed.append({"event": "round-attempt-failed", "attempt": attempt, "reason": shortfall})
         log(WARNING, "Round %d, attempt %d of %d: %s", server_round, attempt, attempts, shortfall)
         if clock() >= deadline:
             break
@@ -150,7 +202,8 @@ def train_round(
         f"round {server_round} failed {attempt} time(s) (round-retries={settings.round_retries}, "
         f"round-timeout={settings.round_timeout}s for the whole round): {shortfall}. "
         "The checkpoints of the finished rounds are kept: bring the sites back and resume the run with "
-        "resume-from, or lower min-replies / min-reply-fraction"
+        "resume-from, or lower min-replies / min-reply-fraction",
+        failed,
     )
 
 

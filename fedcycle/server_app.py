@@ -27,7 +27,7 @@ from fedcycle.errors import ConfigError, TaskError
 from fedcycle.preflight import PreflightError, preflight, summed_statistics
 from fedcycle.recorder import RoundRecorder, load_resume_point
 from fedcycle.results import RunResults, resolve_run_dir
-from fedcycle.round_loop import RoundFailed, run_rounds
+from fedcycle.round_loop import RoundFailed, initial_round, run_rounds
 from fedcycle.strategies import check_strategy, make_strategy
 from fedcycle.tasks import fingerprint, load_task
 from fedcycle.tracking import Trackers, check_tracking
@@ -97,10 +97,10 @@ def main(grid: Grid, context: Context) -> None:
     strategy.declared_examples = {node: r.num_train for node, r in reports.items()}
     strategy.site_names = {node: r.site for node, r in reports.items()}
     trackers = Trackers(settings, results.path, context.run_config, first_round=0 if ckpt is None else ckpt.round + 1)
-    recorder = RoundRecorder(settings, task, test, strategy, results, grid, trackers)
+    recorder = RoundRecorder(settings, task, test, results, trackers, strategy.metric_names)
     if ckpt is None:
         arrays, first_round = ArrayRecord(model.state_dict()), 1
-        recorder(0, arrays)
+        recorder.record(initial_round(grid, strategy, settings, arrays, sites_evaluate=test is None))
     else:
         arrays, first_round = ArrayRecord(ckpt.model), ckpt.round + 1
         strategy.restore_state_arrays(ckpt.strategy_arrays)
@@ -112,10 +112,11 @@ def main(grid: Grid, context: Context) -> None:
                          sites={node: report.to_record() for node, report in reports.items()})
 
     try:
-        run_rounds(grid, strategy, settings, arrays, first_round, recorder)
+        for outcome in run_rounds(grid, strategy, settings, arrays, first_round):
+            recorder.record(outcome)
     except RoundFailed as err:
         log(ERROR, "fedcycle run %s stopped: %s", context.run_id, err)
-        recorder.record_failed_round(err.server_round, str(err))
+        recorder.record_failed_round(err.outcome, str(err))
         recorder.finish("failed")
         raise
     recorder.finish("finished")

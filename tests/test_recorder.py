@@ -1,7 +1,7 @@
 """What the server keeps of every round (fedcycle.recorder): a real RoundRecorder writing a real
-RunResults in a test folder, with the real strategy and real tasks (Fashion-MNIST subsets; the
-regression of tests/user_tasks.py, whose best is the lowest error). The grid is a stand-in, and
-only where the recorder sends messages: a task without a test split asks the sites."""
+RunResults in a test folder, for real tasks (Fashion-MNIST subsets; the regression of
+tests/user_tasks.py, whose best is the lowest error), from the rounds' outcomes. The recorder
+sends nothing: a task without a test split has the round loop ask the sites (a stand-in grid)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fedcycle import client_app
 from fedcycle.checkpoint import checkpoint_files, load_checkpoint
 from fedcycle.config import RunSettings
 from fedcycle.recorder import RoundRecorder, load_resume_point
+from fedcycle.round_loop import RoundOutcome, initial_round
 from fedcycle.results import RunResults, load_model, read_metrics, resolve_run_dir
 from fedcycle.schedules import LRSchedule
 from fedcycle.site import load_site
@@ -20,24 +21,25 @@ from fedcycle.strategies import make_strategy
 from fedcycle.tasks import load_task
 from fedcycle.tracking import Trackers
 from fedcycle.trainer import TrainConfig, evaluate, train
-from tests.fakes import AnsweringSites, Sites, context
+from tests.fakes import AnsweringSites, context
 from tests.user_tasks import BloodPressure
 
 CPU = torch.device("cpu")
 
 
-def recorder_for(run_config: dict, grid=None, metric_names=None, run_dir=None) -> RoundRecorder:
-    """The recorder as fedcycle's ServerApp builds it for a run of two sites (`metric_names`: what
-    the sites' pre-flight reports named; `run_dir`: a resumed run's folder)."""
+def recorder_for(run_config: dict, metric_names=("accuracy",), run_dir=None) -> RoundRecorder:
+    """The recorder as fedcycle's ServerApp builds it (`metric_names`: what the sites' pre-flight
+    reports named; `run_dir`: a resumed run's folder)."""
     settings = RunSettings.from_run_config({"tracking": "off", **run_config})
     task = load_task(run_config)
-    test = task.test_data()
-    strategy = make_strategy(settings, num_sites=2, has_test_data=test is not None)
-    if metric_names:
-        strategy.expect_metrics(metric_names)
     results = RunResults(run_dir or resolve_run_dir(settings, run_id=1))
     trackers = Trackers(settings, results.path, run_config, first_round=0)
-    return RoundRecorder(settings, task, test, strategy, results, grid or Sites([1, 2]), trackers)
+    return RoundRecorder(settings, task, task.test_data(), results, trackers, list(metric_names))
+
+
+def ended(server_round: int, state: dict[str, torch.Tensor]) -> RoundOutcome:
+    """A round that ended with `state` as the global model."""
+    return RoundOutcome(server_round, ArrayRecord(state))
 
 
 def trained(task, epochs: int) -> dict[str, torch.Tensor]:
@@ -83,19 +85,18 @@ def test_each_round_leaves_its_line_the_final_and_best_models_and_a_checkpoint(i
     accuracy = {name: metric_of(task, test, state, "accuracy", 64) for name, state in (("bad", bad), ("good", good))}
     assert accuracy["good"] > accuracy["bad"] + 0.2
 
-    returned = recorder(0, ArrayRecord(bad))
+    recorder.record(ended(0, bad))
     (line,) = read_metrics(results.metrics_path)
     assert line["round"] == 0 and line["primary_metric"] == "accuracy" and line["metrics_source"] == "server-test"
     assert line["accuracy"] == pytest.approx(accuracy["bad"], abs=1e-12) and line["metrics"] == {"accuracy": line["accuracy"]}
-    assert returned["accuracy"] == pytest.approx(accuracy["bad"]) and returned["loss"] == pytest.approx(line["loss"])
     assert equal(load_model(results.path / "global-final.safetensors"), bad)
     assert equal(load_model(results.path / "global-best.safetensors"), bad)  # the first model is the best so far
     assert [p.name for p in checkpoint_files(results.path)] == ["round-0000.safetensors"]
     assert (results.path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
-    recorder(1, ArrayRecord(good))  # higher accuracy: the new best
+    recorder.record(ended(1, good))  # higher accuracy: the new best
     assert equal(load_model(results.path / "global-best.safetensors"), good)
-    recorder(2, ArrayRecord(bad))  # lower: the final model, not the best
+    recorder.record(ended(2, bad))  # lower: the final model, not the best
     lines = read_metrics(results.metrics_path)
     assert [r["round"] for r in lines] == [0, 1, 2] and lines[1]["accuracy"] == pytest.approx(accuracy["good"], abs=1e-12)
     assert equal(load_model(results.path / "global-final.safetensors"), bad)
@@ -113,8 +114,8 @@ def test_the_best_model_of_a_task_whose_metric_falls_is_the_lowest(regression_co
     good, bad = trained(task, epochs=5), untrained(task)
     assert metric_of(task, test, good, "mae") < 0.6 * metric_of(task, test, bad, "mae")
 
-    recorder(0, ArrayRecord(good))
-    recorder(1, ArrayRecord(bad))  # a higher error: not the best
+    recorder.record(ended(0, good))
+    recorder.record(ended(1, bad))  # a higher error: not the best
     lines = read_metrics(results.metrics_path)
     assert [r["primary_metric"] for r in lines] == ["mae", "mae"] and lines[1]["mae"] > lines[0]["mae"]
     assert set(lines[0]["metrics"]) == {"mae", "mse"}
@@ -129,11 +130,13 @@ def test_a_resumed_recorder_replaces_metrics_jsonl_with_the_checkpoints_lines(re
     task, results = first.task, first.results
     good, bad = trained(task, epochs=5), untrained(task)
     for server_round, state in enumerate([bad, good, bad]):
-        first(server_round, ArrayRecord(state))
+        first.record(ended(server_round, state))
     # round 3 fails, and the run stops: its line is in metrics.jsonl, no checkpoint is
-    first.record_failed_round(3, "round 3 failed 1 time(s)")
+    first.record_failed_round(RoundOutcome(3, ArrayRecord(bad), events=[{"event": "round-attempt-failed"}]),
+                              "round 3 failed 1 time(s)")
     written = read_metrics(results.metrics_path)
     assert [r["round"] for r in written] == [0, 1, 2, 3] and written[3]["failed"]
+    assert written[3]["events"] == [{"event": "round-attempt-failed"}]
 
     resumed_config = {**regression_config, "resume-from": str(results.path), "num-server-rounds": 6}
     run_dir, ckpt = load_resume_point(RunSettings.from_run_config(resumed_config), task, task.build_model())
@@ -142,7 +145,7 @@ def test_a_resumed_recorder_replaces_metrics_jsonl_with_the_checkpoints_lines(re
     value = again.resume(ckpt)
     assert value == pytest.approx(written[2]["mae"], rel=1e-12)  # the checkpoint's model, evaluated again
     assert read_metrics(results.metrics_path) == written[:3]  # the failed round's line is gone
-    again(3, ArrayRecord(bad))
+    again.record(ended(3, bad))
     lines = read_metrics(results.metrics_path)
     assert [r["round"] for r in lines] == [0, 1, 2, 3] and "failed" not in lines[3]
     assert lines[3]["elapsed"] >= lines[2]["elapsed"]  # the run's clock goes on from the checkpoint's
@@ -156,7 +159,7 @@ def test_the_mean_of_cycle_ends_is_kept_evaluated_and_saved_beside_the_global_mo
     task, test, results = recorder.task, recorder.test, recorder.results
     models = [untrained(task), trained(task, epochs=5), trained(task, epochs=1)]
     for server_round, state in enumerate(models):
-        recorder(server_round, ArrayRecord(state))
+        recorder.record(ended(server_round, state))
     lines = read_metrics(results.metrics_path)
     assert lines[0]["swa"] is None and [r["swa"]["rounds"] for r in lines[1:]] == [[1], [1, 2]]
     mean = {k: ((models[1][k].double() + models[2][k].double()) / 2).to(v.dtype) for k, v in models[1].items()}
@@ -175,14 +178,17 @@ class WithoutTestSplit(BloodPressure):
 
 
 def test_without_a_test_split_the_sites_evaluate_the_initial_model(tmp_path, task_identity):
-    run_config = {"task": f"{WithoutTestSplit.__module__}:WithoutTestSplit", "batch-size": 50,
+    run_config = {"task": f"{WithoutTestSplit.__module__}:WithoutTestSplit", "batch-size": 50, "tracking": "off",
                   "results-dir": str(tmp_path), "run-name": "sites"}
     nodes = {1: {"partition-id": 0}, 2: {"partition-id": 1}}
     grid = AnsweringSites(nodes, lambda m: client_app.evaluate_round(m, context(run_config, nodes[m.metadata.dst_node_id])))
-    recorder = recorder_for(run_config, grid, metric_names=["mae", "mse"])
-    assert recorder.test is None and recorder.strategy.evaluates_on_sites
+    settings = RunSettings.from_run_config(run_config)
+    strategy = make_strategy(settings, num_sites=2, has_test_data=False)
+    strategy.expect_metrics(["mae", "mse"])
+    recorder = recorder_for(run_config, metric_names=["mae", "mse"])
+    assert recorder.test is None and strategy.evaluates_on_sites
     state = untrained(recorder.task)
-    recorder(0, ArrayRecord(state))
+    recorder.record(initial_round(grid, strategy, settings, ArrayRecord(state), sites_evaluate=True))
     assert [m.metadata.message_type for m in grid.sent] == ["evaluate", "evaluate"]
     (line,) = read_metrics(recorder.results.metrics_path)
     assert line["metrics_source"] == "sites-weighted"

@@ -83,8 +83,9 @@ def test_fast_failures_are_retried_within_the_deadline(task_identity):
     settings = RunSettings(round_timeout=100.0, round_retries=2)
     strategy, model = start(settings)
     grid = BrokenSites([1, 2], clock)
-    with pytest.raises(RoundFailed, match=r"round 1 failed 3 time\(s\)"):
+    with pytest.raises(RoundFailed, match=r"round 1 failed 3 time\(s\)") as failed:
         train_round(grid, strategy, settings, 1, model, deadline=clock() + 100, clock=clock, sleep=clock.sleep)
+    assert [(e["event"], e["attempt"]) for e in failed.value.attempts] == [("round-attempt-failed", a) for a in (1, 2, 3)]
     # each attempt gets what is left: pushed once the previous attempt's replies (9 s) are pulled
     assert grid.timeouts == [pytest.approx(100.0 - t) for t in grid.pushed_at]
     assert grid.pushed_at == [0.0, pytest.approx(9.0, abs=1.0), pytest.approx(18.0, abs=2.0)]
@@ -109,7 +110,8 @@ def test_the_sites_evaluation_gets_what_is_left_of_the_round(task_identity):
                                 **honest_schedule(strategy, 1)) for m in messages]
 
     grid = SlowTraining([1, 2], clock)
-    run_rounds(grid, strategy, settings, model, 1, lambda r, a: None, clock=clock, sleep=clock.sleep)
+    (outcome,) = run_rounds(grid, strategy, settings, model, 1, clock=clock, sleep=clock.sleep)
+    assert outcome.server_round == 1 and len(outcome.sites) == 2 and outcome.sites_evaluation is None
     assert grid.timeouts == [100.0, pytest.approx(100.0 - grid.pushed_at[1])] and clock.now == 100.0
     assert grid.pushed_at[1] == pytest.approx(69.0, abs=3.0)  # once the training replies are pulled
 
@@ -135,7 +137,7 @@ def test_a_site_the_superlink_answers_for_is_named_missing_with_the_superlinks_r
                     replies.append(reply(node, weights, 10, to=m, **honest_schedule(strategy, 1)))
             return 0.0, replies
 
-    accepted = train_round(OneNodeGone([2, 3, 4], clock), strategy, settings, 1, model, deadline=100, clock=clock,
+    accepted, _ = train_round(OneNodeGone([2, 3, 4], clock), strategy, settings, 1, model, deadline=100, clock=clock,
                            sleep=clock.sleep)
     assert sorted(m.metadata.src_node_id for m in accepted) == [2, 3]
     assert [(e["node_id"], e["site"], e["event"]) for e in strategy.events[1]] == [(4, "site c", "missing")]
@@ -163,7 +165,7 @@ def test_a_long_round_says_once_a_minute_which_sites_have_replied(task_identity,
             return ids
 
     with caplog.at_level(logging.INFO):
-        accepted = train_round(OneSlowSite([1, 2], clock), strategy, settings, 1, model, deadline=1000, clock=clock,
+        accepted, _ = train_round(OneSlowSite([1, 2], clock), strategy, settings, 1, model, deadline=1000, clock=clock,
                                sleep=clock.sleep)
     assert len(accepted) == 2 and 150.0 <= clock.now <= 153.0  # pulled at least every 3 s
     progress = [m for m in caplog.messages if "sites replied" in m]
@@ -186,6 +188,21 @@ def test_replies_that_come_quickly_are_pulled_quickly(task_identity):
                 replies.append(reply(node, weights, 10, to=m, **honest_schedule(strategy, 1)))
             return 1.0, replies
 
-    accepted = train_round(QuickSites([1, 2], clock), strategy, settings, 1, model, deadline=1000, clock=clock,
+    accepted, _ = train_round(QuickSites([1, 2], clock), strategy, settings, 1, model, deadline=1000, clock=clock,
                            sleep=clock.sleep)
     assert len(accepted) == 2 and 1.0 <= clock.now <= 1.1  # pulled within a tenth of the time waited
+
+
+def test_a_round_is_one_value_and_a_failed_round_carries_all_it_got(task_identity):
+    """run_rounds hands back each round's outcome; the strategy keeps nothing of a round once it
+    is handed back; a failed round's outcome holds its rejected replies and its failed attempts."""
+    clock = Clock()
+    settings = RunSettings(round_timeout=100.0, round_retries=1, num_server_rounds=3)
+    strategy, model = start(settings)
+    with pytest.raises(RoundFailed) as failed:
+        list(run_rounds(BrokenSites([1, 2], clock), strategy, settings, model, 1, clock=clock, sleep=clock.sleep))
+    outcome = failed.value.outcome
+    assert outcome.server_round == 1 and outcome.arrays is model and outcome.sites == []
+    assert sorted(e["event"] for e in outcome.events) == ["rejected"] * 4 + ["round-attempt-failed"] * 2
+    assert outcome.train_config["server-round"] == 1 and outcome.train_config["local-epochs"] == settings.local_epochs
+    assert 1 not in strategy.events and 1 not in strategy.sent_config
