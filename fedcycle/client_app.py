@@ -26,7 +26,8 @@ app = ClientApp()
 @app.query()
 def preflight(msg: Message, context: Context) -> Message:
     try:
-        report = load_site(context.run_config, context.node_config).report()
+        config = EvaluateConfig.from_record(msg.content["config"])
+        report = load_site(context.run_config, context.node_config).report(config.batch_size)
     except (ConfigError, ValueError, OSError) as err:
         report = SiteReport(ok=False, error=str(err))
     return Message(RecordDict({"report": ConfigRecord(report.to_record())}), reply_to=msg)
@@ -35,23 +36,24 @@ def preflight(msg: Message, context: Context) -> Message:
 def held_out(site: Site, model, batch_size: int) -> EvaluateReply:
     """Loss and metrics of `model` on the site's held-out split (zeros when it has none)."""
     if not len(site.val):
-        return EvaluateReply(0.0, {name: 0.0 for name in site.metric_names}, 0)
+        return EvaluateReply(0.0, {name: 0.0 for name in site.metric_names(batch_size)}, 0)
     loss, metrics = evaluate(site.task, model, site.val, site.device, batch_size, site.num_workers)
     return EvaluateReply(loss, metrics, len(site.val))
 
 
-def own_loop_metrics(site: Site, returned: dict[str, float]) -> dict[str, float]:
+def own_loop_metrics(site: Site, returned: dict[str, float], batch_size: int) -> dict[str, float]:
     """The task's metrics from what its own train() returned (which may hold more)."""
-    missing = [name for name in site.metric_names if name not in returned]
+    names = site.metric_names(batch_size)
+    missing = [name for name in names if name not in returned]
     if missing:
         raise TaskError(
             f"task={site.task.name!r}: train() returned {sorted(returned)} besides the loss; "
             f"it must also return the task's metrics {missing}"
         )
     try:
-        return {name: float(returned[name]) for name in site.metric_names}
+        return {name: float(returned[name]) for name in names}
     except (TypeError, ValueError):
-        raise TaskError(f"task={site.task.name!r}: train() returned a metric of {site.metric_names} that is not a number") from None
+        raise TaskError(f"task={site.task.name!r}: train() returned a metric of {names} that is not a number") from None
 
 
 @app.train()
@@ -90,7 +92,7 @@ def train_round(msg: Message, context: Context) -> Message:
     reply = TrainReply(
         num_examples=result.num_examples,
         train_loss=result.loss,
-        train_metrics=result.metrics if site.task.own_train is None else own_loop_metrics(site, result.metrics),
+        train_metrics=result.metrics if site.task.own_train is None else own_loop_metrics(site, result.metrics, config.batch_size),
         train_seconds=result.seconds,
         setup_seconds=setup_seconds,
         local_epochs=config.local_epochs,

@@ -1,12 +1,19 @@
-"""The run config, read once into typed settings and checked before any training.
+"""The run config, read once per process into typed settings, by its owner.
 
-Flower hands the ServerApp and every ClientApp the same flat run config (hyphenated
-keys, nested tables flattened to `table.key`). `RunSettings.from_run_config` turns it
-into one frozen object and raises `ConfigError` with a one-line message that names the
-key, the value and what is allowed.
+Flower hands the ServerApp and every ClientApp the same flat run config (hyphenated keys,
+nested tables flattened to `table.key`). Each side reads what it owns:
+- `SiteSettings`: what a site needs to build its task and its data (the task, the data's
+  split and cache, the image task's data and model keys, the partitioner's and task's tables).
+  A site reads nothing else; what it needs for a round arrives in the round's config
+  (`fedcycle.wire.RoundConfig`).
+- `RunSettings`: the server's view, every key: the site's, and its own (the strategy, the
+  schedule, rounds, timeouts, the reply screen, checkpoints, results, tracking).
+`from_run_config` returns one frozen object and raises `ConfigError` with a one-line message that
+names the key, the value and what is allowed. The defaults are the fields' own; pyproject.toml
+declares the same ones to Flower (tests/test_config.py holds the two together).
 
-Only the keys every task shares are checked here; a task checks its own (the built-in image
-task: dataset, model, classes, partitioner) when it is built (`fedcycle.tasks`).
+A task checks its own keys (the built-in image task: dataset, model, classes, partitioner) when
+it is built (`fedcycle.tasks`).
 """
 
 from __future__ import annotations
@@ -22,16 +29,84 @@ from fedcycle.schedules import Envelope, LRSchedule, local_epochs_for_round
 SITE_EVAL_MODES = ("train-reply", "evaluate-round", "off")
 OPTIMIZERS = ("sgd", "adamw")
 
-__all__ = ["ConfigError", "RunSettings", "SITE_EVAL_MODES", "OPTIMIZERS"]
+__all__ = ["ConfigError", "RunSettings", "SiteSettings", "SITE_EVAL_MODES", "OPTIMIZERS"]
 
 
 @dataclass(frozen=True)
-class RunSettings:
+class SiteSettings:
+    """The run config's keys a site reads: its task and how its data is split and cached."""
+
     task: str = "image-classification"
     dataset: str = "fashion-mnist"
     model: str = "small-cnn"
-    strategy: str = "cyclical-fedavg"
     partitioner: str = "iid"
+    seed: int = 42
+    data_root: str = ""
+    train_subset: int = 0
+    train_pool: int = 0
+    test_subset: int = 0
+    val_fraction: float = 0.1
+    classes: str = ""
+    image_size: int = 32
+    augment: str = ""
+    # `name.option` keys: the options of the partitioner, strategy or task called `name`
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "SiteSettings":
+        """The settings of this class's keys; the other keys of the run config are another
+        owner's (a site skips the server's)."""
+        return cls._parse(run_config, strict=False)
+
+    @classmethod
+    def _parse(cls, run_config: Mapping[str, Any], strict: bool):
+        kwargs: dict[str, Any] = {"options": {}}
+        plain = {f.name.replace("_", "-"): f for f in fields(cls) if f.name != "options"}
+        for key, value in run_config.items():
+            table, _, option = key.partition(".")
+            if option:
+                kwargs["options"].setdefault(table, {})[option] = value
+            elif key in plain:
+                kwargs[plain[key].name] = _coerce(key, value, type(getattr(cls, plain[key].name)))
+            elif strict:
+                raise ConfigError(f"run config key {key!r} is unknown; see docs/configuration.md for the keys")
+        settings = cls(**kwargs)
+        settings.validate()
+        return settings
+
+    @property
+    def partitioner_options(self) -> dict[str, Any]:
+        return self.options.get(self.partitioner, {})
+
+    @property
+    def task_options(self) -> dict[str, Any]:
+        """The `<task>.option` keys of a built-in task (`tabular.label-column`, ...)."""
+        return self.options.get(self.task, {})
+
+    @property
+    def class_list(self) -> list[str]:
+        return [c.strip() for c in self.classes.split(",") if c.strip()]
+
+    def validate(self) -> None:
+        """Check the site's values that need no task, dataset or site; raise ConfigError."""
+        if not self.task.strip():
+            raise ConfigError("task='' is empty; give a built-in task's name or 'package.module:Class'")
+        _positive("image-size", self.image_size)
+        _at_least("train-subset", self.train_subset, 0)
+        _at_least("train-pool", self.train_pool, 0)
+        _at_least("test-subset", self.test_subset, 0)
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val-fraction={self.val_fraction} must be in [0, 1)")
+
+    def __hash__(self) -> int:  # the option tables are dicts; hash the whole settings by value
+        return hash(json.dumps(asdict(self), sort_keys=True, default=str))
+
+
+@dataclass(frozen=True)
+class RunSettings(SiteSettings):
+    """Every key of the run config, as the server reads it: the site's and the server's own."""
+
+    strategy: str = "cyclical-fedavg"
     lr_schedule: str = "triangular"
     lr_min: float = 0.005
     lr_max: float = 0.05
@@ -61,42 +136,20 @@ class RunSettings:
     peer_pullback_ratio: float = 0.5
     max_weight_ratio: float = 4.0
     checkpoints_keep: int = 3
-    seed: int = 42
     run_name: str = ""
     results_dir: str = "results"
     resume_from: str = ""
-    data_root: str = ""
-    train_subset: int = 0
-    train_pool: int = 0
-    test_subset: int = 0
-    val_fraction: float = 0.1
     site_eval: str = "train-reply"
     mixed_precision: bool = False
-    classes: str = ""
-    image_size: int = 32
-    augment: str = ""
     model_weights: str = ""
     tracking: str = "tensorboard"
     mlflow_tracking_uri: str = ""
     mlflow_experiment: str = "fedcycle"
-    # `name.option` keys: the options of the partitioner or strategy called `name`
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
-        kwargs: dict[str, Any] = {"options": {}}
-        plain = {f.name.replace("_", "-"): f for f in fields(cls) if f.name != "options"}
-        for key, value in run_config.items():
-            table, _, option = key.partition(".")
-            if option:
-                kwargs["options"].setdefault(table, {})[option] = value
-            elif key in plain:
-                kwargs[plain[key].name] = _coerce(key, value, type(getattr(cls, plain[key].name)))
-            else:
-                raise ConfigError(f"run config key {key!r} is unknown; see README.md for the keys")
-        settings = cls(**kwargs)
-        settings.validate()
-        return settings
+        """Every key; one the run config does not declare is an error."""
+        return cls._parse(run_config, strict=True)
 
     @property
     def schedule(self) -> LRSchedule:
@@ -124,21 +177,8 @@ class RunSettings:
         return self.envelope.apply(self.schedule, server_round, self.num_server_rounds)
 
     @property
-    def partitioner_options(self) -> dict[str, Any]:
-        return self.options.get(self.partitioner, {})
-
-    @property
     def strategy_options(self) -> dict[str, Any]:
         return self.options.get(self.strategy, {})
-
-    @property
-    def task_options(self) -> dict[str, Any]:
-        """The `<task>.option` keys of a built-in task (`tabular.label-column`, ...)."""
-        return self.options.get(self.task, {})
-
-    @property
-    def class_list(self) -> list[str]:
-        return [c.strip() for c in self.classes.split(",") if c.strip()]
 
     def evaluates_on_sites(self, has_test_data: bool) -> bool:
         """Whether each round ends with an evaluate message to the sites: asked for, or the
@@ -152,11 +192,10 @@ class RunSettings:
 
     def validate(self) -> None:
         """Check every value that does not need a task, a dataset or a site; raise ConfigError."""
+        super().validate()
         _choice("site-eval", self.site_eval, SITE_EVAL_MODES)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("tracking", self.tracking, TRACKING)  # its packages are the server's: check_tracking
-        if not self.task.strip():
-            raise ConfigError("task='' is empty; give a built-in task's name or 'package.module:Class'")
         self.schedule  # noqa: B018 - validates the lr-* keys
         self.envelope  # noqa: B018
         _at_least("swa-start", self.swa_start, 0)
@@ -172,20 +211,14 @@ class RunSettings:
         _at_least("peer-norm-ratio", self.peer_norm_ratio, 0)
         _at_least("max-weight-ratio", self.max_weight_ratio, 0)
         _at_least("peer-pullback-ratio", self.peer_pullback_ratio, 0)
-        _positive("image-size", self.image_size)
         _at_least("local-epochs-growth", self.local_epochs_growth, 0)
         _at_least("local-epochs-max", self.local_epochs_max, 0)
-        _at_least("train-subset", self.train_subset, 0)
-        _at_least("train-pool", self.train_pool, 0)
-        _at_least("test-subset", self.test_subset, 0)
         _at_least("momentum", self.momentum, 0)
         _at_least("weight-decay", self.weight_decay, 0)
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train={self.fraction_train} must be in (0, 1]")
         if not 0 <= self.min_reply_fraction <= 1:
             raise ConfigError(f"min-reply-fraction={self.min_reply_fraction} must be in [0, 1]")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val-fraction={self.val_fraction} must be in [0, 1)")
         if self.site_eval == "evaluate-round" and self.val_fraction == 0:
             raise ConfigError(
                 "val-fraction=0 leaves the sites nothing to evaluate on, but site-eval='evaluate-round' needs it; "
@@ -207,8 +240,7 @@ class RunSettings:
             plain.update({f"{table}.{k}": v for k, v in self.options.get(table, {}).items()})
         return plain
 
-    def __hash__(self) -> int:  # the option tables are dicts; hash the whole settings by value
-        return hash(json.dumps(self.as_dict(), sort_keys=True, default=str))
+    __hash__ = SiteSettings.__hash__
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from fedcycle.config import RunSettings
 from fedcycle.tasks import add_up, statistics_mismatch
-from fedcycle.wire import SiteReport, superlink_errors
+from fedcycle.wire import EvaluateConfig, SiteReport, superlink_errors
 
 
 class PreflightError(RuntimeError):
@@ -50,7 +50,8 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
     the only evaluation there is), a site without held-out data cannot take part."""
     nodes = wait_for_min_sites(grid, settings)
     messages = [
-        Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), message_type=MessageType.QUERY, dst_node_id=n)
+        Message(RecordDict({"config": ConfigRecord(EvaluateConfig(0, settings.batch_size).to_record())}),
+                message_type=MessageType.QUERY, dst_node_id=n)
         for n in nodes
     ]
     replies, unreachable = superlink_errors(messages, grid.send_and_receive(messages, timeout=settings.round_timeout))

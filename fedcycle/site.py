@@ -1,4 +1,5 @@
-"""One data center as the ClientApp sees it: its settings, task, device and data, loaded once.
+"""One data center as the ClientApp sees it: its settings (the run config's keys a site owns,
+`SiteSettings`), task, device and data, loaded once.
 
 Knows the node config (`device`, `num-workers`, `task-path`, and whatever the task reads:
 `partition-id`/`num-partitions`, or a site's own `data-dir` or `data-file`) but nothing of
@@ -12,7 +13,7 @@ import functools
 import platform
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,7 +21,7 @@ import flwr
 import torch
 import torchvision
 
-from fedcycle.config import RunSettings
+from fedcycle.config import SiteSettings
 from fedcycle.errors import ConfigError
 from fedcycle.tasks import Task, fingerprint
 from fedcycle.trainer import pick_device
@@ -32,12 +33,13 @@ SITE_KEYS = ("device", "num-workers", "task-path")
 
 @dataclass(frozen=True)
 class Site:
-    settings: RunSettings
+    settings: SiteSettings
     node_config: dict[str, Any]
     task: Task
     device: torch.device
     train: Any  # torch Datasets
     val: Any
+    dry_runs: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -59,18 +61,19 @@ class Site:
     def new_model(self) -> torch.nn.Module:
         return self.task.build_model()
 
-    @functools.cached_property
-    def checked(self) -> dict[str, Any]:
-        """One batch of the site's train data through the task's model, loss and metrics."""
-        return self.task.dry_run(self.new_model(), self.train, self.device, self.settings.batch_size)
+    def checked(self, batch_size: int) -> dict[str, Any]:
+        """One batch (of the server's batch size) of the site's train data through the task's
+        model, loss and metrics; once per process."""
+        if batch_size not in self.dry_runs:
+            self.dry_runs[batch_size] = self.task.dry_run(self.new_model(), self.train, self.device, batch_size)
+        return self.dry_runs[batch_size]
 
-    @property
-    def metric_names(self) -> list[str]:
-        return self.checked["metric-names"]
+    def metric_names(self, batch_size: int) -> list[str]:
+        return self.checked(batch_size)["metric-names"]
 
-    def report(self) -> SiteReport:
+    def report(self, batch_size: int) -> SiteReport:
         """What the server asks in the pre-flight round."""
-        checked = self.checked
+        checked = self.checked(batch_size)
         classes = getattr(self.train, "classes", None)
         return SiteReport(
             site=self.label,
@@ -92,7 +95,7 @@ class Site:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_site(settings: RunSettings, run_items: tuple, node_items: tuple) -> Site:
+def _load_site(settings: SiteSettings, run_items: tuple, node_items: tuple) -> Site:
     node_config = dict(node_items)
     try:
         device = pick_device(str(node_config.get("device", "auto")))
@@ -118,8 +121,9 @@ def add_task_path(folder: str) -> None:
 
 
 def load_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Site:
-    """This process's site, built once per (run config, node config)."""
-    settings = RunSettings.from_run_config(run_config)
+    """This process's site, built once per (run config, node config), from the run config's
+    keys a site owns."""
+    settings = SiteSettings.from_run_config(run_config)
     return _load_site(settings, _frozen(run_config), _frozen(node_config))
 
 

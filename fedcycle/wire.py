@@ -3,7 +3,8 @@ that both apps import.
 
 - `RoundConfig`: what a site needs to train a round exactly as the server means (the schedule,
   local epochs, batch size, optimizer, mixed precision, whether to evaluate the received model);
-- `EvaluateConfig`: what a site needs to evaluate the global model;
+- `EvaluateConfig`: what a site needs to evaluate the global model (and, in the pre-flight
+  round, to pass one batch through it);
 - `TrainReply` and `EvaluateReply`: the numbers a site sends back;
 - `SiteReport`: a site's answer to the pre-flight round;
 - `EVENTS`: the kinds of event the server records in a round (what the screen left out, who
@@ -99,7 +100,8 @@ class RoundConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """An evaluate message's config."""
+    """An evaluate message's config, and the pre-flight query's (round 0): the batch size the
+    site evaluates with, or passes one batch of through the model."""
 
     server_round: int
     batch_size: int

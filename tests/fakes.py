@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 
 from fedcycle.schedules import LRSchedule
 from fedcycle.strategies.cyclical import CyclicalMixin, schedule_summary
-from fedcycle.wire import TrainReply
+from fedcycle.wire import EvaluateConfig, TrainReply
 
 # The arrays of a tiny model: what the strategy tests aggregate.
 SHAPES = {"conv.weight": (4, 3), "conv.bias": (4,)}
@@ -121,3 +121,9 @@ def honest_schedule(strategy: CyclicalMixin, server_round: int) -> dict[str, flo
     first, peak, last = schedule_summary(tuple(sorted(LRSchedule.from_config(config).to_config().items())),
                                          per_epoch, epochs, server_round, config["epochs-before"])
     return {"steps": float(per_epoch * epochs), "lr-first": first, "lr-peak": peak, "lr-last": last}
+
+
+def preflight_query(batch_size: int = 64, node: int = 1) -> Message:
+    """The pre-flight round's query as fedcycle's server sends it (`fedcycle.preflight`)."""
+    config = ConfigRecord(EvaluateConfig(0, batch_size).to_record())
+    return Message(RecordDict({"config": config}), dst_node_id=node, message_type="query")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
-from tests.fakes import Sites, context
+from tests.fakes import Sites, context, preflight_query
 
 from fedcycle import client_app
 from fedcycle.config import RunSettings
@@ -140,7 +140,7 @@ def test_a_site_whose_file_disagrees_with_the_run_is_named_in_the_preflight(task
     other = write(tmp_path / "other.csv", PATIENTS.replace("no,well", "no,unknown", 1))
     renamed = write(tmp_path / "renamed.csv", PATIENTS.replace("smoker", "smokes"))
     run_config = tabular_config(good, **{"tabular.features": "age,bmi"})
-    query = Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=1, message_type="query")
+    query = preflight_query()
     reports = {node: dict(client_app.preflight(query, context(run_config, {"data-file": f})).content["report"])
                for node, f in ((1, good), (2, other), (3, renamed))}
 

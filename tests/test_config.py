@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from fedcycle.config import ConfigError, RunSettings
+from fedcycle.config import ConfigError, RunSettings, SiteSettings
 from fedcycle.tasks.image.models import build_model, check_fits
 from fedcycle.site import load_site
 from fedcycle.tasks import load_task
@@ -27,6 +27,12 @@ def test_defaults_are_valid_and_match_pyproject():
     settings = RunSettings.from_run_config(flat)
     # The dataclass defaults and pyproject.toml's declared defaults agree.
     assert settings == RunSettings(options=settings.options)
+
+
+def check_as_the_server_does(run_config: dict) -> None:
+    """The server's checks before any site is asked: its settings (every key), then the task."""
+    RunSettings.from_run_config(run_config)
+    load_task(run_config)
 
 
 @pytest.mark.parametrize(
@@ -57,9 +63,9 @@ def test_defaults_are_valid_and_match_pyproject():
     ],
 )
 def test_bad_run_config(override, message):
-    """Each caught before any training: by the settings, or by the task built from them."""
+    """Each caught before any training: by the server's settings, or by the task built from them."""
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_task(override)
+        check_as_the_server_does(override)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +111,7 @@ def test_model_must_fit_the_images():
 def test_every_error_is_one_line():
     for bad in ({"lr-min": 1.0}, {"dataset": "x"}, {"local-epochs": 0}, {"task": "x.y:Z"}):
         with pytest.raises(ConfigError) as err:
-            load_task(bad)
+            check_as_the_server_does(bad)
         assert "\n" not in str(err.value)
 
 
@@ -114,3 +120,15 @@ def test_unknown_strategy_is_refused_before_start_up():
 
     with pytest.raises(ConfigError, match=re.escape("strategy='fedsomething' is unknown; choose one of")):
         resolve_strategy("fedsomething")
+
+
+def test_a_site_reads_only_the_keys_it_owns():
+    """A site builds its task and data from its own keys; a bad value of the server's own (a
+    timeout, the screen, the tracking) is the server's to refuse, not every site's."""
+    server_only = {"round-timeout": -1.0, "optimizer": "lion", "tracking": "nowhere", "train-subset": 10}
+    with pytest.raises(ConfigError):
+        RunSettings.from_run_config(server_only)
+    site = SiteSettings.from_run_config(server_only)
+    assert site.train_subset == 10 and not hasattr(site, "round_timeout")
+    with pytest.raises(ConfigError, match=re.escape("val-fraction=1.5 must be in [0, 1)")):
+        SiteSettings.from_run_config({**server_only, "val-fraction": 1.5})

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedcycle import client_app, site
 from fedcycle.config import RunSettings
@@ -20,7 +19,7 @@ from fedcycle.errors import ConfigError
 from fedcycle.preflight import PreflightError, preflight
 from fedcycle.site import load_site
 from fedcycle.tasks import Task, fingerprint, load_task
-from tests.fakes import AnsweringSites, context
+from tests.fakes import AnsweringSites, context, preflight_query
 
 
 @pytest.fixture
@@ -139,6 +138,6 @@ def test_a_task_path_puts_a_sites_own_task_module_on_the_path(tmp_path, fresh_si
         load_site(run_config, {"partition-id": 0})
     loaded = load_site(run_config, {"partition-id": 0, "task-path": str(folder)})
     assert str(folder) in sys.path and loaded.task.primary_metric == "mae" and len(loaded.train) == 500
-    query = Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=1, message_type="query")
+    query = preflight_query()
     report = client_app.preflight(query, context(run_config, {"partition-id": 0, "task-path": str(folder)}))
     assert report.content["report"]["ok"] is True and list(report.content["report"]["metric-names"]) == ["mae", "mse"]

@@ -14,7 +14,7 @@ from fedcycle import client_app
 from fedcycle.config import ConfigError, RunSettings
 from fedcycle.strategies import STRATEGIES, make_strategy, resolve_strategy
 from fedcycle.strategies.cyclical import CyclicalMixin
-from tests.fakes import SHAPES, Sites, arrays, context, reply, start_round
+from tests.fakes import SHAPES, Sites, arrays, context, preflight_query, reply, start_round
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def test_resnet18_integer_buffers_keep_their_dtype_across_a_round(task_identity,
 
 
 def test_preflight_reports_a_bad_node_config(task_identity, data_root):
-    query = Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=1, message_type="query")
+    query = preflight_query()
     out = client_app.preflight(query, context({"data-root": data_root}, {"partition-id": 5, "num-partitions": 2}))
     report = out.content["report"]
     assert report["ok"] is False and "partition-id=5 must be in 0..1" in report["error"]
@@ -376,7 +376,7 @@ def test_a_malformed_preflight_report_stops_the_run_naming_the_site_and_the_key(
     from fedcycle.preflight import PreflightError, preflight
 
     run_config = {"data-root": data_root, "train-subset": 100}
-    query = Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=1, message_type="query")
+    query = preflight_query()
     good = dict(client_app.preflight(query, context(run_config, {"partition-id": 0, "num-partitions": 2})).content["report"])
     reports = {
         1: good,

@@ -74,7 +74,7 @@ def test_the_strategy_sends_what_a_site_reads_and_expects_the_keys_a_site_replie
     assert sent.schedule.lr_max < settings.lr_max  # the envelope moved the peak, and the round carries it
     assert sent.mixed_precision and sent.evaluate_received
     site = load_site(run_config, {"partition-id": 0, "num-partitions": 2})
-    assert strategy.expected_metrics == TrainReply.keys(site.metric_names, sent.evaluate_received)
+    assert strategy.expected_metrics == TrainReply.keys(site.metric_names(sent.batch_size), sent.evaluate_received)
 
 
 def test_every_event_the_server_records_is_a_kind_the_schema_names():

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedcycle.batches import batch_size_of, batches, describe, map_tensors, to_device
-from fedcycle.config import RunSettings
+from fedcycle.config import SiteSettings
 from fedcycle.errors import ConfigError, TaskError
 
 # Built-in tasks by short name. Adding one is writing its class and one line here.
@@ -342,4 +342,4 @@ def load_weights(model: nn.Module, path: str) -> None:
 def load_task(run_config: Mapping[str, Any]) -> Task:
     """The run's task, from the run config's `task` key."""
 
-    return Task(str(run_config.get("task", RunSettings.task)), run_config)
+    return Task(str(run_config.get("task", SiteSettings.task)), run_config)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcycle.config import RunSettings
+from fedcycle.config import SiteSettings
 from fedcycle.errors import ConfigError
 from fedcycle.tasks.records import Examples, LabelledSet, RecordError, class_names, site_examples
 
@@ -45,7 +45,7 @@ class AudioFormat:
 
 class AudioClassification:
     def __init__(self, run_config: dict[str, Any]) -> None:
-        s = self.settings = RunSettings.from_run_config(run_config)
+        s = self.settings = SiteSettings.from_run_config(run_config)
         options = s.task_options
         rate, channels = options.get("sample-rate", 16000), options.get("channels", 1)
         seconds, mels = float(options.get("seconds", 1.0)), options.get("mels", 40)

@@ -14,7 +14,7 @@ import numpy as np
 from fedcycle.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fedcycle.config import RunSettings
+    from fedcycle.config import SiteSettings
 
 Partition = list[np.ndarray]
 
@@ -97,7 +97,7 @@ def partition(name: str, labels: np.ndarray, num_sites: int, seed: int, **option
     return PARTITIONERS[name](labels, num_sites, seed, **options)
 
 
-def train_val_indices(n: int, settings: "RunSettings", seed: int) -> tuple[np.ndarray, np.ndarray]:
+def train_val_indices(n: int, settings: "SiteSettings", seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Hold out `val-fraction` of a site's `n` examples (seeded), cap the rest at `train-subset`:
     the sorted (train, validation) indices."""
     order = np.random.default_rng(seed).permutation(n)
@@ -122,7 +122,7 @@ def check_partition(node_config: dict, own_data_key: str) -> None:
         raise ConfigError(f"partition-id={pid} must be in 0..{parts - 1} (num-partitions={parts})")
 
 
-def partition_indices(settings: "RunSettings", labels: np.ndarray, node_config: dict) -> tuple[np.ndarray, np.ndarray]:
+def partition_indices(settings: "SiteSettings", labels: np.ndarray, node_config: dict) -> tuple[np.ndarray, np.ndarray]:
     """A simulated site's part of a labelled set: part `partition-id` of `num-partitions` by the
     run's partitioner, as (train, validation) indices into `labels`."""
     pid, parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
@@ -131,5 +131,5 @@ def partition_indices(settings: "RunSettings", labels: np.ndarray, node_config: 
     return index[train], index[val]
 
 
-def _partition_options(settings: "RunSettings") -> dict:
+def _partition_options(settings: "SiteSettings") -> dict:
     return {k.replace("-", "_"): v for k, v in settings.partitioner_options.items()}

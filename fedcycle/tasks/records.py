@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 
-from fedcycle.config import RunSettings
+from fedcycle.config import SiteSettings
 from fedcycle.tasks.partition import check_partition, partition_indices, train_val_indices
 from fedcycle.errors import ConfigError
 
@@ -61,7 +61,7 @@ class Records(Protocol):
     def subset(self, index: np.ndarray) -> "Records": ...
 
 
-def site_source(settings: RunSettings, node_config: dict, key: str) -> tuple[str, bool]:
+def site_source(settings: SiteSettings, node_config: dict, key: str) -> tuple[str, bool]:
     """The path of this site's data under `key` ('data-file' or 'data-dir'), and whether it is
     the site's own (True) or a source to split into simulated sites (False)."""
     if node_config.get(key):
@@ -79,7 +79,7 @@ def site_source(settings: RunSettings, node_config: dict, key: str) -> tuple[str
     return shared, False
 
 
-def site_examples(settings: RunSettings, node_config: dict, key: str,
+def site_examples(settings: SiteSettings, node_config: dict, key: str,
                   read: Callable[[str, bool], Records]) -> tuple[Records, Records]:
     """This site's (train, validation) examples under `key` ('data-file' or 'data-dir'): its own,
     or its part of the run's. `read(path, own)` reads them (`own`: the site's own source)."""
@@ -92,7 +92,7 @@ def site_examples(settings: RunSettings, node_config: dict, key: str,
     return records.subset(train), records.subset(val)
 
 
-def class_names(settings: RunSettings, what: str) -> list[str]:
+def class_names(settings: SiteSettings, what: str) -> list[str]:
     """The run's `classes`, in the order the model numbers them; a built-in task needs 2 or more."""
     if len(settings.class_list) < 2:
         raise ConfigError(f"classes={settings.classes!r}: the {settings.task} task needs the {what}, comma-separated, "

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedcycle.config import RunSettings
+from fedcycle.config import SiteSettings
 from fedcycle.errors import ConfigError
 from fedcycle.tasks.records import (RecordError, check_columns, class_names, existing_file, label_index, rows,
                                     site_examples)
@@ -76,7 +76,7 @@ class TableRows(Dataset):
 
 class TabularClassification:
     def __init__(self, run_config: dict[str, Any]) -> None:
-        s = self.settings = RunSettings.from_run_config(run_config)
+        s = self.settings = SiteSettings.from_run_config(run_config)
         options = s.task_options
         self.label_column = str(options.get("label-column", "label"))
         self.categories = parse_categorical(str(options.get("categorical", "")))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedcycle.config import RunSettings
+from fedcycle.config import SiteSettings
 from fedcycle.errors import ConfigError
 from fedcycle.tasks.records import (Examples, LabelledSet, RecordError, check_columns, class_names, existing_file,
                                     label_index, rows, site_examples)
@@ -73,7 +73,7 @@ class ByteTransformer(nn.Module):
 
 class TextClassification:
     def __init__(self, run_config: dict[str, Any]) -> None:
-        s = self.settings = RunSettings.from_run_config(run_config)
+        s = self.settings = SiteSettings.from_run_config(run_config)
         options = s.task_options
         self.text_column = str(options.get("text-column", "text"))
         self.label_column = str(options.get("label-column", "label"))

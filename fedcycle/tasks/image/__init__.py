@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedcycle.config import RunSettings
+from fedcycle.config import SiteSettings
 from fedcycle.tasks.image.datasets import DATASETS, ImageData, site_split, test_split
 from fedcycle.tasks.partition import PARTITIONERS, check_partition
 from fedcycle.errors import ConfigError
@@ -27,7 +27,7 @@ class ImageClassification:
     primary_metric = ("accuracy", "max")
 
     def __init__(self, run_config: dict[str, Any]) -> None:
-        s = self.settings = RunSettings.from_run_config(run_config)
+        s = self.settings = SiteSettings.from_run_config(run_config)
         if s.dataset not in DATASETS:
             raise ConfigError(f"dataset={s.dataset!r} is unknown; choose one of {sorted(DATASETS)}")
         if s.partitioner not in PARTITIONERS:
@@ -79,7 +79,7 @@ class ImageClassification:
         return transforms.Compose(steps)
 
 
-def check_node_config(node_config: dict[str, Any], settings: RunSettings) -> None:
+def check_node_config(node_config: dict[str, Any], settings: SiteSettings) -> None:
     """Raise ConfigError naming the node-config key that cannot work."""
     if node_config.get("data-dir"):
         return  # the folder itself is checked when it is read
@@ -88,7 +88,7 @@ def check_node_config(node_config: dict[str, Any], settings: RunSettings) -> Non
     check_partition(node_config, "data-dir")
 
 
-def _check_partitioner_options(s: RunSettings) -> None:
+def _check_partitioner_options(s: SiteSettings) -> None:
     options = s.partitioner_options
     alpha = options.get("alpha", 0.5)
     if s.partitioner in ("dirichlet", "quantity-skew") and not (
