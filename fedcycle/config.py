@@ -9,8 +9,10 @@ nested tables flattened to `table.key`). Each side reads what it owns:
 - `RunSettings`: the server's view, every key: the site's, and its own (the strategy, the
   schedule, rounds, timeouts, the reply screen, checkpoints, results, tracking).
 `from_run_config` returns one frozen object and raises `ConfigError` with a one-line message that
-names the key, the value and what is allowed. The defaults are the fields' own; pyproject.toml
-declares the same ones to Flower (tests/test_config.py holds the two together).
+names the key, the value and what is allowed. Every default has one home: these fields (the
+schedule's, `fedcycle.schedules`; the trainer's `TrainConfig` takes its from here), and
+pyproject.toml declares the same ones to Flower, which needs them there (tests/test_config.py
+holds the two together).
 
 A task checks its own keys (the built-in image task: dataset, model, classes, partitioner) when
 it is built (`fedcycle.tasks`).
@@ -23,8 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from fedcycle.errors import ConfigError
-from fedcycle.tracking import TRACKING
 from fedcycle.schedules import Envelope, LRSchedule, local_epochs_for_round
+from fedcycle.tracking import TRACKING
 
 SITE_EVAL_MODES = ("train-reply", "evaluate-round", "off")
 OPTIMIZERS = ("sgd", "adamw")
@@ -107,15 +109,16 @@ class RunSettings(SiteSettings):
     """Every key of the run config, as the server reads it: the site's and the server's own."""
 
     strategy: str = "cyclical-fedavg"
-    lr_schedule: str = "triangular"
-    lr_min: float = 0.005
-    lr_max: float = 0.05
-    lr_cycle_unit: str = "round"
-    lr_cycle_length: float = 1.0
-    lr_gamma: float = 0.999
-    lr_envelope: str = "flat"
-    lr_decay: float = 1.0
-    lr_warmup_rounds: int = 0
+    # the schedule's and the envelope's defaults are theirs (fedcycle.schedules): one home each
+    lr_schedule: str = LRSchedule.name
+    lr_min: float = LRSchedule.lr_min
+    lr_max: float = LRSchedule.lr_max
+    lr_cycle_unit: str = LRSchedule.cycle_unit
+    lr_cycle_length: float = LRSchedule.cycle_length
+    lr_gamma: float = LRSchedule.gamma
+    lr_envelope: str = Envelope.shape
+    lr_decay: float = Envelope.decay
+    lr_warmup_rounds: int = Envelope.warmup_rounds
     swa_start: int = 0
     optimizer: str = "sgd"
     momentum: float = 0.9

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fedcycle.batches import batch_size_of, batches, detach, to_device
+from fedcycle.config import RunSettings
 from fedcycle.errors import TaskError
 from fedcycle.schedules import LRSchedule
 from fedcycle.tasks import Task
@@ -25,16 +26,19 @@ from fedcycle.tasks import Task
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One call's training: the round's values (`fedcycle.wire.RoundConfig`, or the centralized
+    baseline's), and the site's seed and workers. The defaults are the run config's (RunSettings)."""
+
     schedule: LRSchedule
     epochs: int
     server_round: int = 1
     epochs_before: int = 0  # local epochs this site's schedule has already run (for epoch/step cycles)
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    batch_size: int = RunSettings.batch_size
+    optimizer: str = RunSettings.optimizer
+    momentum: float = RunSettings.momentum
+    weight_decay: float = RunSettings.weight_decay
     proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2
-    mixed_precision: bool = False  # bfloat16 autocast, CUDA only
+    mixed_precision: bool = RunSettings.mixed_precision  # bfloat16 autocast, CUDA only
     seed: int = 0
     num_workers: int = 0  # DataLoader workers (the in-memory fast path needs none)
 
