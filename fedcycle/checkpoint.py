@@ -26,6 +26,7 @@ from flwr.common.logger import log
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from fedcycle.config import current_keys
 from fedcycle.files import atomic_write, fsync_folder
 from fedcycle.results import jsonable
 
@@ -156,10 +157,11 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint:
 def check_identity(ckpt: Checkpoint, identity: dict[str, Any], model: dict[str, torch.Tensor]) -> None:
     """CheckpointError unless the checkpoint was made by a run that trains the same thing."""
     where = ckpt.path or "the checkpoint"
+    made = current_keys(ckpt.identity)  # a checkpoint from before a key moved names it the old way
     for key, value in identity.items():
-        if ckpt.identity.get(key) != value:
+        if made.get(key) != value:
             raise CheckpointError(
-                f"cannot resume from {where}: it was made with {key}={ckpt.identity.get(key)!r}, "
+                f"cannot resume from {where}: it was made with {key}={made.get(key)!r}, "
                 f"this run has {key}={value!r}; resume with the same {key}, or start a new run"
             )
     saved = {k: (str(v.dtype), list(v.shape)) for k, v in ckpt.model.items()}

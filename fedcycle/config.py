@@ -3,7 +3,7 @@
 Flower hands the ServerApp and every ClientApp the same flat run config (hyphenated keys,
 nested tables flattened to `table.key`). Each side reads what it owns:
 - `SiteSettings`: what a site needs to build its task and its data (the task, the data's
-  split and cache, the image task's data and model keys, the partitioner's and task's tables).
+  split and cache, the partitioner's and the task's tables).
   A site reads nothing else; what it needs for a round arrives in the round's config
   (`fedcycle.wire.RoundConfig`).
 - `RunSettings`: the server's view, every key: the site's, and its own (the strategy, the
@@ -31,7 +31,19 @@ from fedcycle.tracking import TRACKING
 SITE_EVAL_MODES = ("train-reply", "evaluate-round", "off")
 OPTIMIZERS = ("sgd", "adamw")
 
-__all__ = ["ConfigError", "RunSettings", "SiteSettings", "SITE_EVAL_MODES", "OPTIMIZERS"]
+__all__ = ["ConfigError", "RunSettings", "SiteSettings", "SITE_EVAL_MODES", "OPTIMIZERS", "RENAMED_KEYS"]
+
+# A built-in task whose options table is not named after the task.
+TASK_TABLES = {"image-classification": "image"}
+# Keys that moved, old name -> new: the image task's keys went into its `image.` table.
+RENAMED_KEYS = {"dataset": "image.dataset", "model": "image.model", "image-size": "image.image-size",
+                "augment": "image.augment"}
+
+
+def current_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` under today's key names (a run config, a checkpoint's identity, a study's
+    summary written before a key moved)."""
+    return {RENAMED_KEYS.get(key, key): value for key, value in config.items()}
 
 
 @dataclass(frozen=True)
@@ -39,8 +51,6 @@ class SiteSettings:
     """The run config's keys a site reads: its task and how its data is split and cached."""
 
     task: str = "image-classification"
-    dataset: str = "fashion-mnist"
-    model: str = "small-cnn"
     partitioner: str = "iid"
     seed: int = 42
     data_root: str = ""
@@ -49,8 +59,6 @@ class SiteSettings:
     test_subset: int = 0
     val_fraction: float = 0.1
     classes: str = ""
-    image_size: int = 32
-    augment: str = ""
     # `name.option` keys: the options of the partitioner, strategy or task called `name`
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -69,7 +77,7 @@ class SiteSettings:
             if option:
                 kwargs["options"].setdefault(table, {})[option] = value
             elif key in plain:
-                kwargs[plain[key].name] = _coerce(key, value, type(getattr(cls, plain[key].name)))
+                kwargs[plain[key].name] = coerce(key, value, type(getattr(cls, plain[key].name)))
             elif strict:
                 raise ConfigError(f"run config key {key!r} is unknown; see docs/configuration.md for the keys")
         settings = cls(**kwargs)
@@ -81,9 +89,14 @@ class SiteSettings:
         return self.options.get(self.partitioner, {})
 
     @property
+    def task_table(self) -> str:
+        """The name of the task's options table: the task's own, `image` for the image task."""
+        return TASK_TABLES.get(self.task, self.task)
+
+    @property
     def task_options(self) -> dict[str, Any]:
-        """The `<task>.option` keys of a built-in task (`tabular.label-column`, ...)."""
-        return self.options.get(self.task, {})
+        """The `<table>.option` keys of a built-in task (`tabular.label-column`, `image.model`, ...)."""
+        return self.options.get(self.task_table, {})
 
     @property
     def class_list(self) -> list[str]:
@@ -93,7 +106,6 @@ class SiteSettings:
         """Check the site's values that need no task, dataset or site; raise ConfigError."""
         if not self.task.strip():
             raise ConfigError("task='' is empty; give a built-in task's name or 'package.module:Class'")
-        _positive("image-size", self.image_size)
         _at_least("train-subset", self.train_subset, 0)
         _at_least("train-pool", self.train_pool, 0)
         _at_least("test-subset", self.test_subset, 0)
@@ -202,13 +214,13 @@ class RunSettings(SiteSettings):
         self.schedule  # noqa: B018 - validates the lr-* keys
         self.envelope  # noqa: B018
         _at_least("swa-start", self.swa_start, 0)
-        _positive("num-server-rounds", self.num_server_rounds)
-        _positive("local-epochs", self.local_epochs)
-        _positive("batch-size", self.batch_size)
-        _positive("min-sites", self.min_sites)
-        _positive("round-timeout", self.round_timeout)
-        _positive("min-replies", self.min_replies)
-        _positive("checkpoints-keep", self.checkpoints_keep)
+        positive("num-server-rounds", self.num_server_rounds)
+        positive("local-epochs", self.local_epochs)
+        positive("batch-size", self.batch_size)
+        positive("min-sites", self.min_sites)
+        positive("round-timeout", self.round_timeout)
+        positive("min-replies", self.min_replies)
+        positive("checkpoints-keep", self.checkpoints_keep)
         _at_least("round-retries", self.round_retries, 0)
         _at_least("max-update-ratio", self.max_update_ratio, 0)
         _at_least("peer-norm-ratio", self.peer_norm_ratio, 0)
@@ -239,14 +251,14 @@ class RunSettings(SiteSettings):
         """The settings under their run-config keys, with the options of the chosen partitioner,
         strategy and task as `name.option` (the other tables are not used)."""
         plain = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "options"}
-        for table in (self.partitioner, self.strategy, self.task):
+        for table in (self.partitioner, self.strategy, self.task_table):
             plain.update({f"{table}.{k}": v for k, v in self.options.get(table, {}).items()})
         return plain
 
     __hash__ = SiteSettings.__hash__
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
+def coerce(key: str, value: Any, kind: type) -> Any:
     """TOML gives ints where users meant floats (lr-min=0); accept those, refuse the rest."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -264,7 +276,7 @@ def _choice(key: str, value: str, choices: Mapping[str, Any] | tuple[str, ...]) 
         raise ConfigError(f"{key}={value!r} is unknown; choose one of {sorted(choices)}")
 
 
-def _positive(key: str, value: float) -> None:
+def positive(key: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{key}={value} must be above 0")
 

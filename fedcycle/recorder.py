@@ -47,7 +47,8 @@ def run_identity(settings: RunSettings, task: Task) -> dict[str, Any]:
     """What a run computes: every run-config setting outside RESUMABLE_KEYS (with the chosen
     partitioner's, strategy's and task's options), the task's classes and primary metric. A run
     resumes only from a checkpoint of the same."""
-    identity = {k: v for k, v in settings.as_run_config().items() if k not in RESUMABLE_KEYS}
+    # the task's classes (the run config's `classes`, resolved) go last, after the keys that set them
+    identity = {k: v for k, v in settings.as_run_config().items() if k not in RESUMABLE_KEYS | {"classes"}}
     if settings.lr_envelope == "cosine":  # the envelope spans the run: more rounds reshape the rest
         identity["num-server-rounds"] = settings.num_server_rounds
     return {**identity, "classes": task.classes, "primary-metric": [task.primary_metric, task.direction]}

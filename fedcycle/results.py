@@ -30,14 +30,15 @@ from fedcycle.files import atomic_write
 PACKAGES = ("flwr", "torch", "torchvision", "numpy", "ray", "safetensors")
 
 
-def resolve_run_dir(settings: RunSettings, run_id: int) -> Path:
+def resolve_run_dir(settings: RunSettings, run_id: int, what: str) -> Path:
     """`results-dir` (relative to this process's working directory) / `run-name`.
 
-    An empty run-name becomes `<dataset>-<strategy>-<lr-schedule>-<time>-run<id>`; a
-    name whose folder already holds a run gets a numeric suffix, so no run is overwritten.
+    An empty run-name becomes `<what>-<strategy>-<lr-schedule>-<time>-run<id>` (`what`: what the
+    task trains on, `Task.label`); a name whose folder already holds a run gets a numeric
+    suffix, so no run is overwritten.
     """
     name = settings.run_name or (
-        f"{settings.dataset}-{settings.strategy.replace(':', '.')}-{settings.lr_schedule}-"
+        f"{what.replace(':', '.')}-{settings.strategy.replace(':', '.')}-{settings.lr_schedule}-"
         f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
     )
     base = Path(settings.results_dir).expanduser().resolve() / name

@@ -74,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
             "num-server-rounds to extend it)", resume_dir, ckpt.round, settings.num_server_rounds)
         return
 
-    results = RunResults(resume_dir or resolve_run_dir(settings, context.run_id))
+    results = RunResults(resume_dir or resolve_run_dir(settings, context.run_id, task.label))
     log(INFO, "fedcycle run %s: results go to %s", context.run_id, results.path)
     extra: dict[str, Any] = {"run_id": context.run_id}
     if ckpt is not None:

@@ -51,6 +51,7 @@ from fedcycle.tasks import Task, load_task
 from fedcycle.tasks.image.datasets import DATASETS, load
 from fedcycle.tasks.image.in_memory import DeviceBatches, InMemoryImages
 from fedcycle.tasks.image.models import build_model
+from fedcycle.tasks.image.settings import ImageSettings
 from fedcycle.trainer import TrainConfig, evaluate, train
 from fedcycle.wire import TrainReply
 from fedcycle_tools.launcher import LocalSimulation, exit_on_termination
@@ -173,7 +174,7 @@ print(t1 - t0, t2 - t1, t3 - t2)
 
 def bench_startup(repeat: int, data_root: str) -> dict:
 
-    load(RunSettings(data_root=data_root), "train")  # the .npy cache exists, as after a site's first round
+    load(ImageSettings(data_root=data_root), "train")  # the .npy cache exists, as after a site's first round
     cold = []
     for _ in range(repeat):
         started = time.perf_counter()
@@ -216,10 +217,10 @@ def bench_loaders(repeat: int, data_root: str, samples: int = 8192, batch: int =
 
     cpu = torch.device("cpu")
     config = {"data-root": data_root}
-    settings = RunSettings.from_run_config(config)
-    spec = DATASETS[settings.dataset]
+    settings, image = RunSettings.from_run_config(config), ImageSettings.from_run_config(config)
+    spec = DATASETS[image.dataset]
     task = load_task(config)
-    full = load(settings, "train")
+    full = load(image, "train")
     images = torch.from_numpy(np.ascontiguousarray(full.images[:samples]))
     labels = torch.from_numpy(np.ascontiguousarray(full.labels[:samples]))
     n = len(labels)
@@ -267,9 +268,9 @@ def bench_loaders(repeat: int, data_root: str, samples: int = 8192, batch: int =
 
     input_cpu = {k: [input_only(d) for _ in range(repeat)] for k, d in (("in_memory", in_memory), ("dataloader_workers_0", plain))}
     return {
-        "job": f"fashion-mnist, {n} train images, {settings.model}, batch {batch}, 1 epoch, cpu, "
+        "job": f"fashion-mnist, {n} train images, {image.model}, batch {batch}, 1 epoch, cpu, "
                f"{torch.get_num_threads()} torch threads",
-        "samples": n, "batch_size": batch, "model": settings.model, "torch_threads": torch.get_num_threads(),
+        "samples": n, "batch_size": batch, "model": image.model, "torch_threads": torch.get_num_threads(),
         "dataset": "PlainImages: a torch Dataset returning one normalized float32 image per item, "
                    "batched by torch's DataLoader (default collate)",
         **{f"{k}_samples_per_s": spread([n / t for t in v]) for k, v in seconds.items()},
@@ -343,7 +344,7 @@ def memmap_child(path: str, labels_path: str, release_every: int, batch: int, th
     if threads:
         torch.set_num_threads(threads)
 
-    task = Task("image-classification", {"dataset": "cifar10"})  # small-cnn for 3x32x32; cross-entropy, accuracy
+    task = Task("image-classification", {"image.dataset": "cifar10"})  # small-cnn for 3x32x32; cross-entropy, accuracy
     data = MemmapImages(path, np.load(labels_path), (0.5,) * 3, (0.25,) * 3, release_every)
     torch.manual_seed(0)
     model = task.build_model()

@@ -32,7 +32,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import torch
@@ -42,7 +42,7 @@ from rich.table import Table
 
 import fedcycle
 import fedcycle_tools
-from fedcycle.config import RunSettings
+from fedcycle.config import RENAMED_KEYS, RunSettings, current_keys
 from fedcycle.errors import ConfigError, TaskError
 from fedcycle.files import atomic_write
 from fedcycle.results import machine, read_metrics, versions
@@ -50,6 +50,7 @@ from fedcycle.site import add_task_path
 from fedcycle.strategies import check_strategy
 from fedcycle.tasks import load_task
 from fedcycle.tasks.image.datasets import data_root, load
+from fedcycle.tasks.image.settings import ImageSettings
 from fedcycle.tracking import check_tracking
 from fedcycle_tools.centralized import train_centralized
 
@@ -385,17 +386,36 @@ def exit_on_termination() -> None:
 
 def prepare_data(run_config: dict | None = None) -> None:
     """Decode the dataset's train and test splits into the data root's .npy cache."""
-
-    settings = RunSettings.from_run_config(run_config or {})
+    settings = ImageSettings.from_run_config(run_config or {})
     for split in ("train", "test"):
         data = load(settings, split)
         print(f"{settings.dataset} {split}: {len(data)} images {tuple(data.images.shape[1:])} in {data_root(settings)}")
 
 
+def toml_value(value: Any) -> str:
+    """A run-config value as `flwr run --run-config` takes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"'{value}'"
+    return repr(value)
+
+
+def renamed(overrides: str) -> str:
+    """The overrides, a key that moved (`dataset`, now `image.dataset`) under its new name, with a
+    note: Flower itself refuses a key that pyproject.toml does not declare."""
+    parsed = parse_config_args([overrides]) if overrides.strip() else {}
+    moved = [key for key in parsed if key in RENAMED_KEYS]
+    if not moved:
+        return overrides
+    for key in moved:
+        print(f"note: run config key {key!r} is {RENAMED_KEYS[key]!r} now; fedcycle passes it on under "
+              "that name (plain `flwr run` refuses the old one)", file=sys.stderr)
+    return " ".join(f"{key}={toml_value(value)}" for key, value in current_keys(parsed).items())
+
+
 def full_run_config(overrides: str) -> dict:
     """The run config as the ServerApp will read it: pyproject.toml's defaults with the overrides."""
-
-
     def flat(table: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in table.items():
@@ -465,6 +485,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.la
         return 0
 
     try:
+        args.run_config = renamed(args.run_config)
         check_run_config(args.run_config, args.task_path)
     except (ConfigError, TaskError, ValueError) as err:  # ValueError: a run config that does not parse
         print(f"error: {err}", file=sys.stderr)

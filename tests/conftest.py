@@ -146,11 +146,11 @@ def pytest_runtest_teardown(item):
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> str:
     """A data root with Fashion-MNIST decoded once for the whole session."""
-    from fedcycle.config import RunSettings
     from fedcycle.tasks.image.datasets import load
+    from fedcycle.tasks.image.settings import ImageSettings
 
     root = tmp_path_factory.mktemp("data")
-    settings = RunSettings(data_root=str(root))
+    settings = ImageSettings(data_root=str(root))
     load(settings, "train")
     load(settings, "test")
     return str(root)

@@ -9,8 +9,8 @@ import torch
 
 from fedcycle.averaging import CycleAverage, has_batchnorm
 from fedcycle.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcycle.tasks.image.models import build_model
 from fedcycle.schedules import LRSchedule
+from fedcycle.tasks.image.models import build_model
 
 
 def global_model(server_round: int) -> dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ def test_a_dataset_without_a_fast_path_goes_through_the_dataloader(images, data_
     data = TensorDataset(torch.randn(10, 3), torch.arange(10))
     loader = batches(data, 4, CPU, shuffle=False)
     assert isinstance(loader, DataLoader) and [len(y) for _, y in loader] == [4, 4, 2]
-    augmented, _ = load_task({"data-root": data_root, "train-subset": 150, "augment": "flip"}).site_data(
+    augmented, _ = load_task({"data-root": data_root, "train-subset": 150, "image.augment": "flip"}).site_data(
         {"partition-id": 0, "num-partitions": 2})
     assert isinstance(batches(augmented, 64, CPU, shuffle=True), DataLoader)  # a transform per image
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
-from tests.fakes import Sites, context, preflight_query
 
 from fedcycle import client_app
 from fedcycle.config import RunSettings
@@ -31,6 +30,7 @@ from fedcycle.tasks.audio import (
 )
 from fedcycle.tasks.text import encode
 from fedcycle.wire import SiteReport
+from tests.fakes import Sites, context, preflight_query
 
 PATIENTS = """age,bmi,smoker,outcome
 54,31.2,yes,sick

@@ -17,20 +17,27 @@ from fedcycle.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedcycle.config import ConfigError, RunSettings
-from fedcycle.tasks.image.models import build_model
+from fedcycle.config import RENAMED_KEYS, ConfigError, RunSettings
 from fedcycle.recorder import load_resume_point, run_identity
 from fedcycle.strategies import make_strategy
 from fedcycle.tasks import Task
+from fedcycle.tasks.image.models import build_model
 from tests.fakes import SHAPES, arrays, reply, start_round
+
+IMAGE = {"dataset": "fashion-mnist", "model": "small-cnn"}  # the image task's table, as Flower passes it
+
+
+def image_run(image: dict | None = None, **settings) -> RunSettings:
+    """Settings of an image-task run, its `image.` table given in full as in a real run."""
+    return RunSettings(options={"image": {**IMAGE, **(image or {})}}, **settings)
 
 
 def task_of(settings: RunSettings) -> Task:
-    return Task(settings.task, {"dataset": settings.dataset, "model": settings.model})
+    return Task(settings.task, settings.as_run_config())
 
 
 def checkpoint(settings: RunSettings, server_round: int, **extra) -> Checkpoint:
-    model = build_model(settings.model, (1, 28, 28), 10).state_dict()
+    model = task_of(settings).build_model().state_dict()
     return Checkpoint(
         round=server_round,
         model=model,
@@ -140,15 +147,15 @@ def test_a_checkpoint_whose_metadata_was_changed_is_refused(tmp_path):
 
 
 def test_resume_refuses_another_model_or_dataset_and_a_missing_folder(tmp_path):
-    save_checkpoint(tmp_path, checkpoint(RunSettings(), 2), keep=3)
-    settings = RunSettings(resume_from=str(tmp_path))
+    save_checkpoint(tmp_path, checkpoint(image_run(), 2), keep=3)
+    settings = image_run(resume_from=str(tmp_path))
     run_dir, ckpt = load_resume_point(settings, task_of(settings), build_model("small-cnn", (1, 28, 28), 10))
     assert run_dir == tmp_path and ckpt.round == 2
-    other = RunSettings(resume_from=str(tmp_path), model="resnet18")
-    with pytest.raises(CheckpointError, match="made with model='small-cnn', this run has model='resnet18'"):
+    other = image_run({"model": "resnet18"}, resume_from=str(tmp_path))
+    with pytest.raises(CheckpointError, match="made with image.model='small-cnn', this run has image.model='resnet18'"):
         load_resume_point(other, task_of(other), build_model("resnet18", (1, 28, 28), 10))
-    cifar = RunSettings(resume_from=str(tmp_path), dataset="cifar10")
-    with pytest.raises(CheckpointError, match="made with dataset='fashion-mnist', this run has dataset='cifar10'"):
+    cifar = image_run({"dataset": "cifar10"}, resume_from=str(tmp_path))
+    with pytest.raises(CheckpointError, match="made with image.dataset='fashion-mnist', this run has image.dataset='cifar10'"):
         load_resume_point(cifar, task_of(cifar), build_model("small-cnn", (3, 32, 32), 10))
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         load_resume_point(RunSettings(resume_from=str(tmp_path / "checkpoints")), task_of(settings), build_model("small-cnn", (1, 28, 28), 10))
@@ -226,3 +233,22 @@ def test_metrics_lines_are_strict_json_even_when_a_loss_diverges(tmp_path):
     lines = [json.loads(line, parse_constant=strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == [{"round": 0, "loss": None}, {"round": 1, "loss": 0.25},
                      {"round": 2, "loss": None, "metrics": {"accuracy": None, "mae": 0.5}}]
+
+
+def test_a_checkpoint_made_before_the_image_keys_moved_resumes_under_their_new_names(tmp_path):
+    """Until the image task's keys went into its `image.` table, a checkpoint's identity named
+    them `dataset`, `model`, `image-size` and `augment`."""
+    settings = image_run({"image-size": 32, "augment": ""})
+    old = checkpoint(settings, 2)
+    old.identity = {RENAMED_BACK.get(k, k): v for k, v in old.identity.items()}
+    assert {"dataset", "model", "image-size", "augment"} <= set(old.identity) and "image.model" not in old.identity
+    save_checkpoint(tmp_path, old, keep=3)
+    resumed = image_run({"image-size": 32, "augment": ""}, resume_from=str(tmp_path))
+    _, ckpt = load_resume_point(resumed, task_of(resumed), task_of(resumed).build_model())
+    assert ckpt.round == 2
+    other = image_run({"image-size": 32, "augment": "flip"}, resume_from=str(tmp_path))
+    with pytest.raises(CheckpointError, match="made with image.augment='', this run has image.augment='flip'"):
+        load_resume_point(other, task_of(other), task_of(other).build_model())
+
+
+RENAMED_BACK = {new: old for old, new in RENAMED_KEYS.items()}

@@ -7,10 +7,11 @@ import re
 import pytest
 
 from fedcycle.config import ConfigError, RunSettings, SiteSettings
-from fedcycle.tasks.image.models import build_model, check_fits
 from fedcycle.site import load_site
 from fedcycle.tasks import load_task
 from fedcycle.tasks.image import check_node_config
+from fedcycle.tasks.image.models import build_model, check_fits
+from fedcycle.tasks.image.settings import ImageSettings
 
 
 def test_defaults_are_valid_and_match_pyproject():
@@ -27,6 +28,8 @@ def test_defaults_are_valid_and_match_pyproject():
     settings = RunSettings.from_run_config(flat)
     # The dataclass defaults and pyproject.toml's declared defaults agree.
     assert settings == RunSettings(options=settings.options)
+    image = ImageSettings.from_run_config(flat)  # the image task's table, against its own defaults
+    assert image == ImageSettings(options=image.options, **{f: getattr(settings, f) for f in ("seed", "data_root")})
 
 
 def check_as_the_server_does(run_config: dict) -> None:
@@ -38,11 +41,11 @@ def check_as_the_server_does(run_config: dict) -> None:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"dataset": "mnist"}, "dataset='mnist' is unknown; choose one of ['cifar10', 'fashion-mnist', 'image-folder']"),
-        ({"model": "vgg"}, "model='vgg' is unknown; choose one of ['resnet18', 'small-cnn'] or 'torchvision:<name>'"),
-        ({"model": "torchvision:resnet5"}, "model='torchvision:resnet5': torchvision has no classification model 'resnet5'"),
-        ({"model": "torchvision:resnet18"}, "model='torchvision:resnet18' takes 3-channel images; the dataset's have 1"),
-        ({"augment": "crop,rotate"}, "augment='crop,rotate': unknown ['rotate']"),
+        ({"image.dataset": "mnist"}, "image.dataset='mnist' is unknown; choose one of ['cifar10', 'fashion-mnist', 'image-folder']"),
+        ({"image.model": "vgg"}, "image.model='vgg' is unknown; choose one of ['resnet18', 'small-cnn'] or 'torchvision:<name>'"),
+        ({"image.model": "torchvision:resnet5"}, "image.model='torchvision:resnet5': torchvision has no classification model 'resnet5'"),
+        ({"image.model": "torchvision:resnet18"}, "image.model='torchvision:resnet18' takes 3-channel images; the dataset's have 1"),
+        ({"image.augment": "crop,rotate"}, "image.augment='crop,rotate': unknown ['rotate']"),
         ({"optimizer": "lion"}, "optimizer='lion' is unknown; choose one of ['adamw', 'sgd']"),
         ({"task": "no_such_pkg.tasks:Kidney"}, "task='no_such_pkg.tasks:Kidney' cannot be imported"),
         ({"task": "kidney"}, "task='kidney' is neither a built-in task ['audio', 'image-classification', 'tabular', 'text'] nor 'package.module:Class'"),
@@ -57,9 +60,12 @@ def check_as_the_server_does(run_config: dict) -> None:
         ({"partitioner": "dirichlet", "dirichlet.alpha": -1.0}, "dirichlet.alpha=-1.0 must be a number above 0"),
         ({"site-eval": "sometimes"}, "site-eval='sometimes' is unknown"),
         ({"num-server-rounds": 2.5}, "num-server-rounds=2.5 must be an integer"),
-        ({"dataset": "image-folder"}, "classes='': the image-folder dataset needs the class list"),
+        ({"image.dataset": "image-folder"}, "classes='': the image-folder dataset needs the class list"),
         ({"partitioner": "label-shards", "label-shards.shards-per-site": 0}, "label-shards.shards-per-site=0 must be an integer"),
         ({"colour": "red"}, "run config key 'colour' is unknown"),
+        ({"image.colour": "red"}, "image.colour is not an option of the image task; it takes ['augment', 'dataset', 'image-size', 'model']"),
+        ({"image.image-size": 0}, "image.image-size=0 must be above 0"),
+        ({"image.image-size": "big"}, "image.image-size='big' must be an integer"),
     ],
 )
 def test_bad_run_config(override, message):
@@ -79,11 +85,11 @@ def test_bad_run_config(override, message):
 )
 def test_bad_node_config(node_config, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        check_node_config(node_config, RunSettings())
+        check_node_config(node_config, ImageSettings())
 
 
 def test_missing_data_dir_and_empty_data_dir(tmp_path):
-    run_config = {"dataset": "image-folder", "classes": "a,b", "data-root": str(tmp_path / "cache")}
+    run_config = {"image.dataset": "image-folder", "classes": "a,b", "data-root": str(tmp_path / "cache")}
     with pytest.raises(ConfigError, match=re.escape(f"data-dir='{tmp_path / 'nope'}' does not exist")):
         load_site(run_config, {"data-dir": str(tmp_path / "nope")})
     for name in ("a", "b"):
@@ -91,7 +97,7 @@ def test_missing_data_dir_and_empty_data_dir(tmp_path):
     with pytest.raises(ConfigError, match="holds no images"):
         load_site(run_config, {"data-dir": str(tmp_path / "empty")})
     with pytest.raises(ConfigError, match="data-dir is missing from the node config"):
-        check_node_config({"partition-id": 0, "num-partitions": 1}, RunSettings.from_run_config(run_config))
+        check_node_config({"partition-id": 0, "num-partitions": 1}, ImageSettings.from_run_config(run_config))
 
 
 def test_missing_gpu_is_refused():
@@ -100,16 +106,16 @@ def test_missing_gpu_is_refused():
 
 
 def test_model_must_fit_the_images():
-    with pytest.raises(ConfigError, match=re.escape("model='small-cnn' takes images of size [28, 32]; the dataset's are 64x64")):
+    with pytest.raises(ConfigError, match=re.escape("image.model='small-cnn' takes images of size [28, 32]; the dataset's are 64x64")):
         check_fits("small-cnn", (3, 64, 64), 10)
-    with pytest.raises(ConfigError, match=re.escape("model='resnet18' needs images of at least 16x16; got 8")):
+    with pytest.raises(ConfigError, match=re.escape("image.model='resnet18' needs images of at least 16x16; got 8")):
         build_model("resnet18", (3, 8, 8), 10)
     with pytest.raises(ConfigError, match="needs at least 2 classes"):
         build_model("small-cnn", (1, 28, 28), 1)
 
 
 def test_every_error_is_one_line():
-    for bad in ({"lr-min": 1.0}, {"dataset": "x"}, {"local-epochs": 0}, {"task": "x.y:Z"}):
+    for bad in ({"lr-min": 1.0}, {"image.dataset": "x"}, {"local-epochs": 0}, {"task": "x.y:Z"}):
         with pytest.raises(ConfigError) as err:
             check_as_the_server_does(bad)
         assert "\n" not in str(err.value)

@@ -6,17 +6,16 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fedcycle.tasks.image.datasets as ds
-from fedcycle.config import ConfigError, RunSettings
+from fedcycle.config import ConfigError
 from fedcycle.tasks.image.datasets import DATASETS, DatasetSpec, ImageData, sources
-
+from fedcycle.tasks.image.settings import ImageSettings
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -26,7 +25,7 @@ def datasets_fmnist_root(tmp_path_factory) -> str:
     """A data root holding decoded Fashion-MNIST, shared with test_partition.py (decoded once)."""
     root = Path(tmp_path_factory.getbasetemp()) / "fedcycle-fmnist-shared"
     root.mkdir(parents=True, exist_ok=True)
-    settings = RunSettings(data_root=str(root))
+    settings = ImageSettings(data_root=str(root))
     ds.load(settings, "train")
     ds.load(settings, "test")
     return str(root)
@@ -66,7 +65,7 @@ def probe(monkeypatch, tmp_path):
     """Register the index-probe dataset; return settings that use it."""
     monkeypatch.setitem(DATASETS, "index-probe", index_probe())
     ds._load_cached.cache_clear()
-    yield RunSettings(dataset="index-probe", data_root=str(tmp_path))
+    yield ImageSettings(dataset="index-probe", data_root=str(tmp_path))
     ds._load_cached.cache_clear()
 
 
@@ -74,7 +73,7 @@ def probe(monkeypatch, tmp_path):
 
 
 def test_fashion_mnist_real_train_and_test(datasets_fmnist_root):
-    settings = RunSettings(data_root=datasets_fmnist_root)
+    settings = ImageSettings(data_root=datasets_fmnist_root)
     train, test = ds.load(settings, "train"), ds.load(settings, "test")
     assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == np.uint8
     assert test.images.shape == (10000, 1, 28, 28) and test.images.dtype == np.uint8
@@ -94,8 +93,8 @@ def test_fashion_mnist_real_train_and_test(datasets_fmnist_root):
 
 
 def test_load_is_memory_cached(datasets_fmnist_root):
-    settings = RunSettings(data_root=datasets_fmnist_root)
-    first, again = ds.load(settings, "train"), ds.load(RunSettings(data_root=datasets_fmnist_root), "train")
+    settings = ImageSettings(data_root=datasets_fmnist_root)
+    first, again = ds.load(settings, "train"), ds.load(ImageSettings(data_root=datasets_fmnist_root), "train")
     assert first.images is again.images and first.labels is again.labels
 
 
@@ -108,7 +107,7 @@ def test_fashion_mnist_npy_cache_is_written_and_reused(datasets_fmnist_root, mon
     for f in files:
         assert f.is_file(), f"{f} was not written"
     assert not [p for p in folder.iterdir() if p.name.startswith(".")], "temporary files left behind"
-    settings = RunSettings(data_root=datasets_fmnist_root)
+    settings = ImageSettings(data_root=datasets_fmnist_root)
     first = ds.load(settings, "train")
     np.testing.assert_array_equal(np.load(folder / "train-images.npy"), first.images)
     np.testing.assert_array_equal(np.load(folder / "train-labels.npy"), first.labels)
@@ -130,17 +129,17 @@ def test_fashion_mnist_npy_cache_is_written_and_reused(datasets_fmnist_root, mon
 
 
 def test_data_root_precedence(tmp_path):
-    settings = RunSettings(data_root=str(tmp_path / "run"))
+    settings = ImageSettings(data_root=str(tmp_path / "run"))
     assert ds.data_root(settings) == (tmp_path / "run").resolve()
     assert ds.data_root(settings, {"data-root": str(tmp_path / "node")}) == (tmp_path / "node").resolve()
-    assert ds.data_root(RunSettings()) == Path(os.path.expanduser("~/.cache/fedcycle")).resolve()
+    assert ds.data_root(ImageSettings()) == Path(os.path.expanduser("~/.cache/fedcycle")).resolve()
 
 
 # ----------------------------------------------------------------------------- site_split
 
 
 def test_site_split_real_sites_are_disjoint_and_cover_the_train_split(datasets_fmnist_root):
-    settings = RunSettings(data_root=datasets_fmnist_root, seed=42, val_fraction=0.1)
+    settings = ImageSettings(data_root=datasets_fmnist_root, seed=42, val_fraction=0.1)
     full = ds.load(settings, "train")
     sites = [ds.site_split(settings, {"partition-id": i, "num-partitions": 3}) for i in range(3)]
     for train, val in sites:
@@ -178,7 +177,7 @@ def test_site_split_exact_indices_disjoint(probe):
 
 def test_site_split_val_fraction(datasets_fmnist_root):
     for fraction, expected in ((0.0, 0), (0.25, 5000)):
-        settings = RunSettings(data_root=datasets_fmnist_root, val_fraction=fraction)
+        settings = ImageSettings(data_root=datasets_fmnist_root, val_fraction=fraction)
         train, val = ds.site_split(settings, {"partition-id": 1, "num-partitions": 3})
         assert len(val) == expected
         assert len(train) == 20000 - expected
@@ -186,8 +185,8 @@ def test_site_split_val_fraction(datasets_fmnist_root):
 
 def test_site_split_train_subset_caps_size(datasets_fmnist_root):
     node = {"partition-id": 2, "num-partitions": 3}
-    capped_train, capped_val = ds.site_split(RunSettings(data_root=datasets_fmnist_root, train_subset=500), node)
-    full_train, full_val = ds.site_split(RunSettings(data_root=datasets_fmnist_root), node)
+    capped_train, capped_val = ds.site_split(ImageSettings(data_root=datasets_fmnist_root, train_subset=500), node)
+    full_train, full_val = ds.site_split(ImageSettings(data_root=datasets_fmnist_root), node)
     assert len(capped_train) == 500
     assert len(capped_val) == 50  # val shrinks with it: round(500 * 0.1)
     # the capped parts are drawn from this site's own train / validation parts
@@ -198,20 +197,20 @@ def test_site_split_train_subset_caps_size(datasets_fmnist_root):
 
 def test_site_split_same_seed_same_split(datasets_fmnist_root):
     node = {"partition-id": 0, "num-partitions": 3}
-    a_train, a_val = ds.site_split(RunSettings(data_root=datasets_fmnist_root, seed=7), node)
+    a_train, a_val = ds.site_split(ImageSettings(data_root=datasets_fmnist_root, seed=7), node)
     ds._load_cached.cache_clear()  # as in a fresh ClientApp process
-    b_train, b_val = ds.site_split(RunSettings(data_root=datasets_fmnist_root, seed=7), node)
+    b_train, b_val = ds.site_split(ImageSettings(data_root=datasets_fmnist_root, seed=7), node)
     np.testing.assert_array_equal(a_train.images, b_train.images)
     np.testing.assert_array_equal(a_train.labels, b_train.labels)
     np.testing.assert_array_equal(a_val.labels, b_val.labels)
-    c_train, _ = ds.site_split(RunSettings(data_root=datasets_fmnist_root, seed=8), node)
+    c_train, _ = ds.site_split(ImageSettings(data_root=datasets_fmnist_root, seed=8), node)
     assert len(c_train) == len(a_train)
     assert not np.array_equal(row_hashes(c_train), row_hashes(a_train))
 
 
 def test_site_split_passes_hyphenated_partitioner_options(datasets_fmnist_root):
     # label-shards with one 6000-image shard per site: each of 10 sites holds exactly one class
-    settings = RunSettings(
+    settings = ImageSettings(
         data_root=datasets_fmnist_root, partitioner="label-shards",
         options={"label-shards": {"shards-per-site": 1}},
     )
@@ -241,26 +240,26 @@ def test_pooled_data_is_every_site_together_and_stays_in_memory(probe):
 
 
 def test_test_split_real(datasets_fmnist_root):
-    full = ds.test_split(RunSettings(data_root=datasets_fmnist_root))
+    full = ds.test_split(ImageSettings(data_root=datasets_fmnist_root))
     assert len(full) == 10000
-    sub = ds.test_split(RunSettings(data_root=datasets_fmnist_root, test_subset=1000, seed=3))
+    sub = ds.test_split(ImageSettings(data_root=datasets_fmnist_root, test_subset=1000, seed=3))
     assert len(sub) == 1000 and sub.images.shape == (1000, 1, 28, 28)
     assert np.isin(row_hashes(sub), row_hashes(full)).all()
-    again = ds.test_split(RunSettings(data_root=datasets_fmnist_root, test_subset=1000, seed=3))
+    again = ds.test_split(ImageSettings(data_root=datasets_fmnist_root, test_subset=1000, seed=3))
     np.testing.assert_array_equal(again.images, sub.images)
-    other = ds.test_split(RunSettings(data_root=datasets_fmnist_root, test_subset=1000, seed=4))
+    other = ds.test_split(ImageSettings(data_root=datasets_fmnist_root, test_subset=1000, seed=4))
     assert not np.array_equal(other.images, sub.images)
     assert len(np.unique(sub.labels)) == 10  # a random sample, not the first classes
 
 
 def test_test_split_subset_exact(probe):
-    sub = ds.test_split(RunSettings(dataset="index-probe", data_root=probe.data_root, test_subset=100))
+    sub = ds.test_split(ImageSettings(dataset="index-probe", data_root=probe.data_root, test_subset=100))
     idx = probe_index(sub)
     assert len(idx) == 100 and len(np.unique(idx)) == 100
     assert np.all(np.diff(idx) > 0)  # original order kept
     assert idx.min() >= 0 and idx.max() < 1000
     assert idx.max() > 100  # a shuffle, not the first 100
-    bigger = ds.test_split(RunSettings(dataset="index-probe", data_root=probe.data_root, test_subset=5000))
+    bigger = ds.test_split(ImageSettings(dataset="index-probe", data_root=probe.data_root, test_subset=5000))
     assert len(bigger) == 1000
 
 
@@ -343,7 +342,7 @@ def test_cifar10_npy_cache_and_registry(cifar_files, monkeypatch):
     np.testing.assert_array_equal(again.images, first.images)
     assert again.classes == first.classes
 
-    settings = RunSettings(dataset="cifar10", data_root=str(root))
+    settings = ImageSettings(dataset="cifar10", data_root=str(root))
     ds._load_cached.cache_clear()
     loaded = ds.load(settings, "train")
     np.testing.assert_array_equal(loaded.images, first.images)
@@ -481,7 +480,7 @@ def test_image_folder_without_images(tmp_path):
 
 
 def test_image_folder_has_no_test_split(tmp_path, image_tree):
-    settings = RunSettings(dataset="image-folder", classes="zebra,cat,dog", data_root=str(tmp_path / "root"))
+    settings = ImageSettings(dataset="image-folder", classes="zebra,cat,dog", data_root=str(tmp_path / "root"))
     with pytest.raises(ConfigError, match="has no shared 'test' split"):
         ds.load(settings, "test", {"data-dir": str(image_tree)})
     with pytest.raises(ConfigError, match="data-dir is not set"):
@@ -495,7 +494,7 @@ def test_a_site_folder_beside_a_public_dataset_takes_its_classes_and_shape(tmp_p
     for extra in names[3:]:
         (image_tree / extra).mkdir()
         shutil.copy(next((image_tree / "cat").iterdir()), image_tree / extra / "x.png")
-    settings = RunSettings(classes=",".join(names), data_root=datasets_fmnist_root)
+    settings = ImageSettings(classes=",".join(names), data_root=datasets_fmnist_root)
     train, val = ds.site_split(settings, {"data-dir": str(image_tree)})
     assert train.images.shape[1:] == (1, 28, 28) and train.classes == names
     assert sorted(np.concatenate([train.labels, val.labels]).tolist()) == [0] * 3 + [1] * 3 + [2] * 3 + list(range(3, 10))
@@ -503,7 +502,7 @@ def test_a_site_folder_beside_a_public_dataset_takes_its_classes_and_shape(tmp_p
 
 
 def test_image_folder_site_split(tmp_path, image_tree):
-    settings = RunSettings(dataset="image-folder", classes="zebra,cat,dog", data_root=str(tmp_path / "root"))
+    settings = ImageSettings(dataset="image-folder", classes="zebra,cat,dog", data_root=str(tmp_path / "root"))
     node = {"data-dir": str(image_tree)}
     train, val = ds.site_split(settings, node)
     assert len(train) + len(val) == 9
@@ -517,7 +516,7 @@ def test_image_folder_site_split(tmp_path, image_tree):
     assert DATASETS["image-folder"].classes(settings) == RUN_CLASSES
     # decoded under the run's data root
     assert list((tmp_path / "root" / "image-folder").glob("*/train-images.npy"))
-    third = RunSettings(dataset="image-folder", classes="zebra,cat,dog", data_root=str(tmp_path / "root"),
+    third = ImageSettings(dataset="image-folder", classes="zebra,cat,dog", data_root=str(tmp_path / "root"),
                         val_fraction=1 / 3)
     train3, val3 = ds.site_split(third, node)
     assert (len(train3), len(val3)) == (6, 3)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedcycle.config import RunSettings
+from fedcycle.results import read_metrics
 from fedcycle.tasks.image.datasets import load
+from fedcycle.tasks.image.settings import ImageSettings
 from fedcycle_tools.deploy.loopback import LoopbackDeployment
 from fedcycle_tools.deploy.pki import make_pki
 from fedcycle_tools.launcher import FlwrCli, flwr_env, trusting
-from fedcycle.results import read_metrics
 
 # every test runs on a LoopbackDeployment (SuperLink, nginx, SuperExecs, SuperNodes) or runs `flwr`
 pytestmark = pytest.mark.e2e
@@ -37,7 +37,7 @@ def run_config(data_root: str, results: Path, extra: str = "") -> str:
 def site_folders(tmp_path_factory, data_root) -> tuple[Path, Path]:
     """Two data centers' own files: 40 real Fashion-MNIST images per class each, as PNGs in class
     folders, no image in both."""
-    train = load(RunSettings(data_root=data_root), "train")
+    train = load(ImageSettings(data_root=data_root), "train")
     rng = np.random.default_rng(0)
     folders = tuple(tmp_path_factory.mktemp(f"hospital-{x}") / "images" for x in "ab")
     for label, name in enumerate(FOLDERS):
@@ -88,7 +88,7 @@ def two_site_run(deployment, site_folders, site_tables, data_root, tmp_path_fact
         deployment.start_site(name)
     deployment.wait_for_sites(2)
     results = tmp_path_factory.mktemp("results")
-    return deployment.run(run_config(data_root, results, "dataset='image-folder' run-name='deployed'"), stream=False)
+    return deployment.run(run_config(data_root, results, "image.dataset='image-folder' run-name='deployed'"), stream=False)
 
 
 def test_run_over_tls_with_node_auth_completes_and_learns(two_site_run):

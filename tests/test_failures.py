@@ -27,10 +27,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedcycle.checkpoint import load_checkpoint
 from fedcycle.config import RunSettings
-from fedcycle_tools.deploy.loopback import LoopbackDeployment
-from fedcycle_tools.launcher import RunOutcome
 from fedcycle.results import load_model, read_metrics
 from fedcycle.strategies import make_strategy
+from fedcycle_tools.deploy.loopback import LoopbackDeployment
+from fedcycle_tools.launcher import RunOutcome
 
 # every test runs on a LoopbackDeployment with faulty SuperNodes, some with an `mlflow server`
 pytestmark = pytest.mark.e2e

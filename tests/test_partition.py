@@ -22,12 +22,12 @@ ALL = tuple(PARTITIONERS)  # every registered partitioner goes through every tes
 @pytest.fixture(scope="session")
 def partition_fmnist_labels(tmp_path_factory) -> np.ndarray:
     """Fashion-MNIST's 60000 train labels, decoded once per session into a shared data root."""
-    from fedcycle.config import RunSettings
     from fedcycle.tasks.image.datasets import load
+    from fedcycle.tasks.image.settings import ImageSettings
 
     root = Path(tmp_path_factory.getbasetemp()) / "fedcycle-fmnist-shared"
     root.mkdir(parents=True, exist_ok=True)
-    return load(RunSettings(data_root=str(root)), "train").labels
+    return load(ImageSettings(data_root=str(root)), "train").labels
 
 
 def synthetic_labels(per_class: int = 300, num_classes: int = 10, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,10 @@ import stat
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from cryptography.hazmat.primitives.serialization import (
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
 
 from fedcycle_tools.deploy.__main__ import main
 from fedcycle_tools.deploy.pki import make_pki

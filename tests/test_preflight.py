@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from flwr.server.superlink.linkstate.utils import (
+    create_message_error_unavailable_res_message,
+)
 
 from fedcycle import client_app
 from fedcycle.config import RunSettings
@@ -58,7 +60,7 @@ def test_sites_that_fit_are_the_runs_with_what_they_reported(run_config, task_id
 
 def test_a_site_that_builds_another_model_is_named_with_the_first_array_that_differs(run_config, task_identity):
     # site 2 runs another version of the task (here: another model) than the server
-    other = {**run_config, "model": "resnet18"}
+    other = {**run_config, "image.model": "resnet18"}
     with pytest.raises(PreflightError) as failed:
         preflight(sites({1: (run_config, half(0)), 2: (other, half(1))}),
                   RunSettings.from_run_config(run_config), expected_by_the_server(run_config))

@@ -13,8 +13,8 @@ from fedcycle import client_app
 from fedcycle.checkpoint import checkpoint_files, load_checkpoint
 from fedcycle.config import RunSettings
 from fedcycle.recorder import RoundRecorder, load_resume_point
-from fedcycle.round_loop import RoundOutcome, initial_round
 from fedcycle.results import RunResults, load_model, read_metrics, resolve_run_dir
+from fedcycle.round_loop import RoundOutcome, initial_round
 from fedcycle.schedules import LRSchedule
 from fedcycle.site import load_site
 from fedcycle.strategies import make_strategy
@@ -32,7 +32,7 @@ def recorder_for(run_config: dict, metric_names=("accuracy",), run_dir=None) -> 
     reports named; `run_dir`: a resumed run's folder)."""
     settings = RunSettings.from_run_config({"tracking": "off", **run_config})
     task = load_task(run_config)
-    results = RunResults(run_dir or resolve_run_dir(settings, run_id=1))
+    results = RunResults(run_dir or resolve_run_dir(settings, run_id=1, what=task.label))
     trackers = Trackers(settings, results.path, run_config, first_round=0)
     return RoundRecorder(settings, task, task.test_data(), results, trackers, list(metric_names))
 

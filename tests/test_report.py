@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fedcycle_tools.study.report import claim_verdict, summarize_runs, write_report
 from fedcycle_tools.study.plan import Study, comparison_plan, tuning_plan
+from fedcycle_tools.study.report import claim_verdict, summarize_runs, write_report
 
 STUDY = """
 profile: {profile}

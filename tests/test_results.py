@@ -21,26 +21,26 @@ def settings(results_dir, **extra) -> RunSettings:
 
 
 def test_a_run_folder_is_never_overwritten_a_second_run_of_the_name_gets_a_suffix(tmp_path):
-    first = resolve_run_dir(settings(tmp_path, **{"run-name": "baseline"}), run_id=1)
+    first = resolve_run_dir(settings(tmp_path, **{"run-name": "baseline"}), run_id=1, what="x")
     assert first == tmp_path / "baseline" and first.is_dir()
     RunResults(first).append_round({"round": 0, "accuracy": 0.1})
-    second = resolve_run_dir(settings(tmp_path, **{"run-name": "baseline"}), run_id=2)
+    second = resolve_run_dir(settings(tmp_path, **{"run-name": "baseline"}), run_id=2, what="x")
     assert second == tmp_path / "baseline-2" and second.is_dir()
     RunResults(second).append_round({"round": 0, "accuracy": 0.2})
-    third = resolve_run_dir(settings(tmp_path, **{"run-name": "baseline"}), run_id=3)
+    third = resolve_run_dir(settings(tmp_path, **{"run-name": "baseline"}), run_id=3, what="x")
     assert third == tmp_path / "baseline-3"
     # the earlier runs' lines are where they were
     assert read_metrics(first / "metrics.jsonl") == [{"round": 0, "accuracy": 0.1}]
     assert read_metrics(second / "metrics.jsonl") == [{"round": 0, "accuracy": 0.2}]
     # a folder without a round in it (a run that stopped before its first round) is taken again
-    assert resolve_run_dir(settings(tmp_path, **{"run-name": "baseline"}), run_id=4) == third
+    assert resolve_run_dir(settings(tmp_path, **{"run-name": "baseline"}), run_id=4, what="x") == third
 
 
 def test_an_unnamed_run_is_named_after_what_it_trains_and_relative_paths_follow_the_working_directory(
         tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = resolve_run_dir(RunSettings.from_run_config({"results-dir": "out", "strategy": "flwr.serverapp.strategy:FedMedian",
-                                                        "lr-schedule": "cosine"}), run_id=17)
+                                                        "lr-schedule": "cosine"}), run_id=17, what="fashion-mnist")
     assert path.parent == tmp_path / "out"
     assert re.fullmatch(r"fashion-mnist-flwr\.serverapp\.strategy\.FedMedian-cosine-\d{8}-\d{6}-run17", path.name), path.name
 

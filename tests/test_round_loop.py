@@ -8,7 +8,9 @@ import logging
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
-from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from flwr.server.superlink.linkstate.utils import (
+    create_message_error_unavailable_res_message,
+)
 
 from fedcycle.config import RunSettings
 from fedcycle.round_loop import RoundFailed, run_rounds, train_round

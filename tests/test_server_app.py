@@ -75,7 +75,7 @@ def server_context(run_config: dict, run_id: int = 1) -> Context:
     ({"task": "tests.user_tasks:BloodPressureOwnLoop", "strategy": "fedprox", "fedprox.proximal-mu": 0.1},
      "strategy='fedprox' needs FedProx's proximal term, which fedcycle's own loop adds, but "
      "task='tests.user_tasks:BloodPressureOwnLoop' brings its own train()"),
-    ({"dataset": "no-such-set"}, "dataset='no-such-set' is unknown"),
+    ({"image.dataset": "no-such-set"}, "image.dataset='no-such-set' is unknown"),
     ({"model-weights": "/no/such/start.safetensors"}, "model-weights='/no/such/start.safetensors'"),
 ])
 def test_a_run_that_cannot_work_stops_before_any_site_is_asked(tmp_path, run_config, message):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fedcycle.checkpoint import load_checkpoint
-from fedcycle_tools.launcher import LocalSimulation
 from fedcycle.results import load_model, read_metrics
+from fedcycle_tools.launcher import LocalSimulation
 
 SMALL = "train-subset=500 test-subset=1000 batch-size=32"
 
@@ -100,7 +100,7 @@ def test_bad_run_config_fails_the_run_before_training(superlink, tmp_path, data_
 
 @pytest.mark.e2e  # runs `fedcycle simulate` as a process
 @pytest.mark.parametrize("overrides, message", [
-    ("dataset='no-such-set'", "error: dataset='no-such-set' is unknown; choose one of ['cifar10', 'fashion-mnist', 'image-folder']"),
+    ("dataset='no-such-set'", "error: image.dataset='no-such-set' is unknown; choose one of ['cifar10', 'fashion-mnist', 'image-folder']"),
     ("strategy='fedprox' fedprox.proximal-mu=-1.0", "error: fedprox.proximal-mu=-1.0 must be a number in [0, inf)"),
     ("learning-rate=0.1", "error: run config key 'learning-rate' is unknown"),
 ])
@@ -111,8 +111,12 @@ def test_the_launcher_checks_the_run_config_before_it_starts_anything(tmp_path, 
     home = tmp_path / "flwr-home"  # the `fedcycle` command pip installed beside this Python
     out = subprocess.run([str(Path(sys.executable).parent / "fedcycle"), "simulate", "--flwr-home", str(home),
                           "--run-config", overrides], capture_output=True, text=True, timeout=300)
-    lines = out.stderr.strip().splitlines()
+    notes = [line for line in out.stderr.strip().splitlines() if line.startswith("note: ")]
+    lines = [line for line in out.stderr.strip().splitlines() if not line.startswith("note: ")]
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), out.stderr
+    # a key that moved still works through the launcher, with one line that says so
+    assert notes == (["note: run config key 'dataset' is 'image.dataset' now; fedcycle passes it on under that "
+                      "name (plain `flwr run` refuses the old one)"] if overrides.startswith("dataset=") else [])
     assert not home.exists()  # no SuperLink was started
 
 

@@ -14,7 +14,15 @@ from fedcycle import client_app
 from fedcycle.config import ConfigError, RunSettings
 from fedcycle.strategies import STRATEGIES, make_strategy, resolve_strategy
 from fedcycle.strategies.cyclical import CyclicalMixin
-from tests.fakes import SHAPES, Sites, arrays, context, preflight_query, reply, start_round
+from tests.fakes import (
+    SHAPES,
+    Sites,
+    arrays,
+    context,
+    preflight_query,
+    reply,
+    start_round,
+)
 
 
 @pytest.fixture
@@ -161,7 +169,7 @@ def test_round_schedule_and_epochs_reach_the_trainer_unchanged(task_identity, da
 
 
 def test_resnet18_integer_buffers_keep_their_dtype_across_a_round(task_identity, data_root):
-    run_config = {"data-root": data_root, "model": "resnet18", "train-subset": 8, "batch-size": 4, "local-epochs": 1}
+    run_config = {"data-root": data_root, "image.model": "resnet18", "train-subset": 8, "batch-size": 4, "local-epochs": 1}
     settings = RunSettings.from_run_config(run_config)
     from fedcycle.site import load_site
 

@@ -21,11 +21,11 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 from fedcycle.errors import ConfigError, TaskError
-from fedcycle_tools.launcher import LocalSimulation
 from fedcycle.results import load_model, read_metrics
 from fedcycle.schedules import LRSchedule
 from fedcycle.tasks import Task, load_task
 from fedcycle.trainer import TrainConfig, evaluate, train
+from fedcycle_tools.launcher import LocalSimulation
 
 CPU = torch.device("cpu")
 
@@ -214,7 +214,7 @@ def test_a_broken_task_is_one_line_naming_what_is_wrong(monkeypatch, how, messag
 
 
 def test_model_weights_come_from_a_local_safetensors_file_that_fits(tmp_path):
-    task = load_task({"dataset": "cifar10", "model": "torchvision:mobilenet_v3_small"})
+    task = load_task({"image.dataset": "cifar10", "image.model": "torchvision:mobilenet_v3_small"})
     model = task.build_model()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     weights = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -233,7 +233,7 @@ def test_image_augmentation_goes_through_the_dataloader_and_still_learns(data_ro
     from fedcycle.tasks.image.in_memory import DeviceBatches
 
     plain = load_task({"data-root": data_root, "train-subset": 600})
-    augmented = load_task({"data-root": data_root, "train-subset": 600, "augment": "crop,flip"})
+    augmented = load_task({"data-root": data_root, "train-subset": 600, "image.augment": "crop,flip"})
     node = {"partition-id": 0, "num-partitions": 4}
     assert isinstance(batches(plain.site_data(node)[0], 64, CPU, shuffle=True), DeviceBatches)
     train_data = augmented.site_data(node)[0]

@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
-from fedcycle_tools.launcher import free_port
 from fedcycle.tracking import Trackers, series
+from fedcycle_tools.launcher import free_port
 
 
 def line(server_round: int, accuracy: float, **extra) -> dict:

@@ -10,7 +10,15 @@ from fedcycle.config import RunSettings
 from fedcycle.schedules import LRSchedule
 from fedcycle.site import load_site
 from fedcycle.strategies import make_strategy
-from fedcycle.wire import EVENTS, SCREEN_EVENTS, EvaluateConfig, EvaluateReply, RoundConfig, SiteReport, TrainReply
+from fedcycle.wire import (
+    EVENTS,
+    SCREEN_EVENTS,
+    EvaluateConfig,
+    EvaluateReply,
+    RoundConfig,
+    SiteReport,
+    TrainReply,
+)
 
 STATISTICS = {"sum": [1.5, -2.0], "count": [3.0]}
 

@@ -133,6 +133,9 @@ class Task:
         self.primary_metric, self.direction = self._primary_metric()
         classes = getattr(self.impl, "classes", None)
         self.classes: list[str] | None = list(classes) if classes is not None else None
+        # what the task trains on, in a run folder's name: the task's `label` if it has one
+        # (the image task's dataset), else its name (a user's class name)
+        self.label = str(getattr(self.impl, "label", "") or spec.rpartition(":")[2])
 
     def _primary_metric(self) -> tuple[str, str]:
         value = getattr(self.impl, "primary_metric", ("accuracy", "max"))

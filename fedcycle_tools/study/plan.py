@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from fedcycle.config import current_keys
 from fedcycle.tasks import load_task
 
 METHODS = ("centralized-constant", "centralized-cyclical", "fedavg-constant", "fedavg-cyclical", "fedcycle")
@@ -232,8 +233,8 @@ def lr_run_config(run: PlannedRun, rounds: int) -> dict[str, Any]:
 
 def run_config_for(study: Study, run: PlannedRun, data_root: str) -> dict[str, Any]:
     config = {
-        "dataset": study.dataset,
-        "model": study.model,
+        "image.dataset": study.dataset,
+        "image.model": study.model,
         "partitioner": run.split.partitioner,
         "seed": run.seed,
         "local-epochs": run.local_epochs,
@@ -248,17 +249,9 @@ def run_config_for(study: Study, run: PlannedRun, data_root: str) -> dict[str, A
     return config
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f"'{value}'"
-    return repr(value)
-
-
 def model_bytes(study: Study) -> int:
 
-    model = load_task({"dataset": study.dataset, "model": study.model}).build_model()
+    model = load_task({"image.dataset": study.dataset, "image.model": study.model}).build_model()
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
@@ -269,7 +262,8 @@ VOLATILE_KEYS = ("results-dir", "run-name", "data-root", "tracking", "mlflow-tra
 def check_same_config(study: Study, run: PlannedRun, summary: dict, data_root: str) -> None:
     """Refuse to reuse a finished run that was made with another study file (budget, data, model)."""
     planned = {k: v for k, v in run_config_for(study, run, data_root).items() if k not in VOLATILE_KEYS}
-    saved = {k: v for k, v in summary.get("run_config", {}).items() if k not in VOLATILE_KEYS}
+    # a summary written before a key moved names it the old way
+    saved = {k: v for k, v in current_keys(summary.get("run_config", {})).items() if k not in VOLATILE_KEYS}
     if planned != saved:
         differ = sorted(k for k in planned.keys() | saved.keys() if planned.get(k) != saved.get(k))
         raise StudyError(

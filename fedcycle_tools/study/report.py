@@ -240,7 +240,7 @@ def _optimizer_note(runs: list[dict]) -> str:
 
 def _averaging_note(study: Study) -> str:
 
-    model = load_task({"dataset": study.dataset, "model": study.model}).build_model()
+    model = load_task({"image.dataset": study.dataset, "image.model": study.model}).build_model()
     batchnorm = ("it has BatchNorm, whose running statistics are averaged with the weights, not recomputed on "
                  "training data" if has_batchnorm(model) else "it has no BatchNorm, so the average needs no recomputed statistics")
     return ("Where the recipe averages cycle ends on the server, its accuracy is the averaged model's from the round "

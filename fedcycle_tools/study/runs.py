@@ -30,7 +30,7 @@ from fedcycle_tools.centralized import (
     primary_value,
     train_centralized,
 )
-from fedcycle_tools.launcher import LocalSimulation
+from fedcycle_tools.launcher import LocalSimulation, toml_value
 from fedcycle_tools.study.plan import (
     GRID_OF,
     PlannedRun,
@@ -42,7 +42,6 @@ from fedcycle_tools.study.plan import (
     missing_runs,
     model_bytes,
     run_config_for,
-    toml_value,
     tuning_plan,
 )
 

@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 from fedcycle.files import atomic_write
-from fedcycle_tools.launcher import LocalSimulation, exit_on_termination
 from fedcycle.results import read_metrics
+from fedcycle_tools.launcher import LocalSimulation, exit_on_termination
 
 SPLITS = {
     "iid": "partitioner='iid'",

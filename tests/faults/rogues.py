@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedcycle_tools.deploy.loopback import LoopbackDeployment
 from fedcycle.files import atomic_write
-from fedcycle_tools.launcher import exit_on_termination
 from fedcycle.results import read_metrics
+from fedcycle_tools.deploy.loopback import LoopbackDeployment
+from fedcycle_tools.launcher import exit_on_termination
 
 SCENARIOS = {
     "honest": ["", "", "", ""],

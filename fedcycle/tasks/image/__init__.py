@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fedcycle.config import SiteSettings
 from fedcycle.tasks.image.datasets import DATASETS, ImageData, site_split, test_split
 from fedcycle.tasks.partition import PARTITIONERS, check_partition
 from fedcycle.errors import ConfigError
 from fedcycle.tasks.image.in_memory import InMemoryImages
+from fedcycle.tasks.image.settings import ImageSettings
 from fedcycle.tasks.image.models import build_model, check_fits
 
 AUGMENTATIONS = ("crop", "flip")
@@ -27,15 +27,16 @@ class ImageClassification:
     primary_metric = ("accuracy", "max")
 
     def __init__(self, run_config: dict[str, Any]) -> None:
-        s = self.settings = SiteSettings.from_run_config(run_config)
+        s = self.settings = ImageSettings.from_run_config(run_config)
         if s.dataset not in DATASETS:
-            raise ConfigError(f"dataset={s.dataset!r} is unknown; choose one of {sorted(DATASETS)}")
+            raise ConfigError(f"image.dataset={s.dataset!r} is unknown; choose one of {sorted(DATASETS)}")
         if s.partitioner not in PARTITIONERS:
             raise ConfigError(f"partitioner={s.partitioner!r} is unknown; choose one of {sorted(PARTITIONERS)}")
         self.spec = DATASETS[s.dataset]
+        self.label = s.dataset
         builtin = self.spec.class_names
         if s.class_list and builtin and len(s.class_list) != len(builtin):
-            raise ConfigError(f"classes has {len(s.class_list)} names, but dataset={s.dataset!r} has {len(builtin)} classes")
+            raise ConfigError(f"classes has {len(s.class_list)} names, but image.dataset={s.dataset!r} has {len(builtin)} classes")
         if self.spec.site_local and len(s.class_list) < 2:
             raise ConfigError(
                 f"classes={s.classes!r}: the {s.dataset} dataset needs the class list, "
@@ -45,7 +46,7 @@ class ImageClassification:
         self.augment = [a.strip() for a in s.augment.split(",") if a.strip()]
         unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
         if unknown:
-            raise ConfigError(f"augment={s.augment!r}: unknown {unknown}; use a comma-separated list of {list(AUGMENTATIONS)}")
+            raise ConfigError(f"image.augment={s.augment!r}: unknown {unknown}; use a comma-separated list of {list(AUGMENTATIONS)}")
         self.shape = self.spec.shape(s)
         self.classes = list(self.spec.classes(s))
         check_fits(s.model, self.shape, len(self.classes))
@@ -79,16 +80,16 @@ class ImageClassification:
         return transforms.Compose(steps)
 
 
-def check_node_config(node_config: dict[str, Any], settings: SiteSettings) -> None:
+def check_node_config(node_config: dict[str, Any], settings: ImageSettings) -> None:
     """Raise ConfigError naming the node-config key that cannot work."""
     if node_config.get("data-dir"):
         return  # the folder itself is checked when it is read
     if DATASETS[settings.dataset].site_local:
-        raise ConfigError(f"data-dir is missing from the node config; dataset={settings.dataset!r} reads each site's own folder")
+        raise ConfigError(f"data-dir is missing from the node config; image.dataset={settings.dataset!r} reads each site's own folder")
     check_partition(node_config, "data-dir")
 
 
-def _check_partitioner_options(s: SiteSettings) -> None:
+def _check_partitioner_options(s: ImageSettings) -> None:
     options = s.partitioner_options
     alpha = options.get("alpha", 0.5)
     if s.partitioner in ("dirichlet", "quantity-skew") and not (

@@ -25,7 +25,7 @@ from fedcycle.tasks.image.sources import ImageData
 from fedcycle.tasks.partition import partition_indices, train_val_indices
 
 if TYPE_CHECKING:
-    from fedcycle.config import SiteSettings
+    from fedcycle.tasks.image.settings import ImageSettings
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class DatasetSpec:
     load: Callable[[str, Path], ImageData] | None  # (split, data root); None: only sites' own folders
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    image_shape: tuple[int, int, int] | None = None  # None: 3 channels of the run's image-size
+    image_shape: tuple[int, int, int] | None = None  # None: 3 channels of the run's image.image-size
     class_names: tuple[str, ...] = ()  # () : the run config's `classes` name them
 
     @property
@@ -45,10 +45,10 @@ class DatasetSpec:
         """Each site reads its own files, and the server has no test split."""
         return self.load is None
 
-    def shape(self, settings: "SiteSettings") -> tuple[int, int, int]:
+    def shape(self, settings: "ImageSettings") -> tuple[int, int, int]:
         return self.image_shape or (3, settings.image_size, settings.image_size)
 
-    def classes(self, settings: "SiteSettings") -> tuple[str, ...]:
+    def classes(self, settings: "ImageSettings") -> tuple[str, ...]:
         """The class names in label order: the run config's `classes` if given (they name a
         site's folders), else the dataset's own."""
         return tuple(settings.class_list) or self.class_names
@@ -71,7 +71,7 @@ def _registry() -> dict[str, DatasetSpec]:
 DATASETS: dict[str, DatasetSpec] = _registry()
 
 
-def data_root(settings: "SiteSettings", node_config: dict | None = None) -> Path:
+def data_root(settings: "ImageSettings", node_config: dict | None = None) -> Path:
     """Where decoded data lives: node config, then run config, then ~/.cache/fedcycle."""
     value = (node_config or {}).get("data-root") or settings.data_root
     return Path(value or os.path.expanduser("~/.cache/fedcycle")).resolve()
@@ -87,7 +87,7 @@ def _load_folder(data_dir: str, root: Path, shape: tuple[int, int, int], classes
     return sources.image_folder(data_dir, root, channels=shape[0], image_size=shape[1], classes=classes)
 
 
-def load(settings: "SiteSettings", split: str, node_config: dict | None = None) -> ImageData:
+def load(settings: "ImageSettings", split: str, node_config: dict | None = None) -> ImageData:
     """The whole `split` ('train' or 'test') of the run's dataset, memory-cached, labelled
     with the run's class names. A node config with `data-dir` means the site's own folder,
     read in the run's classes and image shape."""
@@ -99,7 +99,7 @@ def load(settings: "SiteSettings", split: str, node_config: dict | None = None) 
             raise ConfigError(f"a site's data-dir has no shared {split!r} split")
         return _load_folder(str(node_config["data-dir"]), root, spec.shape(settings), spec.classes(settings))
     if spec.site_local:
-        raise ConfigError(f"data-dir is not set in this node config; dataset={settings.dataset!r} reads each site's own folder")
+        raise ConfigError(f"data-dir is not set in this node config; image.dataset={settings.dataset!r} reads each site's own folder")
     data = _load_cached(settings.dataset, split, root)
     data = ImageData(data.images, data.labels, spec.classes(settings))
     if split == "train" and settings.train_pool:  # the same pool for every seed: a fixed draw
@@ -107,12 +107,12 @@ def load(settings: "SiteSettings", split: str, node_config: dict | None = None) 
     return data
 
 
-def _train_val(data: ImageData, settings: "SiteSettings", seed: int) -> tuple[ImageData, ImageData]:
+def _train_val(data: ImageData, settings: "ImageSettings", seed: int) -> tuple[ImageData, ImageData]:
     train, val = train_val_indices(len(data), settings, seed)
     return data.subset(train), data.subset(val)
 
 
-def site_split(settings: "SiteSettings", node_config: dict) -> tuple[ImageData, ImageData]:
+def site_split(settings: "ImageSettings", node_config: dict) -> tuple[ImageData, ImageData]:
     """This site's (train, validation) data, from its node config.
 
     A site with `data-dir` reads its own folder; otherwise `partition-id` of
@@ -125,7 +125,7 @@ def site_split(settings: "SiteSettings", node_config: dict) -> tuple[ImageData, 
     return full.subset(train), full.subset(val)
 
 
-def test_split(settings: "SiteSettings") -> ImageData | None:
+def test_split(settings: "ImageSettings") -> ImageData | None:
     """The shared test split (first `test-subset` of a seeded shuffle), or None if site-local."""
     if DATASETS[settings.dataset].site_local:
         return None

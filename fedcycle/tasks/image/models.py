@@ -69,11 +69,11 @@ def check_model_name(name: str) -> None:
     if name.startswith(TORCHVISION):
         if name[len(TORCHVISION):] not in torchvision_models():
             raise ConfigError(
-                f"model={name!r}: torchvision has no classification model {name[len(TORCHVISION):]!r}; "
+                f"image.model={name!r}: torchvision has no classification model {name[len(TORCHVISION):]!r}; "
                 f"choose one of torchvision.models.list_models(module=torchvision.models), e.g. 'torchvision:resnet50'"
             )
         return
-    raise ConfigError(f"model={name!r} is unknown; choose one of {sorted(MODELS)} or 'torchvision:<name>'")
+    raise ConfigError(f"image.model={name!r} is unknown; choose one of {sorted(MODELS)} or 'torchvision:<name>'")
 
 
 def check_fits(name: str, shape: tuple[int, int, int], num_classes: int) -> None:
@@ -81,23 +81,23 @@ def check_fits(name: str, shape: tuple[int, int, int], num_classes: int) -> None
     check_model_name(name)
     channels, height, width = shape
     if num_classes < 2:
-        raise ConfigError(f"model={name!r} needs at least 2 classes; the dataset has {num_classes}")
+        raise ConfigError(f"image.model={name!r} needs at least 2 classes; the dataset has {num_classes}")
     if name.startswith(TORCHVISION):
         if channels != 3:
             raise ConfigError(
-                f"model={name!r} takes 3-channel images; the dataset's have {channels} "
+                f"image.model={name!r} takes 3-channel images; the dataset's have {channels} "
                 "(use small-cnn or resnet18, which take any)"
             )
         return
     spec = MODELS[name]
     if height != width:
-        raise ConfigError(f"model={name!r} needs square images; the dataset's are {height}x{width}")
+        raise ConfigError(f"image.model={name!r} needs square images; the dataset's are {height}x{width}")
     if spec.image_sizes is not None and height not in spec.image_sizes:
         raise ConfigError(
-            f"model={name!r} takes images of size {list(spec.image_sizes)}; the dataset's are {height}x{width}"
+            f"image.model={name!r} takes images of size {list(spec.image_sizes)}; the dataset's are {height}x{width}"
         )
     if height < spec.min_size:
-        raise ConfigError(f"model={name!r} needs images of at least {spec.min_size}x{spec.min_size}; got {height}")
+        raise ConfigError(f"image.model={name!r} needs images of at least {spec.min_size}x{spec.min_size}; got {height}")
 
 
 def build_model(name: str, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
