@@ -76,8 +76,6 @@ def timed(fn: Callable[[], object], repeat: int) -> list[float]:
 
 
 def bench_aggregation(repeat: int) -> dict:
-
-
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     logging.getLogger("flwr").setLevel(logging.ERROR)
     state = {k: v.numpy() for k, v in build_model("resnet18", (3, 32, 32), 10).state_dict().items()}
@@ -130,7 +128,6 @@ def minimal_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 
 
 def bench_trainer(repeat: int) -> dict:
-
     task = Task("image-classification", {})  # cross-entropy and accuracy; the models are built here
     results = {}
     for name, shape, n, batch in (("small-cnn", (1, 28, 28), 4096, 64), ("resnet18", (3, 32, 32), 256, 64)):
@@ -173,7 +170,6 @@ print(t1 - t0, t2 - t1, t3 - t2)
 
 
 def bench_startup(repeat: int, data_root: str) -> dict:
-
     load(ImageSettings(data_root=data_root), "train")  # the .npy cache exists, as after a site's first round
     cold = []
     for _ in range(repeat):
@@ -213,7 +209,6 @@ class PlainImages(torch.utils.data.Dataset):
 def bench_loaders(repeat: int, data_root: str, samples: int = 8192, batch: int = 64) -> dict:
     """fedcycle's trainer on Fashion-MNIST through the in-memory fast path and through the
     DataLoader path (0 and 1 workers), and the minimal hand loop, on the same images."""
-
 
     cpu = torch.device("cpu")
     config = {"data-root": data_root}
@@ -436,7 +431,6 @@ def plain_rounds(rounds: int, sites: int, data_root: str) -> list[float]:
 
 
 def bench_round(rounds: int, data_root: str) -> dict:
-
     sites = 4
     with tempfile.TemporaryDirectory(prefix="fedcycle-bench-") as scratch:
         started = time.perf_counter()

@@ -46,7 +46,6 @@ def train_centralized(config: dict[str, Any], sites: int, epochs: int,
     metric on the test and validation data before training and after each epoch, and each
     epoch's seconds. `progress(epoch, test, validation)` is called after each epoch."""
 
-
     settings = RunSettings.from_run_config(config)
     task, train_data, val_data = pooled_site_data(config, sites)
     test = task.test_data()

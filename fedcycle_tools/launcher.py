@@ -344,7 +344,6 @@ def trusting(ca: Path) -> ssl.SSLContext:
 
 
 def cuda_devices() -> int:
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -356,8 +355,6 @@ def http_ok(url: str, ca: Path | None = None) -> bool:
 
 
 def print_results(outcome: RunOutcome) -> None:
-
-
     console = Console()
     if outcome.results_dir and (outcome.results_dir / "metrics.jsonl").exists():
         rounds = read_metrics(outcome.results_dir / "metrics.jsonl")
@@ -441,7 +438,6 @@ def check_run_config(overrides: str, task_path: str = "") -> None:
 def centralize(overrides: str, sites: int, epochs: int) -> Path:
     """The centralized baseline of a run config (fedcycle_tools.centralized), printed epoch by epoch
     and written to <results-dir>/<run-name>/centralized.json."""
-
 
     run_config = full_run_config(overrides)
     settings = RunSettings.from_run_config(run_config)

@@ -250,7 +250,6 @@ def run_config_for(study: Study, run: PlannedRun, data_root: str) -> dict[str, A
 
 
 def model_bytes(study: Study) -> int:
-
     model = load_task({"image.dataset": study.dataset, "image.model": study.model}).build_model()
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 

@@ -239,7 +239,6 @@ def _optimizer_note(runs: list[dict]) -> str:
 
 
 def _averaging_note(study: Study) -> str:
-
     model = load_task({"image.dataset": study.dataset, "image.model": study.model}).build_model()
     batchnorm = ("it has BatchNorm, whose running statistics are averaged with the weights, not recomputed on "
                  "training data" if has_batchnorm(model) else "it has no BatchNorm, so the average needs no recomputed statistics")
@@ -255,7 +254,6 @@ def _cumulative(values: list[float]):
 
 
 def write_report(study: Study, command: str) -> Path:
-
     out = study.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     done = load_done(out / "runs")

@@ -97,7 +97,6 @@ def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: P
 
 
 def accuracy_of(task, model, data, config: dict) -> float:
-
     return primary_value(task, model, data, config.get("batch-size", 64))
 
 
@@ -144,12 +143,10 @@ def log_missing_to_mlflow(study: Study, done: dict[str, dict]) -> None:
 
 
 def write_summary(path: Path, summary: dict) -> None:
-
     atomic_write(path, json.dumps(summary, indent=1).encode())
 
 
 def summarize(study: Study, run: PlannedRun, measured: dict, bytes_per_model: int) -> dict:
-
     val = [v for v in measured["val_accuracy"] if v is not None]
     accuracy, averaged = measured["accuracy"], {}
     if "swa_accuracy" in measured:
@@ -179,7 +176,6 @@ def summarize(study: Study, run: PlannedRun, measured: dict, bytes_per_model: in
 
 def run_study(study: Study, data_root: str = "", max_runs: int | None = None, log=print) -> int:
     """Run what is not done yet; return how many runs are still missing."""
-
 
     out = study.output_dir()
     runs_dir = out / "runs"
