@@ -26,8 +26,8 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedcycle import client_app as fedcycle
-from fedcycle.schedules import LRSchedule
 from fedcycle.strategies.cyclical import schedule_summary
+from fedcycle.wire import RoundConfig
 
 
 def build_app(app_dir: Path) -> Path:
@@ -89,10 +89,10 @@ def train(msg: Message, context: Context) -> Message:
         factor = float(argument)
         reply.content["arrays"] = each_float(arrays, lambda key, v: sent[key] - v.dtype.type(factor) * (v - sent[key]))
     elif kind == "lie":
-        n, batch, epochs = int(argument), int(config["batch-size"]), int(config["local-epochs"])
-        per_epoch = math.ceil(n / batch)
-        schedule = tuple(sorted(LRSchedule.from_config(dict(config)).to_config().items()))
-        first, peak, last = schedule_summary(schedule, per_epoch, epochs, server_round, int(config["epochs-before"]))
+        sent, n = RoundConfig.from_record(config), int(argument)
+        per_epoch, epochs = math.ceil(n / sent.batch_size), sent.local_epochs
+        schedule = tuple(sorted(sent.schedule.to_config().items()))
+        first, peak, last = schedule_summary(schedule, per_epoch, epochs, server_round, sent.epochs_before)
         metrics.update({"num-examples": n, "steps": per_epoch * epochs, "lr-first": first, "lr-peak": peak, "lr-last": last})
     elif kind == "replay":
         kept = Path(tempfile.gettempdir()) / f"fedcycle-replay-{msg.metadata.run_id}-{context.node_id}.npz"
