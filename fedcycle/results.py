@@ -134,7 +134,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def plot_metric(runs: dict[str, Iterable[dict]], out: Path, metric: str = "accuracy") -> Path:
     """`metric` (a key of each metrics.jsonl line) against the round, one line per run."""
-    import matplotlib
+    import matplotlib  # lazily: the server's plots; the Agg backend is chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,7 +19,6 @@ from typing import Any, Mapping
 
 import flwr
 import torch
-import torchvision
 
 from fedcycle.config import SiteSettings
 from fedcycle.errors import ConfigError
@@ -73,6 +72,8 @@ class Site:
 
     def report(self, batch_size: int) -> SiteReport:
         """What the server asks in the pre-flight round."""
+        import torchvision  # lazily: for its version only; a train or evaluate message needs none
+
         checked = self.checked(batch_size)
         classes = getattr(self.train, "classes", None)
         return SiteReport(

@@ -90,7 +90,7 @@ def events_text(line: Mapping[str, Any]) -> str:
 
 class TensorBoard:
     def __init__(self, run_dir: Path, run_config: Mapping[str, Any], first_round: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazily: the server's, and only if asked for
 
         self.run_config = dict(run_config)
         # a resumed run: steps from the first round it does again on are purged, not doubled
@@ -121,7 +121,7 @@ class MLflow:
                  run_id: str | None = None, artifact_location: str | None = None) -> None:
         for key, value in MLFLOW_ENV.items():
             os.environ.setdefault(key, value)
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazily: MLflow is the optional `mlflow` extra
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)

@@ -40,9 +40,8 @@ VOICE_SETS = {
 
 def tabular(out: Path, seed: int = 0) -> str:
     """The Wisconsin breast cancer set as CSV files (80% train, 20% test, seeded)."""
-    from sklearn.datasets import (
-        load_breast_cancer,  # lazily: scikit-learn is the optional `demo` extra
-    )
+    # lazily: scikit-learn is the optional `demo` extra
+    from sklearn.datasets import load_breast_cancer
 
     data = load_breast_cancer()
     order = np.random.default_rng(seed).permutation(len(data.target))

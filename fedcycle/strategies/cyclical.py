@@ -377,7 +377,7 @@ class CyclicalMixin:
     def state_arrays(self) -> dict[str, "torch.Tensor"]:
         """The wrapped strategy's array state (server optimizer moments, momentum), flat, for
         a checkpoint: every attribute that holds an ArrayRecord, or a dict or list of arrays."""
-        import torch
+        import torch  # lazily: the server's strategy needs torch only for a checkpoint
 
         out = {}
         for name in sorted(self.flower_attributes):

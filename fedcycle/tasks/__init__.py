@@ -322,7 +322,7 @@ def fingerprint(model: nn.Module) -> list[str]:
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Starting weights from a local safetensors file (never a hub, never a pickle)."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # lazily: model-weights only
     from safetensors.torch import load_file
 
     file = Path(path).expanduser()

@@ -178,7 +178,7 @@ def _jsonl_rows(path: Path):
 
 def _parquet_rows(path: Path):
     try:
-        import pyarrow as pa
+        import pyarrow as pa  # lazily: Parquet files only
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None

@@ -149,7 +149,7 @@ class TabularClassification:
     # -- metrics over the whole split -------------------------------------------------------
 
     def metric_collection(self):
-        from torchmetrics import MetricCollection
+        from torchmetrics import MetricCollection  # lazily: the tabular task's metrics only
         from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
         k = len(self.classes)

@@ -121,9 +121,7 @@ def log_missing_to_mlflow(study: Study, done: dict[str, dict]) -> None:
     (or after its store was deleted) would otherwise show only the runs made there."""
     if study.tracking != "mlflow" or not done:
         return
-    from mlflow.tracking import (
-        MlflowClient,  # lazily: MLflow is the optional `mlflow` extra
-    )
+    from mlflow.tracking import MlflowClient  # noqa: I001 - lazily: MLflow is the optional `mlflow` extra
 
 
     uri, artifacts = mlflow_store(study)

@@ -70,7 +70,7 @@ class ImageClassification:
     def _train_transform(self):
         if not self.augment:
             return None
-        from torchvision import transforms
+        from torchvision import transforms  # lazily: torchvision costs a ClientApp process seconds
 
         steps = []
         if "crop" in self.augment:

@@ -32,7 +32,7 @@ class SmallCNN(nn.Module):
 
 def resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first conv, no max-pool."""
-    from torchvision.models import resnet18 as tv_resnet18
+    from torchvision.models import resnet18 as tv_resnet18  # lazily: torchvision costs seconds to import
 
     model = tv_resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -55,7 +55,7 @@ def _npy_cache(folder: Path, split: str, build: Callable[[], ImageData]) -> Imag
 
 def fashion_mnist(split: str, root: Path, **_: object) -> ImageData:
     def build() -> ImageData:
-        from torchvision.datasets import FashionMNIST
+        from torchvision.datasets import FashionMNIST  # lazily: only to build the .npy cache
 
         raw = root / "FashionMNIST" / "raw"
         if DEBIAN_FASHION_MNIST.is_dir():
