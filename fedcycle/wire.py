@@ -20,7 +20,7 @@ evaluate reply).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
 from flwr.app import Message
@@ -249,9 +249,6 @@ class SiteReport:
         if "statistics" in record:
             values["statistics"] = _json_or_raw(record["statistics"])
         return cls(**values)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # What every report that says ok must hold.
