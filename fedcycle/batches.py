@@ -19,10 +19,11 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 def batches(data: Dataset, batch_size: int, device: torch.device, *, shuffle: bool,
-            generator: torch.Generator | None = None, num_workers: int = 0) -> Iterable:
+            generator: torch.Generator | None = None, num_workers: int = 0, plain: bool = False) -> Iterable:
     """Mini-batches of `data` for `device`: an iterable with `len()` (batches per pass), a new
-    order each pass when `shuffle` (drawn from `generator`)."""
-    own = getattr(data, "device_batches", None)
+    order each pass when `shuffle` (drawn from `generator`). `plain`: a DataLoader even where
+    the dataset has a fast path (DP-SGD samples its own batches from a DataLoader)."""
+    own = None if plain else getattr(data, "device_batches", None)
     fast = own(batch_size, device, generator if shuffle else None) if callable(own) else None
     if fast is not None:
         return fast

@@ -6,21 +6,56 @@
   says otherwise), train it with the round's schedule, reply with the weights;
 - evaluate: the loss and metrics of the received model on the held-out split (when
   `site-eval=evaluate-round`, or when the task has no test split).
+
+What an error sends to the server is what the site's policy allows (`SitePolicy.public_error`);
+the whole error stays in the site's own log.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcycle.errors import ConfigError, TaskError
-from fedcycle.site import Site, load_site
+from fedcycle.errors import ConfigError, PolicyRefusal, TaskError
+from fedcycle.policy import SitePolicy, load_policy
+from fedcycle.privacy import clip_update
+from fedcycle.site import Site, load_site, site_label
 from fedcycle.trainer import TrainConfig, evaluate, train
 from fedcycle.wire import EvaluateConfig, EvaluateReply, RoundConfig, SiteReport, TrainReply
 
 app = ClientApp()
+logger = logging.getLogger("fedcycle.site")
+
+
+class SiteFailed(RuntimeError):
+    """What the server learns of a site's error: the text its policy lets go."""
+
+
+def public_error(err: BaseException, node_config) -> str:
+    """The error's text as the site's policy lets it leave, the whole error logged at the site."""
+    logger.error("fedcycle site: %s: %s", type(err).__name__, err, exc_info=not isinstance(err, ConfigError))
+    try:
+        policy = load_policy(dict(node_config))
+    except ConfigError:
+        policy = SitePolicy.strict("the unreadable policy-file")
+    return policy.public_error(err)
+
+
+def policy_screened(handler):
+    """A handler whose errors reach the server as one line its policy allows, nothing chained."""
+
+    @functools.wraps(handler)
+    def screened(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:  # noqa: BLE001 - every error leaves only as its public text
+            raise SiteFailed(public_error(err, context.node_config)) from None
+
+    return screened
 
 
 @app.query()
@@ -28,8 +63,9 @@ def preflight(msg: Message, context: Context) -> Message:
     try:
         config = EvaluateConfig.from_record(msg.content["config"])
         report = load_site(context.run_config, context.node_config).report(config.batch_size)
-    except (ConfigError, ValueError, OSError) as err:
-        report = SiteReport(ok=False, error=str(err))
+    except Exception as err:  # noqa: BLE001 - a site that cannot take part says why, as its policy allows
+        report = SiteReport(ok=False, error=public_error(err, context.node_config),
+                            refused=isinstance(err, PolicyRefusal), site=site_label(context.node_config))
     return Message(RecordDict({"report": ConfigRecord(report.to_record())}), reply_to=msg)
 
 
@@ -57,13 +93,18 @@ def own_loop_metrics(site: Site, returned: dict[str, float], batch_size: int) ->
 
 
 @app.train()
+@policy_screened
 def train_round(msg: Message, context: Context) -> Message:
     entered = time.perf_counter()
     site = load_site(context.run_config, context.node_config)
     config = RoundConfig.from_record(msg.content["config"])
+    dp = site.settings.dp
+    if dp.enabled:  # refuses, before any step, a round past the policy's epsilon ceiling
+        spent, planned = site.privacy_budget(config.privacy_run, config.batch_size, config.local_epochs)
     site.task.use_statistics(config.task_statistics)
+    start = msg.content["arrays"].to_torch_state_dict()
     model = site.new_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(start)
     model.to(site.device)
     setup_seconds = time.perf_counter() - entered  # data, model, weights, device: before any step
 
@@ -86,9 +127,14 @@ def train_round(msg: Message, context: Context) -> Message:
             mixed_precision=config.mixed_precision,
             seed=site.seed(config.server_round),
             num_workers=site.num_workers,
+            dp=dp,
         ),
         site.device,
     )
+    spent_epsilon = None
+    if dp.enabled:
+        spent_epsilon = site.spend(spent, {**planned, "round": config.server_round, "sample-rate": result.sample_rate,
+                                           "steps": result.steps, "time": time.time()})
     reply = TrainReply(
         num_examples=result.num_examples,
         train_loss=result.loss,
@@ -101,14 +147,19 @@ def train_round(msg: Message, context: Context) -> Message:
         lr_peak=result.lr_peak,
         lr_last=result.lr_last,
         received=received,
+        epsilon=spent_epsilon,
     )
+    trained = {k: v.cpu() for k, v in model.state_dict().items()}
+    if dp.site_level:  # site-level DP: the update leaves clipped; the server adds the noise
+        trained = clip_update(trained, start, dp.site_clip_norm)
     return Message(
-        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(reply.to_record())}),
+        RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord(reply.to_record())}),
         reply_to=msg,
     )
 
 
 @app.evaluate()
+@policy_screened
 def evaluate_round(msg: Message, context: Context) -> Message:
     site = load_site(context.run_config, context.node_config)
     config = EvaluateConfig.from_record(msg.content["config"])

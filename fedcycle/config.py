@@ -29,9 +29,11 @@ from fedcycle.schedules import Envelope, LRSchedule, local_epochs_for_round
 from fedcycle.tracking import TRACKING
 
 SITE_EVAL_MODES = ("train-reply", "evaluate-round", "off")
+# The strategies whose aggregate is the mean of the sites' models: site-level DP noises that mean.
+SITE_DP_STRATEGIES = ("cyclical-fedavg", "fedavg", "fedprox")
 OPTIMIZERS = ("sgd", "adamw")
 
-__all__ = ["ConfigError", "RunSettings", "SiteSettings", "SITE_EVAL_MODES", "OPTIMIZERS", "RENAMED_KEYS"]
+__all__ = ["ConfigError", "DPSettings", "RunSettings", "SiteSettings", "SITE_EVAL_MODES", "OPTIMIZERS", "RENAMED_KEYS"]
 
 # A built-in task whose options table is not named after the task.
 TASK_TABLES = {"image-classification": "image"}
@@ -44,6 +46,50 @@ def current_keys(config: Mapping[str, Any]) -> dict[str, Any]:
     """`config` under today's key names (a run config, a checkpoint's identity, a study's
     summary written before a key moved)."""
     return {RENAMED_KEYS.get(key, key): value for key, value in config.items()}
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Differential privacy (`dp.*` keys; fedcycle.privacy).
+
+    Record-level, DP-SGD at every site with Opacus: per-sample gradients clipped to
+    `max-grad-norm`, Gaussian noise of `noise-multiplier` times that norm, Poisson sampling, and
+    Opacus's accountant at `delta`. `noise-multiplier = 0`: off.
+    Site-level: each site clips its whole update to `site-clip-norm` before sending it, and the
+    server adds Gaussian noise of `site-noise-multiplier` times that norm to the unweighted mean
+    of the updates. `site-clip-norm = 0`: off.
+    `fix-model`: let Opacus replace the layers neither can handle (BatchNorm by GroupNorm)."""
+
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    fix_model: bool = False
+    site_clip_norm: float = 0.0
+    site_noise_multiplier: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        """DP-SGD at the sites."""
+        return self.noise_multiplier > 0
+
+    @property
+    def site_level(self) -> bool:
+        return self.site_clip_norm > 0
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "DPSettings":
+        known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ConfigError(f"dp.{unknown[0]} is unknown; the dp table's keys are {['dp.' + k for k in known]}")
+        dp = cls(**{known[k]: coerce(f"dp.{k}", v, type(getattr(cls, known[k]))) for k, v in options.items()})
+        _at_least("dp.noise-multiplier", dp.noise_multiplier, 0)
+        positive("dp.max-grad-norm", dp.max_grad_norm)
+        _at_least("dp.site-clip-norm", dp.site_clip_norm, 0)
+        _at_least("dp.site-noise-multiplier", dp.site_noise_multiplier, 0)
+        if not 0 < dp.delta < 1:
+            raise ConfigError(f"dp.delta={dp.delta} must be in (0, 1); 1e-5 is usual, below 1 / (records at a site)")
+        return dp
 
 
 @dataclass(frozen=True)
@@ -85,6 +131,10 @@ class SiteSettings:
         return settings
 
     @property
+    def dp(self) -> DPSettings:
+        return DPSettings.from_options(self.options.get("dp", {}))
+
+    @property
     def partitioner_options(self) -> dict[str, Any]:
         return self.options.get(self.partitioner, {})
 
@@ -111,6 +161,7 @@ class SiteSettings:
         _at_least("test-subset", self.test_subset, 0)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val-fraction={self.val_fraction} must be in [0, 1)")
+        self.dp  # noqa: B018 - validates the dp.* keys
 
     def __hash__(self) -> int:  # the option tables are dicts; hash the whole settings by value
         return hash(json.dumps(asdict(self), sort_keys=True, default=str))
@@ -239,6 +290,13 @@ class RunSettings(SiteSettings):
                 "val-fraction=0 leaves the sites nothing to evaluate on, but site-eval='evaluate-round' needs it; "
                 "use a val-fraction above 0"
             )
+        if self.dp.site_level and self.strategy not in SITE_DP_STRATEGIES:
+            raise ConfigError(f"dp.site-clip-norm={self.dp.site_clip_norm}: site-level DP adds its noise to the mean of "
+                              f"the clipped updates, which strategy={self.strategy!r} does not take; use one of "
+                              f"{list(SITE_DP_STRATEGIES)}, or dp.site-clip-norm=0")
+        if self.dp.enabled and float(self.strategy_options.get("proximal-mu", 0.0)) > 0:
+            raise ConfigError(f"strategy={self.strategy!r} adds FedProx's proximal term, which DP-SGD's per-example "
+                              "clipping leaves out (dp.noise-multiplier > 0); choose another strategy or turn DP off")
         if self.local_epochs_max and self.local_epochs_max < self.local_epochs:
             raise ConfigError(
                 f"local-epochs-max={self.local_epochs_max} must be 0 (no cap) or at least local-epochs={self.local_epochs}"
@@ -251,7 +309,7 @@ class RunSettings(SiteSettings):
         """The settings under their run-config keys, with the options of the chosen partitioner,
         strategy and task as `name.option` (the other tables are not used)."""
         plain = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "options"}
-        for table in (self.partitioner, self.strategy, self.task_table):
+        for table in (self.partitioner, self.strategy, self.task_table, "dp"):
             plain.update({f"{table}.{k}": v for k, v in self.options.get(table, {}).items()})
         return plain
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -43,11 +43,13 @@ def wait_for_min_sites(grid: Grid, settings: RunSettings) -> list[int]:
 
 
 def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
-              needs_val: bool = False) -> dict[int, SiteReport]:
-    """Ask every connected site for its report; raise PreflightError unless all fit `expected`
-    (`model`: the server's fingerprint; `classes`, `metric-names`, `inputs`, `targets` where the
-    server knows them, else what most sites say). With `needs_val` (the sites' held-out data is
-    the only evaluation there is), a site without held-out data cannot take part."""
+              needs_val: bool = False) -> tuple[dict[int, SiteReport], dict[int, str]]:
+    """Ask every connected site for its report; return the reports of those that take part, and
+    {node: reason} for those whose policy refuses the run (they stay out; the run goes on while
+    `min-sites` of the others remain). Raise PreflightError unless every other site fits
+    `expected` (`model`: the server's fingerprint; `classes`, `metric-names`, `inputs`, `targets`
+    where the server knows them, else what most sites say). With `needs_val` (the sites'
+    held-out data is the only evaluation there is), a site without held-out data cannot take part."""
     nodes = wait_for_min_sites(grid, settings)
     messages = [
         Message(RecordDict({"config": ConfigRecord(EvaluateConfig(0, settings.batch_size).to_record())}),
@@ -55,7 +57,7 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
         for n in nodes
     ]
     replies, unreachable = superlink_errors(messages, grid.send_and_receive(messages, timeout=settings.round_timeout))
-    reports, problems = {}, []
+    reports, problems, refused = {}, [], {}
     answered = {}
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
@@ -67,8 +69,11 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
         except KeyError as missing:
             problems.append(f"node {node}: its pre-flight report lacks {missing.args[0]} (another fedcycle version?)")
             continue
+        if report.refused:
+            refused[node] = f"site {report.site or '?'} (node {node}) {report.error}"
+            continue
         if not report.ok:
-            problems.append(f"node {node}: {report.error}")
+            problems.append(f"node {node} ({report.site}): {report.error}" if report.site else f"node {node}: {report.error}")
             continue
         malformed = report_malformed(report)
         if malformed:
@@ -98,8 +103,13 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
     problems += [f"node {n}: " + unreachable.get(n, f"no pre-flight reply within round-timeout={settings.round_timeout}s")
                  for n in sorted(missing)]
     if problems:
-        raise PreflightError("pre-flight failed, no training started:\n  " + "\n  ".join(problems))
-    return reports
+        raise PreflightError("pre-flight failed, no training started:\n  " + "\n  ".join([*problems, *refused.values()]))
+    if refused and len(reports) < settings.min_sites:
+        raise PreflightError(f"pre-flight failed, no training started: {len(reports)} site(s) take part, fewer than "
+                             f"min-sites={settings.min_sites}, because:\n  " + "\n  ".join(refused.values()))
+    for reason in refused.values():
+        log(WARNING, "fedcycle: %s; the run goes on without it", reason)
+    return reports, refused
 
 
 def _field(report: SiteReport, key: str) -> Any:

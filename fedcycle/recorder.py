@@ -27,6 +27,7 @@ from fedcycle.averaging import CycleAverage, has_batchnorm
 from fedcycle.checkpoint import Checkpoint, check_identity, latest_checkpoint, save_checkpoint
 from fedcycle.config import RunSettings
 from fedcycle.errors import ConfigError
+from fedcycle.privacy import epsilon
 from fedcycle.results import RunResults
 from fedcycle.round_loop import RoundOutcome
 from fedcycle.tasks import Task
@@ -127,6 +128,12 @@ class RoundRecorder:
         }
         if self.swa is not None:
             line["swa"] = self._average(server_round, state)
+        dp = self.settings.dp
+        if dp.site_level and server_round and dp.site_noise_multiplier > 0:
+            # each round a Gaussian mechanism on the mean of the sites' clipped updates, no
+            # sampling amplification claimed: an upper bound for a site, at dp.delta
+            line["site_epsilon"] = epsilon([{"noise-multiplier": dp.site_noise_multiplier, "sample-rate": 1.0,
+                                             "steps": server_round}], dp.delta)
         self.last = now
         self.lines.append(line)
         improved = self.task.better(value, self.best)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 from logging import ERROR, INFO
 from typing import Any
 
@@ -88,7 +89,7 @@ def main(grid: Grid, context: Context) -> None:
     results.write_config(settings, dict(context.run_config), **extra)
 
     expected = {"model": fingerprint(model), "classes": task.classes, **{k: checked.get(k) for k in ("metric-names", "inputs", "targets")}}
-    reports = preflight(grid, settings, expected, needs_val=settings.evaluates_on_sites(test is not None))
+    reports, refused = preflight(grid, settings, expected, needs_val=settings.evaluates_on_sites(test is not None))
     statistics = summed_statistics(reports)
     task.use_statistics(statistics)
     strategy = make_strategy(settings, num_sites=len(reports), has_test_data=test is not None)
@@ -96,6 +97,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy.expect_metrics(next(iter(reports.values())).metric_names)
     strategy.declared_examples = {node: r.num_train for node, r in reports.items()}
     strategy.site_names = {node: r.site for node, r in reports.items()}
+    strategy.late_nodes.update(refused)  # their refusal is logged and kept in config.json; no event each round
+    strategy.privacy_run = str((extra.get("earlier_run_ids") or [context.run_id])[0])
     trackers = Trackers(settings, results.path, context.run_config, first_round=0 if ckpt is None else ckpt.round + 1)
     recorder = RoundRecorder(settings, task, test, results, trackers, strategy.metric_names)
     if ckpt is None:
@@ -108,8 +111,9 @@ def main(grid: Grid, context: Context) -> None:
         torch.set_rng_state(ckpt.torch_rng)
         extra["resumed_value"] = recorder.resume(ckpt)
         log(INFO, "fedcycle: the resumed model's %s, evaluated again: %s", task.primary_metric, extra["resumed_value"])
-    results.write_config(settings, dict(context.run_config), **extra,
-                         sites={node: report.to_record() for node, report in reports.items()})
+    # what each site reported, less its own sums: the server keeps only the sites' totals
+    results.write_config(settings, dict(context.run_config), **extra, refused_sites=refused,
+                         sites={node: replace(report, statistics=None).to_record() for node, report in reports.items()})
 
     try:
         for outcome in run_rounds(grid, strategy, settings, arrays, first_round):

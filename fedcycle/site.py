@@ -1,10 +1,11 @@
 """One data center as the ClientApp sees it: its settings (the run config's keys a site owns,
 `SiteSettings`), task, device and data, loaded once.
 
-Knows the node config (`device`, `num-workers`, `task-path`, and whatever the task reads:
-`partition-id`/`num-partitions`, or a site's own `data-dir` or `data-file`) but nothing of
-Flower's messages, so the pre-flight report and the trainer calls stay testable without a
-network.
+Knows the node config (`site-name`, `device`, `num-workers`, `task-path`, `policy-file`,
+`privacy-ledger`, and whatever the task reads: `partition-id`/`num-partitions`, or a site's
+own `data-dir` or `data-file`) but nothing of Flower's messages, so the pre-flight report and
+the trainer calls stay testable without a network. The site's policy (`fedcycle.policy`) is
+applied here, before the task's module is imported and after its data is read.
 """
 
 from __future__ import annotations
@@ -22,12 +23,25 @@ import torch
 
 from fedcycle.config import SiteSettings
 from fedcycle.errors import ConfigError
-from fedcycle.tasks import Task, fingerprint
+from fedcycle.policy import SitePolicy, load_policy
+from fedcycle.privacy import PrivacyLedger, epsilon
+from fedcycle.tasks import BUILTIN, Task, fingerprint
 from fedcycle.trainer import pick_device
 from fedcycle.wire import SiteReport
 
 # Node-config keys fedcycle itself reads; a task may read any other key of the node config.
-SITE_KEYS = ("device", "num-workers", "task-path")
+SITE_KEYS = ("site-name", "device", "num-workers", "task-path", "policy-file", "privacy-ledger")
+
+
+def site_label(node_config: Mapping[str, Any]) -> str:
+    """The name the server knows the site by: its `site-name`, its simulated partition, or the
+    base name of its data (never a path, never the rest of its node config)."""
+    if node_config.get("site-name"):
+        return str(node_config["site-name"])
+    if "partition-id" in node_config:
+        return f"partition {node_config['partition-id']}/{node_config.get('num-partitions', '?')}"
+    own = [f"{k}:{Path(str(node_config[k])).name}" for k in ("data-dir", "data-file") if node_config.get(k)]
+    return " ".join(own) or "site"
 
 
 @dataclass(frozen=True)
@@ -38,16 +52,12 @@ class Site:
     device: torch.device
     train: Any  # torch Datasets
     val: Any
+    policy: SitePolicy = SitePolicy()
     dry_runs: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def label(self) -> str:
-        own = [f"{k}:{self.node_config[k]}" for k in ("data-dir", "data-file") if k in self.node_config]
-        if own:
-            return " ".join(own)
-        if "partition-id" in self.node_config:
-            return f"partition {self.node_config['partition-id']}/{self.node_config.get('num-partitions', '?')}"
-        return " ".join(f"{k}={v}" for k, v in sorted(self.node_config.items()) if k not in SITE_KEYS) or "site"
+        return site_label(self.node_config)
 
     @property
     def num_workers(self) -> int:
@@ -94,6 +104,28 @@ class Site:
             statistics=self.task.statistics(self.train),
         )
 
+    # -- differential privacy: what the site has spent, checked before each round trains --------
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        return PrivacyLedger.for_site(self.node_config, self.settings.data_root, self.label)
+
+    def privacy_budget(self, run: str, batch_size: int, epochs: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The run's ledger entries so far and this round's planned entry; refuses (its policy's
+        `dp.max-epsilon`) a round whose training would take epsilon past the ceiling."""
+        dp = self.settings.dp
+        per_epoch = -(-len(self.train) // batch_size)
+        planned = {"run": run, "noise-multiplier": dp.noise_multiplier, "sample-rate": 1 / per_epoch,
+                   "steps": epochs * per_epoch}
+        spent = self.ledger.entries(run)
+        self.policy.check_budget(epsilon(spent, dp.delta), epsilon([*spent, planned], dp.delta))
+        return spent, planned
+
+    def spend(self, spent: list[dict[str, Any]], entry: dict[str, Any]) -> float:
+        """Write a trained round's entry to the ledger; the run's epsilon with it."""
+        self.ledger.add(entry)
+        return epsilon([*spent, entry], self.settings.dp.delta)
+
 
 @functools.lru_cache(maxsize=2)
 def _load_site(settings: SiteSettings, run_items: tuple, node_items: tuple) -> Site:
@@ -105,11 +137,17 @@ def _load_site(settings: SiteSettings, run_items: tuple, node_items: tuple) -> S
     workers = node_config.get("num-workers", 0)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"num-workers={workers!r} in the node config must be an integer of at least 0")
+    policy = load_policy(node_config)
+    policy.check_task(settings.task, BUILTIN)  # before its module is imported: an import runs code
+    policy.check_data_paths(dict(run_items), node_config)
+    policy.check_dp(settings.dp.noise_multiplier, settings.dp.delta)
     if node_config.get("task-path"):
         add_task_path(str(node_config["task-path"]))
     task = Task(settings.task, dict(run_items))
     train, val = task.site_data(node_config)
-    return Site(settings, node_config, task, device, train, val)
+    policy.check_records("train split", len(train))
+    policy.check_records("held-out split", len(val))
+    return Site(settings, node_config, task, device, train, val, policy)
 
 
 def add_task_path(folder: str) -> None:

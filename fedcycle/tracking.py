@@ -73,6 +73,7 @@ def series(line: Mapping[str, Any]) -> dict[str, float]:
         label = site_label(site)
         out.update({f"site/{label}/{k}": v for k, v in site.items() if k not in ("node_id", "site")})
     out.update({f"sites-evaluation/{k}": v for k, v in (line.get("sites_evaluation") or {}).items()})
+    out["privacy/site-epsilon"] = line.get("site_epsilon")  # site-level DP; DP-SGD's is each site's row
     out["round/seconds"] = line.get("seconds")
     out["round/left-out"] = sum(e.get("event") in SCREEN_EVENTS for e in line.get("events", []))
     return {k: float(v) for k, v in out.items()

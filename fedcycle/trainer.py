@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from fedcycle.batches import batch_size_of, batches, detach, to_device
-from fedcycle.config import RunSettings
+from fedcycle.config import DPSettings, RunSettings
 from fedcycle.errors import TaskError
+from fedcycle.privacy import private_training
 from fedcycle.schedules import LRSchedule
 from fedcycle.tasks import Task
 
@@ -41,6 +42,7 @@ class TrainConfig:
     mixed_precision: bool = RunSettings.mixed_precision  # bfloat16 autocast, CUDA only
     seed: int = 0
     num_workers: int = 0  # DataLoader workers (the in-memory fast path needs none)
+    dp: DPSettings = DPSettings()  # DP-SGD (fedcycle.privacy) when dp.noise-multiplier > 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class TrainResult:
     lr_peak: float
     lr_last: float
     lrs: list[float] = field(default_factory=list, repr=False)  # every optimizer step's learning rate
+    sample_rate: float | None = None  # DP-SGD's Poisson sampling rate (None: trained without DP)
 def pick_device(requested: str = "auto") -> torch.device:
     """`auto`: the first CUDA device if there is one, else the CPU. Refuses a missing GPU."""
     if requested in ("", "auto"):
@@ -109,27 +112,34 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    loader = batches(data, cfg.batch_size, device, shuffle=True,
-                     generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.num_workers)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = batches(data, cfg.batch_size, device, shuffle=True, generator=generator, num_workers=cfg.num_workers,
+                     plain=cfg.dp.enabled)
     spe = len(loader)
     optimizer = make_optimizer(cfg, model.parameters())
+    # under DP-SGD the loop gets Opacus's model, optimizer and loader; the schedule drives its optimizer
+    private = private_training(model, optimizer, loader, cfg.dp) if cfg.dp.enabled else None
+    step_with = private.optimizer if private else optimizer
     scheduler = cfg.schedule.build(
-        optimizer,
+        step_with,
         cfg.schedule.cycle_steps(spe, cfg.epochs),
         cfg.schedule.start_step(spe, cfg.epochs, cfg.server_round, cfg.epochs_before),
         steps_before=cfg.epochs_before * spe,
     )
     log = StepLog(optimizer, scheduler)
+    net, feed = (private.model, private.loader) if private else (model, loader)
     if task.own_train is not None:
         if cfg.proximal_mu > 0:
             raise TaskError(
                 f"task={task.name!r} brings its own train(), which cannot add FedProx's proximal term "
                 f"(proximal-mu={cfg.proximal_mu}); choose another strategy, or drop the task's train()"
             )
-        returned = task._call("train", task.own_train, model, loader, optimizer, scheduler, cfg.epochs, device)
+        returned = task._call("train", task.own_train, net, feed, step_with, scheduler, cfg.epochs, device)
         loss, metrics = _own_loop_result(task, returned)
     else:
-        loss, metrics = fit(task, model, loader, optimizer, scheduler, cfg, device, epoch_end)
+        loss, metrics = fit(task, net, feed, step_with, scheduler, cfg, device, epoch_end)
+    if private:
+        private.close()
     log.close(task)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -144,6 +154,7 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
         lr_peak=max(lrs) if lrs else float("nan"),
         lr_last=lrs[-1] if lrs else float("nan"),
         lrs=lrs,
+        sample_rate=private.sample_rate if private else None,
     )
 
 
@@ -171,6 +182,8 @@ def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
             optimizer.step()
             scheduler.step()
             n = batch_size_of(targets)
+            if not n:  # DP-SGD's Poisson sampling may draw an empty batch: a step of noise, nothing to count
+                continue
             with torch.no_grad():
                 loss_sum += loss.detach() * n
                 tracker.update(detach(outputs), targets)

@@ -61,6 +61,7 @@ class RoundConfig:
     evaluate_received: bool = True  # evaluate the received model on the held-out split first
     proximal_mu: float = 0.0  # FedProx's term, which Flower's FedProx adds to the config itself
     task_statistics: dict[str, list[float]] | None = None  # the sites' summed task statistics
+    privacy_run: str = ""  # the run a site's DP ledger files this round under (a resumed run keeps it)
 
     def to_record(self) -> dict[str, Any]:
         record = {
@@ -75,6 +76,7 @@ class RoundConfig:
             "mixed-precision": self.mixed_precision,
             "evaluate-received": self.evaluate_received,
             "proximal-mu": self.proximal_mu,
+            "privacy-run": self.privacy_run,
         }
         if self.task_statistics is not None:
             record["task-statistics"] = json.dumps(self.task_statistics)
@@ -95,6 +97,7 @@ class RoundConfig:
             evaluate_received=bool(record["evaluate-received"]),
             proximal_mu=float(record.get("proximal-mu", 0.0)),
             task_statistics=_statistics(record),
+            privacy_run=str(record.get("privacy-run", "")),
         )
 
 
@@ -137,6 +140,7 @@ class TrainReply:
     lr_peak: float
     lr_last: float
     received: "EvaluateReply | None" = None  # the received model on the held-out split
+    epsilon: float | None = None  # under DP-SGD: the epsilon the site has spent in this run so far
 
     SCALARS = ("num-examples", "train-loss", "train-seconds", "setup-seconds", "local-epochs", "steps",
                "lr-first", "lr-peak", "lr-last")
@@ -148,6 +152,8 @@ class TrainReply:
             "lr-first": self.lr_first, "lr-peak": self.lr_peak, "lr-last": self.lr_last,
             **{f"train-{k}": v for k, v in self.train_metrics.items()},
         }
+        if self.epsilon is not None:
+            record["epsilon"] = self.epsilon
         if self.received is not None:
             record.update({"received-loss": self.received.loss, "val-examples": self.received.num_examples,
                            **{f"received-{k}": v for k, v in self.received.metrics.items()}})
@@ -165,13 +171,15 @@ class TrainReply:
             train_metrics={n: record[f"train-{n}"] for n in names}, train_seconds=record["train-seconds"],
             setup_seconds=record["setup-seconds"], local_epochs=record["local-epochs"], steps=record["steps"],
             lr_first=record["lr-first"], lr_peak=record["lr-peak"], lr_last=record["lr-last"], received=received,
+            epsilon=record.get("epsilon"),
         )
 
     @staticmethod
-    def keys(metric_names: Iterable[str], evaluate_received: bool) -> frozenset[str]:
-        """Every key a train reply holds: what the server checks a reply against."""
+    def keys(metric_names: Iterable[str], evaluate_received: bool, private: bool = False) -> frozenset[str]:
+        """Every key a train reply holds: what the server checks a reply against (`private`:
+        the sites train with DP-SGD and report their epsilon)."""
         names = tuple(metric_names)
-        keys = set(TrainReply.SCALARS) | {f"train-{m}" for m in names}
+        keys = set(TrainReply.SCALARS) | {f"train-{m}" for m in names} | ({"epsilon"} if private else set())
         if evaluate_received:
             keys |= {"received-loss", "val-examples"} | {f"received-{m}" for m in names}
         return frozenset(keys)
@@ -204,6 +212,7 @@ class SiteReport:
 
     ok: bool = True
     error: str = ""
+    refused: bool = False  # the site's policy forbids the run: it stays out, the run may go on without it
     site: str = ""
     num_train: int = 0
     num_val: int = 0
@@ -221,11 +230,12 @@ class SiteReport:
     statistics: dict[str, list[float]] | None = None  # the task's sums over the site's train split
 
     def to_record(self) -> dict[str, Any]:
-        """The report's ConfigRecord values (a failed report holds `ok` and `error` only)."""
+        """The report's ConfigRecord values (a failed report holds `ok`, `error`, `refused` and
+        the site's name only)."""
         if not self.ok:
-            return {"ok": False, "error": self.error}
+            return {"ok": False, "error": self.error, "refused": self.refused, "site": self.site}
         record = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)
-                  if f.name not in ("error", "classes", "statistics")}
+                  if f.name not in ("error", "refused", "classes", "statistics")}
         if self.classes is not None:
             record["classes"] = list(self.classes)
         if self.statistics is not None:
@@ -237,7 +247,8 @@ class SiteReport:
         """The report, its values as sent (the pre-flight checks their kinds); KeyError names a
         key a site's report lacks (another fedcycle version)."""
         if not record.get("ok"):
-            return cls(ok=False, error=str(record.get("error", "")))
+            return cls(ok=False, error=str(record.get("error", "")), refused=bool(record.get("refused", False)),
+                       site=str(record.get("site", "")))
         missing = [k for k in REPORT_KEYS if k not in record]
         if missing:
             raise KeyError(missing)

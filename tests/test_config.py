@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from fedcycle.config import ConfigError, RunSettings, SiteSettings
+from fedcycle.config import DPSettings, ConfigError, RunSettings, SiteSettings
 from fedcycle.site import load_site
 from fedcycle.tasks import load_task
 from fedcycle.tasks.image import check_node_config
@@ -28,6 +28,7 @@ def test_defaults_are_valid_and_match_pyproject():
     settings = RunSettings.from_run_config(flat)
     # The dataclass defaults and pyproject.toml's declared defaults agree.
     assert settings == RunSettings(options=settings.options)
+    assert settings.dp == DPSettings()  # the dp table's too
     image = ImageSettings.from_run_config(flat)  # the image task's table, against its own defaults
     assert image == ImageSettings(options=image.options, **{f: getattr(settings, f) for f in ("seed", "data_root")})
 
@@ -42,7 +43,7 @@ def check_as_the_server_does(run_config: dict) -> None:
     "override, message",
     [
         ({"image.dataset": "mnist"}, "image.dataset='mnist' is unknown; choose one of ['cifar10', 'fashion-mnist', 'image-folder']"),
-        ({"image.model": "vgg"}, "image.model='vgg' is unknown; choose one of ['resnet18', 'small-cnn'] or 'torchvision:<name>'"),
+        ({"image.model": "vgg"}, "image.model='vgg' is unknown; choose one of ['resnet18', 'small-cnn', 'small-cnn-tanh'] or 'torchvision:<name>'"),
         ({"image.model": "torchvision:resnet5"}, "image.model='torchvision:resnet5': torchvision has no classification model 'resnet5'"),
         ({"image.model": "torchvision:resnet18"}, "image.model='torchvision:resnet18' takes 3-channel images; the dataset's have 1"),
         ({"image.augment": "crop,rotate"}, "image.augment='crop,rotate': unknown ['rotate']"),

@@ -21,7 +21,9 @@ from tests.fakes import AnsweringSites, context
 
 @pytest.fixture
 def run_config(data_root) -> dict:
-    return {"data-root": data_root, "train-subset": 64, "test-subset": 100, "batch-size": 16, "round-timeout": 30.0}
+    # val-fraction 0.2: 13 held-out records a site, at least the default policy's min-records=10
+    return {"data-root": data_root, "train-subset": 64, "val-fraction": 0.2, "test-subset": 100, "batch-size": 16,
+            "round-timeout": 30.0}
 
 
 def expected_by_the_server(run_config: dict, test_split: bool = True) -> dict:
@@ -52,8 +54,9 @@ def half(i: int) -> dict:
 
 
 def test_sites_that_fit_are_the_runs_with_what_they_reported(run_config, task_identity):
-    reports = preflight(sites({1: (run_config, half(0)), 2: (run_config, half(1))}),
-                        RunSettings.from_run_config(run_config), expected_by_the_server(run_config))
+    reports, refused = preflight(sites({1: (run_config, half(0)), 2: (run_config, half(1))}),
+                                 RunSettings.from_run_config(run_config), expected_by_the_server(run_config))
+    assert refused == {}
     assert sorted(reports) == [1, 2] and {r.site for r in reports.values()} == {"partition 0/2", "partition 1/2"}
     assert all(r.num_train == 64 for r in reports.values())
 
@@ -73,7 +76,8 @@ def test_without_a_test_split_a_site_without_held_out_data_cannot_take_part(run_
     no_val = {**run_config, "val-fraction": 0.0}  # its data has no held-out part
     configs = {1: (run_config, half(0)), 2: (no_val, half(1))}
     settings = RunSettings.from_run_config(run_config)
-    assert sorted(preflight(sites(configs), settings, expected_by_the_server(run_config))) == [1, 2]  # the server tests
+    reports, refused = preflight(sites(configs), settings, expected_by_the_server(run_config))
+    assert sorted(reports) == [1, 2] and refused == {}  # the server tests
     with pytest.raises(PreflightError, match=r"node 2 \(partition 1/2\): it holds no held-out data \(num-val=0\), "
                                              r"and the run has no test split"):
         preflight(sites(configs), settings, expected_by_the_server(run_config, test_split=False), needs_val=True)

@@ -24,7 +24,8 @@ from tests.fakes import AnsweringSites, context, preflight_query
 
 @pytest.fixture
 def run_config(data_root) -> dict:
-    return {"data-root": data_root, "train-subset": 64, "batch-size": 16}
+    # val-fraction 0.2: 13 held-out records a site, at least the default policy's min-records=10
+    return {"data-root": data_root, "train-subset": 64, "val-fraction": 0.2, "batch-size": 16}
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_a_bad_node_config_reaches_the_server_as_one_line_naming_the_site_and_ke
         preflight(grid, RunSettings.from_run_config(run_config), server_expects(run_config))
     lines = str(failed.value).splitlines()
     assert lines[0] == "pre-flight failed, no training started:"
-    assert lines[1:] == ["  node 2: num-workers=-1 in the node config must be an integer of at least 0"]
+    assert lines[1:] == ["  node 2 (partition 1/2): num-workers=-1 in the node config must be an integer of at least 0"]
 
 
 def server_expects(run_config: dict) -> dict:
@@ -103,8 +104,8 @@ def server_expects(run_config: dict) -> dict:
 def test_the_report_holds_what_the_preflight_needs(run_config, fresh_sites, task_identity):
     nodes = {3: {"partition-id": 0, "num-partitions": 2}, 4: {"partition-id": 1, "num-partitions": 2}}
     grid = AnsweringSites(nodes, lambda m: client_app.preflight(m, context(run_config, nodes[m.metadata.dst_node_id])))
-    reports = preflight(grid, RunSettings.from_run_config(run_config), server_expects(run_config))
-    assert sorted(reports) == [3, 4] and [m.metadata.message_type for m in grid.sent] == ["query", "query"]
+    reports, refused = preflight(grid, RunSettings.from_run_config(run_config), server_expects(run_config))
+    assert refused == {} and sorted(reports) == [3, 4] and [m.metadata.message_type for m in grid.sent] == ["query", "query"]
     for node, report in reports.items():
         loaded = load_site(run_config, nodes[node])
         assert report.site == f"partition {nodes[node]['partition-id']}/2"
@@ -123,8 +124,12 @@ def test_a_site_names_itself_and_seeds_each_round_its_own_way(run_config, fresh_
     assert a.seed(1) != a.seed(2) and a.seed(1) != b.seed(1)
     # the same in every process and on every machine (a CRC of the name, not Python's salted hash)
     assert (a.seed(1), a.seed(2)) == (412958113, 412959122)  # seed=42, 'partition 0/2'
+    # the rest of its node config never names it (it may hold what the site keeps to itself), nor does a path
     unnamed = site.Site(RunSettings(), {"device": "cpu", "hospital": "north"}, a.task, a.device, a.train, a.val)
-    assert unnamed.label == "hospital=north"
+    assert unnamed.label == "site"
+    assert site.site_label({"site-name": "north", "partition-id": 0, "data-file": "/srv/n.csv"}) == "north"
+    assert site.site_label({"data-file": "/srv/clinic/north.csv", "hospital": "north"}) == "data-file:north.csv"
+    assert site.site_label({"data-dir": "/srv/clinic/images/"}) == "data-dir:images"
 
 
 def test_a_task_path_puts_a_sites_own_task_module_on_the_path(tmp_path, fresh_sites, monkeypatch, task_identity):

@@ -169,7 +169,8 @@ def test_round_schedule_and_epochs_reach_the_trainer_unchanged(task_identity, da
 
 
 def test_resnet18_integer_buffers_keep_their_dtype_across_a_round(task_identity, data_root):
-    run_config = {"data-root": data_root, "image.model": "resnet18", "train-subset": 8, "batch-size": 4, "local-epochs": 1}
+    run_config = {"data-root": data_root, "image.model": "resnet18", "train-subset": 12, "val-fraction": 0.0, "batch-size": 6,
+                  "local-epochs": 1}
     settings = RunSettings.from_run_config(run_config)
     from fedcycle.site import load_site
 

@@ -63,8 +63,15 @@ def test_a_site_report_round_trips_and_a_failed_one_carries_only_its_error():
                         flwr="1.42.0", classes=["a", "b"], statistics=STATISTICS)
     assert SiteReport.from_record(ConfigRecord(report.to_record())) == report
     failed = SiteReport(ok=False, error="data-file='/srv/x.csv' does not exist")
-    assert failed.to_record() == {"ok": False, "error": "data-file='/srv/x.csv' does not exist"}
+    assert failed.to_record() == {"ok": False, "error": "data-file='/srv/x.csv' does not exist", "refused": False,
+                                  "site": ""}
     assert SiteReport.from_record(ConfigRecord(failed.to_record())) == failed
+    refused = SiteReport(ok=False, error="its policy refuses the run (min-records): ...", refused=True, site="clinic-a")
+    assert refused.to_record() == {"ok": False, "error": "its policy refuses the run (min-records): ...", "refused": True,
+                                   "site": "clinic-a"}
+    assert SiteReport.from_record(ConfigRecord(refused.to_record())) == refused
+    # a report from a fedcycle without site policies (no `refused`, no `site`) reads as an ordinary failure
+    assert SiteReport.from_record({"ok": False, "error": "x"}) == SiteReport(ok=False, error="x")
     with pytest.raises(KeyError):
         SiteReport.from_record({"ok": True, "site": "s"})
 
@@ -72,7 +79,7 @@ def test_a_site_report_round_trips_and_a_failed_one_carries_only_its_error():
 def test_the_strategy_sends_what_a_site_reads_and_expects_the_keys_a_site_replies(data_root):
     """The real strategy's round config as it travels, and its expected reply keys for the real
     site's metric names (tests/test_strategy.py passes the real ClientApp's replies through it)."""
-    run_config = {"data-root": data_root, "train-subset": 64, "batch-size": 16, "lr-envelope": "exponential",
+    run_config = {"data-root": data_root, "train-subset": 64, "val-fraction": 0.2, "batch-size": 16, "lr-envelope": "exponential",
                   "lr-decay": 0.5, "mixed-precision": True}
     settings = RunSettings.from_run_config(run_config)
     strategy = make_strategy(settings, num_sites=2)

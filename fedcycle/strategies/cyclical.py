@@ -27,6 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedcycle.config import RunSettings
 from fedcycle.schedules import LRSchedule
 from fedcycle.strategies import peers
+from fedcycle.privacy import site_noise
 from fedcycle.wire import EvaluateConfig, EvaluateReply, RoundConfig, TrainReply
 
 if TYPE_CHECKING:
@@ -66,12 +67,13 @@ class CyclicalMixin:
         self.global_floats: dict[str, np.ndarray] = {}  # its float arrays, to measure updates against
         self.global_norm = 0.0
         self.task_statistics: dict[str, list[float]] | None = None  # the sites' summed task statistics
+        self.privacy_run = ""  # the run's first id: what the sites' DP ledgers file its rounds under
         self.evaluates_on_sites = False  # set by make_strategy: whether each round ends with an evaluate message
 
     def expect_metrics(self, names: Iterable[str]) -> None:
         """The task's metric names (agreed in the pre-flight round): what every reply must hold."""
         self.metric_names = list(names)
-        self.expected_metrics = TrainReply.keys(self.metric_names, self.evaluates_received)
+        self.expected_metrics = TrainReply.keys(self.metric_names, self.evaluates_received, self.settings.dp.enabled)
         self.expected_evaluate = EvaluateReply.keys(self.metric_names)
 
     @property
@@ -94,6 +96,7 @@ class CyclicalMixin:
             mixed_precision=s.mixed_precision,
             evaluate_received=self.evaluates_received,
             task_statistics=self.task_statistics,
+            privacy_run=self.privacy_run,
         )
 
     def round_train_config(self, server_round: int) -> dict[str, Any]:
@@ -108,7 +111,7 @@ class CyclicalMixin:
         config = ConfigRecord({**dict(config), **self.round_train_config(server_round)})
         messages = self.preflighted(server_round, super().configure_train(server_round, arrays, config, grid))
         # what the round's line in metrics.jsonl shows: as sent, FedProx's proximal-mu included,
-        # less the task's statistics (config.json holds each site's)
+        # less the task's statistics (the sites' totals, which config.json does not keep either)
         self.sent_config[server_round] = {k: v for k, v in config.items() if k != "task-statistics"}
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
@@ -181,9 +184,17 @@ class CyclicalMixin:
         label = {id(m): str(self.site_names.get(m.metadata.src_node_id, "")) for m in accepted}
         tied = len(set(label.values())) < len(accepted)
         accepted = sorted(accepted, key=lambda m: (label[id(m)], peers.digest(m.content["arrays"]) if tied else ""))
+        dp = self.settings.dp
+        if dp.site_level:  # the unweighted mean: each site's clipped update moves it by at most clip / n
+            for m in accepted:
+                m.content["metrics"]["num-examples"] = 1
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.global_arrays is not None:
             arrays = keep_dtypes(arrays, self.global_arrays, counters)
+        if arrays is not None and dp.site_level and dp.site_noise_multiplier > 0:
+            std = dp.site_noise_multiplier * dp.site_clip_norm / len(accepted)
+            arrays = ArrayRecord({k: Array((_values(a) + site_noise(a.shape, std)).astype(a.dtype))
+                                  if k in self.global_floats else a for k, a in arrays.items()})
         self.aggregate_seconds[server_round] = time.perf_counter() - started
         return arrays, metrics
 
@@ -223,6 +234,9 @@ class CyclicalMixin:
                         f"its change to the global model has {ratio:.3g} times the model's norm, "
                         f"above max-update-ratio={bound}"
                     )
+                elif self.settings.dp.site_level and norm > self.settings.dp.site_clip_norm * (1 + 1e-5):
+                    problem = (f"its update's norm {norm:.4g} is above dp.site-clip-norm={self.settings.dp.site_clip_norm}: "
+                               "a site that does not clip its update")
             if problem:
                 self._record(server_round, msg.metadata.src_node_id, "rejected", problem)
             else:

@@ -37,6 +37,7 @@ from torch import nn
 from fedcycle.batches import batch_size_of, batches, describe, map_tensors, to_device
 from fedcycle.config import SiteSettings
 from fedcycle.errors import ConfigError, TaskError
+from fedcycle.privacy import check_model, fixed_model
 
 # Built-in tasks by short name. Adding one is writing its class and one line here.
 BUILTIN = {
@@ -49,7 +50,7 @@ DIRECTIONS = ("max", "min")
 # Metric names that would collide with a metrics.jsonl line's keys or a reply's own keys.
 RESERVED_METRIC_NAMES = frozenset({
     "round", "primary_metric", "metrics", "metrics_source", "loss", "seconds", "elapsed", "train_config",
-    "sites_evaluation", "timing", "sites", "events", "failed", "num-examples",
+    "sites_evaluation", "timing", "sites", "events", "failed", "num-examples", "epsilon",
 })
 
 
@@ -125,6 +126,7 @@ class Task:
 
     def __init__(self, spec: str, run_config: Mapping[str, Any]) -> None:
         self.name = spec
+        self.dp = SiteSettings.from_run_config(run_config).dp
         self.impl = self._call("__init__", resolve(spec), dict(run_config))
         self.loss: Callable = getattr(self.impl, "loss", None) or cross_entropy
         self.metrics: Callable = getattr(self.impl, "metrics", None) or accuracy
@@ -154,7 +156,8 @@ class Task:
         except ConfigError:
             raise
         except Exception as err:
-            raise TaskError(f"task={self.name!r}: {method}() raised {type(err).__name__}: {err}") from err
+            raise TaskError(f"task={self.name!r}: {method}() raised {type(err).__name__}: {err}",
+                            without_values=f"task={self.name!r}: {method}() raised {type(err).__name__}") from err
 
     def better(self, value: float, best: float | None) -> bool:
         """Whether `value` of the primary metric beats `best` (None: nothing yet)."""
@@ -194,6 +197,14 @@ class Task:
         model = self._call("build_model", self.impl.build_model)
         if not isinstance(model, nn.Module):
             raise TaskError(f"task={self.name!r}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
+        if self.dp.enabled or self.dp.site_level:  # the server and every site build the same model: fixed, or refused, alike
+            if self.dp.fix_model:
+                model = fixed_model(model)
+            check_model(model, self.name)
+        if self.dp.enabled:  # an in-place activation breaks Opacus's per-example gradients; the values are the same
+            for module in model.modules():
+                if getattr(module, "inplace", False) is True:
+                    module.inplace = False
         return model
 
     def site_data(self, node_config: Mapping[str, Any]):
@@ -203,7 +214,7 @@ class Task:
         for role, dataset in zip(("train", "validation"), data):
             _check_dataset(self.name, f"site_data()'s {role} set", dataset)
         if len(data[0]) == 0:
-            raise TaskError(f"task={self.name!r}: site_data() gave this site an empty train set (node config {dict(node_config)})")
+            raise TaskError(f"task={self.name!r}: site_data() gave this site an empty train set")
         return data[0], data[1]
 
     def test_data(self):

@@ -85,19 +85,20 @@ def read_clips(folder: str, classes: tuple[str, ...], fmt: AudioFormat, must_hav
     every class."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"{folder!r} is not a folder (one subfolder of WAV files per class)")
+        raise ConfigError(f"{folder!r} is not a folder (one subfolder of WAV files per class)",
+                          without_values=f"{root.name!r} is not a folder (one subfolder of WAV files per class)")
     features, labels = [], []
     filterbank = mel_filterbank(fmt.sample_rate, _window(fmt), fmt.mels)
     for label, name in enumerate(classes):
         files = sorted(f for f in (root / name).iterdir() if f.suffix.lower() == ".wav") if (root / name).is_dir() else []
         if not files and must_have_every_class:
-            raise RecordError(f"{root}: no WAV files of class {name!r} (expected {root / name}/*.wav); "
+            raise RecordError(f"{root.name}: no WAV files of class {name!r} (expected {root.name}/{name}/*.wav); "
                               f"every site's folder holds every class of {list(classes)}")
         for file in files:
             features.append(log_mel(read_wav(file, fmt), fmt, filterbank))
             labels.append(label)
     if not labels:
-        raise RecordError(f"{root}: no WAV files in its class folders {list(classes)}")
+        raise RecordError(f"{root.name}: no WAV files in its class folders {list(classes)}")
     return Examples(np.stack(features)[:, None], np.asarray(labels, dtype=np.int64))
 
 
@@ -107,12 +108,12 @@ def read_wav(path: Path, fmt: AudioFormat) -> torch.Tensor:
         with wave.open(str(path), "rb") as w:
             rate, channels, width, frames = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.readframes(w.getnframes())
     except (wave.Error, EOFError, OSError) as err:
-        raise RecordError(f"{path}: not a readable PCM WAV file ({err})") from None
+        raise RecordError(f"{path.name}: not a readable PCM WAV file ({err})") from None
     if (rate != fmt.sample_rate or channels != fmt.channels) and not fmt.resample:
-        raise RecordError(f"{path}: {rate} Hz with {channels} channel(s), but the run reads {fmt.sample_rate} Hz with "
+        raise RecordError(f"{path.name}: {rate} Hz with {channels} channel(s), but the run reads {fmt.sample_rate} Hz with "
                           f"{fmt.channels} (set audio.resample = true to convert)")
     if len(frames) == 0 or len(frames) % (width * channels):
-        raise RecordError(f"{path}: {len(frames)} bytes of samples, not a whole number of {channels}-channel "
+        raise RecordError(f"{path.name}: {len(frames)} bytes of samples, not a whole number of {channels}-channel "
                           f"{8 * width}-bit frames (an empty or truncated file)")
     if width == 1:  # 8-bit WAV is unsigned
         samples = (np.frombuffer(frames, dtype=np.uint8).astype(np.float32) - 128) / 128
@@ -120,7 +121,7 @@ def read_wav(path: Path, fmt: AudioFormat) -> torch.Tensor:
         kind = np.int16 if width == 2 else np.int32
         samples = np.frombuffer(frames, dtype=kind).astype(np.float32) / float(np.iinfo(kind).max)
     else:
-        raise RecordError(f"{path}: {8 * width}-bit samples; fedcycle reads 8-, 16- and 32-bit PCM")
+        raise RecordError(f"{path.name}: {8 * width}-bit samples; fedcycle reads 8-, 16- and 32-bit PCM")
     audio = torch.from_numpy(samples.reshape(-1, channels).mean(1))
     if rate != fmt.sample_rate:
         audio = resample(audio, rate, fmt.sample_rate)

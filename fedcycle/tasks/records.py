@@ -29,7 +29,8 @@ from fedcycle.errors import ConfigError
 
 
 class RecordError(ConfigError):
-    """A record that cannot be read: the message names the file, the line (or row) and the column."""
+    """A record that cannot be read: the message names the file's base name, the line (or row)
+    and the column, and `without_values` the same without the cell's value."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def class_names(settings: SiteSettings, what: str) -> list[str]:
 def existing_file(path: str, what: str) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"{what} {path!r}: no such file (data-file in the node config, or the run config's file keys)")
+        raise ConfigError(f"{what} {file.name!r}: no such file (data-file in the node config, or the run config's file keys)")
     return file
 
 
@@ -114,15 +115,15 @@ def rows(path: Path) -> tuple[list[str], Iterator[tuple[str, dict[str, Any]]]]:
     suffix = path.suffix.lower()
     readers = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}
     if suffix not in readers:
-        raise ConfigError(f"{path}: unknown file type {suffix!r}; use .csv, .jsonl or .parquet")
+        raise ConfigError(f"{path.name}: unknown file type {suffix!r}; use .csv, .jsonl or .parquet")
     try:
         header, records = readers[suffix](path)
     except UnicodeDecodeError as err:
-        raise RecordError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        raise RecordError(f"{path.name}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     names = [h for h in header if h]
     duplicated = sorted({h for h in names if names.count(h) > 1})
     if len(names) != len(header) or duplicated:
-        raise RecordError(f"{path}: every column needs a name of its own (columns {header}); an unnamed first "
+        raise RecordError(f"{path.name}: every column needs a name of its own (columns {header}); an unnamed first "
                           "column is often a row index written with the data")
     return header, records
 
@@ -134,9 +135,9 @@ def _csv_rows(path: Path):
     try:
         header = next(reader, None)
     except csv.Error as err:
-        raise RecordError(f"{path}, line 1: {err}") from None
+        raise RecordError(f"{path.name}, line 1: {err}") from None
     if not header:
-        raise RecordError(f"{path}: the file is empty; its first line must name the columns")
+        raise RecordError(f"{path.name}: the file is empty; its first line must name the columns")
     header = [h.strip() for h in header]
 
     def records():
@@ -144,12 +145,12 @@ def _csv_rows(path: Path):
             try:
                 values = next(reader, None)
             except csv.Error as err:
-                raise RecordError(f"{path}, line {reader.line_num}: {err}") from None
+                raise RecordError(f"{path.name}, line {reader.line_num}: {err}") from None
             if values is None:
                 return
             if not values:
                 continue
-            where = f"{path}, line {reader.line_num}"
+            where = f"{path.name}, line {reader.line_num}"
             if len(values) != len(header):
                 raise RecordError(f"{where}: {len(values)} values, but the header names {len(header)} columns")
             yield where, dict(zip(header, values))
@@ -163,7 +164,7 @@ def _jsonl_rows(path: Path):
     for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):
         if not line.strip():
             continue
-        where = f"{path}, line {number}"
+        where = f"{path.name}, line {number}"
         try:
             record = json.loads(line)
         except ValueError as err:
@@ -172,7 +173,7 @@ def _jsonl_rows(path: Path):
             raise RecordError(f"{where}: a {type(record).__name__}, not a JSON object")
         parsed.append((where, record))
     if not parsed:
-        raise RecordError(f"{path}: the file holds no records")
+        raise RecordError(f"{path.name}: the file holds no records")
     return list(parsed[0][1]), iter(parsed)
 
 
@@ -181,25 +182,26 @@ def _parquet_rows(path: Path):
         import pyarrow as pa  # lazily: Parquet files only
         import pyarrow.parquet as pq
     except ImportError:
-        raise ConfigError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        raise ConfigError(f"{path.name}: reading Parquet needs pyarrow (pip install pyarrow)") from None
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
-        raise RecordError(f"{path}: not a readable Parquet file ({err})") from None
+        raise RecordError(f"{path.name}: not a readable Parquet file ({err})") from None
     # pandas keeps its row index as a column of its own: not data
     names = [n for n in table.column_names if not n.startswith("__index_level_")]
     table = table.select(names)
-    return names, ((f"{path}, row {i + 1}", r) for i, r in enumerate(table.to_pylist()))
+    return names, ((f"{path.name}, row {i + 1}", r) for i, r in enumerate(table.to_pylist()))
 
 
 def check_columns(path: Path, header: list[str], needed: list[str], key: str) -> None:
     missing = [c for c in needed if c not in header]
     if missing:
-        raise RecordError(f"{path}: no column {', '.join(map(repr, missing))} ({key}); its columns are {header}")
+        raise RecordError(f"{path.name}: no column {', '.join(map(repr, missing))} ({key}); its columns are {header}")
 
 
 def label_index(where: str, value: Any, classes: list[str], column: str) -> int:
     label = "" if value is None else str(value).strip()
     if label not in classes:
-        raise RecordError(f"{where}, column {column!r}: label {label!r} is not one of the run's classes {classes}")
+        raise RecordError(f"{where}, column {column!r}: label {label!r} is not one of the run's classes {classes}",
+                          without_values=f"{where}, column {column!r}: a label not among the run's classes")
     return classes.index(label)

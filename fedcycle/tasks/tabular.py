@@ -192,12 +192,13 @@ def read_table(path: Path, label_column: str, features: tuple[str, ...], categor
             value = "" if record.get(column) is None else str(record[column]).strip()
             if value not in allowed:
                 raise RecordError(f"{where}, column {column!r}: category {value!r} is not in tabular.categorical's "
-                                  f"list {list(allowed)}")
+                                  f"list {list(allowed)}",
+                                  without_values=f"{where}, column {column!r}: a category not in tabular.categorical's list")
             row += [1.0 if value == a else 0.0 for a in allowed]
         onehot.append(row)
         labels.append(label_index(where, record.get(label_column), list(classes), label_column))
     if not labels:
-        raise RecordError(f"{path}: the file holds no rows")
+        raise RecordError(f"{path.name}: the file holds no rows")
     return Table(np.asarray(numeric, dtype=np.float64).reshape(len(labels), len(features)),
                  np.asarray(onehot, dtype=np.float32).reshape(len(labels), -1), np.asarray(labels, dtype=np.int64))
 
@@ -208,9 +209,11 @@ def _number(where: str, column: str, value: Any) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise RecordError(f"{where}, column {column!r}: {value!r} is not a number") from None
+        raise RecordError(f"{where}, column {column!r}: {value!r} is not a number",
+                          without_values=f"{where}, column {column!r}: not a number") from None
     if not math.isfinite(number):
-        raise RecordError(f"{where}, column {column!r}: {value!r} is not a finite number")
+        raise RecordError(f"{where}, column {column!r}: {value!r} is not a finite number",
+                          without_values=f"{where}, column {column!r}: not a finite number")
     return number
 
 

@@ -124,5 +124,5 @@ def read_documents(path: Path, text_column: str, label_column: str, max_length: 
         tokens.append(encode(text, max_length))
         labels.append(label_index(where, record.get(label_column), list(classes), label_column))
     if not labels:
-        raise RecordError(f"{path}: the file holds no documents")
+        raise RecordError(f"{path.name}: the file holds no documents")
     return Examples(np.stack(tokens), np.asarray(labels, dtype=np.int64))

@@ -4,6 +4,7 @@ without weights: starting weights come from a local file (`model-weights`), neve
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,17 +14,23 @@ from fedcycle.errors import ConfigError
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks and two dense layers: fast on a CPU, about 91% on Fashion-MNIST."""
+    """Two conv blocks and two dense layers: fast on a CPU, about 91% on Fashion-MNIST. With
+    `tanh` its activations are bounded, which DP-SGD's clipped gradients favour (Papernot et al.,
+    "Tempered Sigmoid Activations for Deep Learning with Differential Privacy")."""
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, tanh: bool = False) -> None:
         super().__init__()
+
+        def act() -> nn.Module:
+            return nn.Tanh() if tanh else nn.ReLU(inplace=True)
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 32, 3, padding=1), act(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), act(), nn.MaxPool2d(2),
         )
         side = image_size // 4
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes)
+            nn.Flatten(), nn.Linear(64 * side * side, 128), act(), nn.Linear(128, num_classes)
         )
 
     def forward(self, x):  # noqa: D102
@@ -49,6 +56,7 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "small-cnn": ModelSpec(SmallCNN, image_sizes=(28, 32)),
+    "small-cnn-tanh": ModelSpec(functools.partial(SmallCNN, tanh=True), image_sizes=(28, 32)),
     "resnet18": ModelSpec(resnet18, image_sizes=None, min_size=16),
 }
 

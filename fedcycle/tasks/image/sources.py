@@ -96,15 +96,17 @@ def image_folder(data_dir: str, root: Path, *, channels: int, image_size: int, c
         raise ConfigError("data-dir is not set in this SuperNode's node config; image-folder needs it")
     folder = Path(data_dir)
     if not folder.is_dir():
-        raise ConfigError(f"data-dir={data_dir!r} does not exist or is not a directory")
+        raise ConfigError(f"data-dir={data_dir!r} does not exist or is not a directory",
+                          without_values=f"data-dir={folder.name!r} does not exist or is not a directory")
     found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if found != sorted(classes):
         raise ConfigError(
-            f"data-dir={data_dir!r} has class folders {found}, but the run config's classes are {list(classes)}"
+            f"data-dir={data_dir!r} has class folders {found}, but the run config's classes are {list(classes)}",
+            without_values=f"data-dir={folder.name!r}: its class folders are not the run config's classes {list(classes)}",
         )
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
     if not files:
-        raise ConfigError(f"data-dir={data_dir!r} holds no images")
+        raise ConfigError(f"data-dir={data_dir!r} holds no images", without_values=f"data-dir={folder.name!r} holds no images")
     # Every file's place, size and time: moving an image to another class changes the key.
     listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     stamp = json.dumps([str(folder.resolve()), channels, image_size, list(classes), listing])
@@ -126,7 +128,8 @@ def image_folder(data_dir: str, root: Path, *, channels: int, image_size: int, c
         try:
             ds = RunClassesFolder(str(folder), transform=tf)
         except FileNotFoundError as err:
-            raise ConfigError(f"data-dir={data_dir!r} holds no images ({err})") from None
+            raise ConfigError(f"data-dir={data_dir!r} holds no images ({err})",
+                              without_values=f"data-dir={folder.name!r} holds no images") from None
         images = np.stack([img.numpy() for img, _ in ds]).astype(np.uint8)
         return ImageData(images, np.asarray(ds.targets, dtype=np.int64), tuple(classes))
 
