@@ -116,3 +116,20 @@ def test_tls_and_node_authentication_are_on_and_control_stays_private():
         assert {"--root-certificates", "--auth-supernode-private-key"} <= args and "--insecure" not in args
         assert "fleet-proxy:9443" in " ".join(s[name]["command"])
     assert "--insecure" not in s["superexec-serverapp"]["command"]
+
+
+def test_every_site_runs_under_the_strict_policy_where_its_clientapps_run():
+    from fedcycle.policy import parse_policy
+    from fedcycle_tools.deploy.policy import STRICT_POLICY, parse_node_config
+
+    import tomllib
+
+    s = services()
+    for n in ("1", "2"):
+        flag = next(a for a in s[f"supernode-{n}"]["command"] if a.startswith("--node-config="))
+        node = parse_node_config(flag.split("=", 1)[1])
+        assert node["site-name"] == f"site-{n}" and node["policy-file"] == "/run/secrets/site-policy.toml"
+        assert "site-policy.toml" in s[f"superexec-{n}"]["secrets"]  # the ClientApp runs in the SuperExec
+    policy = parse_policy(tomllib.loads((REPO / "deploy" / "site-policy.toml").read_text()), "site-policy.toml")
+    assert (policy.app_code, policy.error_values, policy.data_from_run_config) == (False, False, False)
+    assert (REPO / "deploy" / "site-policy.toml").read_text() == STRICT_POLICY  # one file for every recipe

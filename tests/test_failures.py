@@ -116,7 +116,7 @@ def test_a_killed_site_is_dropped_and_a_stalled_one_takes_part_again(deployment,
     # before round 2 can end: site 0 waits in round 2 until then.
     never, release, go = tmp_path / "never", tmp_path / "release", tmp_path / "go"
     tracker = MLflowServer(tmp_path / "mlflow").start()
-    names = start_sites(deployment, "faulty", [f"stall:2:{go}", f"stall:1:{release}", f"stall:1:{never}"])
+    names = start_sites(deployment, "faulty", [f"stall:2:{go}", f"stall:1:{release}", f"stall:1:{never}"], data_root)
     metrics = tmp_path / "faulty" / "metrics.jsonl"
     try:
         # round 1 goes on with 1 usable reply of 3 (the default asks for half the sampled sites)
@@ -162,7 +162,7 @@ def test_a_killed_site_is_dropped_and_a_stalled_one_takes_part_again(deployment,
 
 
 def test_nan_and_scaled_updates_are_rejected_and_a_robust_strategy_survives_them(deployment, data_root, tmp_path):
-    names = start_sites(deployment, "hostile", ["", "", "nan", "scale:1000"])
+    names = start_sites(deployment, "hostile", ["", "", "nan", "scale:1000"], data_root)
     try:
         default = deployment.run(
             config(data_root, tmp_path, "num-server-rounds=2 round-timeout=120 run-name='hostile'"), stream=False
@@ -192,7 +192,7 @@ def test_nan_and_scaled_updates_are_rejected_and_a_robust_strategy_survives_them
 
 
 def test_a_flipped_a_lying_and_a_replaying_site_are_named_every_round_and_the_run_learns(deployment, data_root, tmp_path):
-    names = start_sites(deployment, "rogue", ["", "", "flip:3", "lie:1000000", "replay"])
+    names = start_sites(deployment, "rogue", ["", "", "flip:3", "lie:1000000", "replay"], data_root)
     try:
         outcome = deployment.run(config(data_root, tmp_path, "num-server-rounds=2 round-timeout=300 run-name='rogues'"),
                                  stream=False)
@@ -214,7 +214,7 @@ def test_a_flipped_a_lying_and_a_replaying_site_are_named_every_round_and_the_ru
 
 
 def test_a_round_with_too_few_usable_replies_is_retried_then_the_run_stops(deployment, data_root, tmp_path):
-    names = start_sites(deployment, "short", ["", "nan"])
+    names = start_sites(deployment, "short", ["", "nan"], data_root)
     try:
         outcome = deployment.run(
             config(data_root, tmp_path, "num-server-rounds=2 min-replies=2 round-retries=1 round-timeout=120 run-name='short'"),
@@ -234,7 +234,7 @@ def test_a_round_with_too_few_usable_replies_is_retried_then_the_run_stops(deplo
 
 
 def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, data_root, tmp_path, mlflow_server):
-    names = start_sites(deployment, "resume", ["", ""])
+    names = start_sites(deployment, "resume", ["", ""], data_root)
     # Cycles of 1.5 rounds (round 3, the one after the resume, starts a third into one: its own rates),
     # the peak halved per cycle, and the server's mean of cycle ends (cycles end in rounds 2 and 3).
     schedule = ("lr-cycle-length=1.5 lr-envelope='exponential' lr-decay=0.5 swa-start=2 checkpoints-keep=10 "
@@ -266,7 +266,10 @@ def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, d
     # are what that schedule gives (the server leaves out a reply whose rates differ)
     settings = RunSettings(lr_cycle_length=1.5, lr_envelope="exponential", lr_decay=0.5, num_server_rounds=3,
                            local_epochs=1, batch_size=32)
-    assert rounds[3]["train_config"] == {**make_strategy(settings, num_sites=2).round_train_config(3), "server-round": 3}
+    strategy = make_strategy(settings, num_sites=2)
+    strategy.privacy_run = str(stopped.run_id)  # the sites' DP ledgers file the resumed run under its first id
+    assert rounds[3]["train_config"] == {**strategy.round_train_config(3), "server-round": 3}
+    assert {r["train_config"]["privacy-run"] for r in rounds[1:]} == {str(stopped.run_id)}
     assert rounds[3]["train_config"]["epochs-before"] == 2
     assert len(rounds[3]["sites"]) == 2 and rounds[3]["events"] == []
     # the envelope across the resume: cycle index 1 in round 3 (lr-min 0.005, lr-max 0.05)

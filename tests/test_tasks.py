@@ -313,11 +313,14 @@ def test_a_loop_that_keeps_its_own_rate_is_left_out_by_the_server(superlink, tmp
 def test_a_users_task_runs_on_the_loopback_deployment(tmp_path_factory, task_dir):
     from fedcycle_tools.deploy.loopback import LoopbackDeployment
 
+    # the sites' policy runs this task, its module from the site's own folder (not the app the server ships)
+    policy = tmp_path_factory.mktemp("policy") / "policy.toml"
+    policy.write_text('tasks = ["clinic_tasks:BloodPressure"]\n')
     with LoopbackDeployment(tmp_path_factory.mktemp("deployment"), server_task_path=str(task_dir)) as d:
         d.start_superlink()
         d.start_proxy()
         for i in range(2):  # each site names the folder that holds the task's code in its own node config
-            d.add_site(f"site-{i}", f"partition-id={i} num-partitions=2 task-path='{task_dir}'")
+            d.add_site(f"site-{i}", f"partition-id={i} num-partitions=2 task-path='{task_dir}' policy-file='{policy}'")
             d.start_site(f"site-{i}")
         d.wait_for_sites(2)
         results = tmp_path_factory.mktemp("results")
@@ -326,4 +329,4 @@ def test_a_users_task_runs_on_the_loopback_deployment(tmp_path_factory, task_dir
     assert out.completed, out.log[-4000:]
     rounds = read_metrics(out.results_dir / "metrics.jsonl")
     assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[-1]["mae"] < 0.8 * rounds[0]["mae"]
-    assert {s["site"] for s in rounds[1]["sites"]} == {"partition 0/2", "partition 1/2"}
+    assert {s["site"] for s in rounds[1]["sites"]} == {"site-0", "site-1"}  # known by its site-name

@@ -2,7 +2,7 @@
 
     certs     a CA, the SuperLink's certificate (--host names) and one key pair per --site
     register  register sites' public keys with the SuperLink (run on the coordinator)
-    site      run a site's SuperNode and SuperExec without Docker, explaining failures
+    site      run a site's SuperNode and SuperExec without Docker, under a policy file, explaining failures
     demo      the whole topology on loopback with throw-away keys: 2 sites, 2 rounds
 """
 
@@ -15,13 +15,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedcycle.errors import ConfigError
+from fedcycle.policy import load_policy
 from fedcycle.results import read_metrics
+from fedcycle.tasks.image.datasets import data_root
+from fedcycle.tasks.image.settings import ImageSettings
 from fedcycle_tools.deploy.loopback import (
     LoopbackDeployment,
     explain_supernode_exit,
     register_key,
 )
 from fedcycle_tools.deploy.pki import make_pki, write_secret
+from fedcycle_tools.deploy.policy import (
+    DEFAULT_POLICY_NAME,
+    parse_node_config,
+    quoted,
+    with_keys,
+    write_strict_policy,
+)
 from fedcycle_tools.launcher import (
     FlwrCli,
     ProcessGroup,
@@ -56,15 +67,42 @@ def register(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def site_node_config(name: str, node_config: str, policy_file: str = "") -> str:
+    """The node config the site's SuperNode gets: its own, plus `site-name` and a `policy-file`.
+    Without one (in --node-config or --policy-file) the strict default is written to
+    ./fedcycle-site-policy.toml (unless that file exists) and named. The policy must read: a site
+    whose policy-file does not would refuse every run."""
+    own = parse_node_config(node_config)
+    if policy_file and own.get("policy-file"):
+        raise ValueError("name the policy once: --policy-file, or policy-file in --node-config")
+    path = Path(policy_file or own.get("policy-file") or DEFAULT_POLICY_NAME).expanduser().resolve()
+    if not (policy_file or own.get("policy-file")):
+        if write_strict_policy(path):
+            print(f"site {name}: no policy-file in its node config; wrote the strict default policy to {path} "
+                  "(built-in tasks only, no values in error text, data paths from the node config only): "
+                  "edit it, or name your own with --policy-file", flush=True)
+        else:
+            print(f"site {name}: no policy-file in its node config; using {path}", flush=True)
+    try:
+        load_policy({"policy-file": str(path)})
+    except ConfigError as err:
+        raise ValueError(f"site {name}: {err}") from None
+    extra = {"site_name": name}
+    if not own.get("policy-file"):
+        extra["policy_file"] = str(path)
+    return with_keys(node_config, **extra)
+
+
 def site(args: argparse.Namespace) -> int:
     """A site's SuperNode and the SuperExec for its ClientApps, in the foreground."""
+    node_config = site_node_config(args.name, args.node_config, args.policy_file)
     secret = Path(args.secret_file)
     write_secret(secret)
     env = flwr_env()
     group = ProcessGroup(Path(args.log_dir))
     supernode = [
         _bin("flower-supernode"), "--superlink", args.superlink, "--root-certificates", args.ca,
-        "--auth-supernode-private-key", args.key, "--node-config", args.node_config,
+        "--auth-supernode-private-key", args.key, "--node-config", node_config,
         "--host", "127.0.0.1", "--port", str(args.port), "--isolation", "process",
         "--superexec-auth-secret-file", str(secret),
     ]
@@ -98,12 +136,16 @@ def demo(args: argparse.Namespace) -> int:
             print(f"SuperLink (TLS, SuperNode auth, --database) on {deployment.control_address}, loopback only", flush=True)
             deployment.start_proxy()
             print(f"fleet-only proxy for the sites on {deployment.fleet_address}", flush=True)
+            # each site gets the strict default policy, which reads no data path from the run config:
+            # the sites name the decoded Fashion-MNIST cache (data-root) in their own node config
+            cache = data_root(ImageSettings())
             for i in range(2):
                 name = f"site-{i + 1}"
-                deployment.add_site(name, f"partition-id={i} num-partitions=2")
+                deployment.add_site(name, f"partition-id={i} num-partitions=2 data-root={quoted(str(cache))}")
                 deployment.start_site(name)
             deployment.wait_for_sites(2)
-            print("2 SuperNodes registered and online; submitting the run", flush=True)
+            print(f"2 SuperNodes registered and online, each under a strict policy ({deployment.workdir / 'policies'}); "
+                  "submitting the run", flush=True)
             outcome = deployment.run(f"{DEMO_RUN_CONFIG} results-dir='{results}'")
             failed = not outcome.completed
     except RuntimeError as err:
@@ -144,6 +186,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.de
     p.add_argument("--ca", required=True, help="the deployment's ca.crt")
     p.add_argument("--key", required=True, help="this site's private key (<site>.key)")
     p.add_argument("--node-config", required=True, help='e.g. "data-dir=\'/data/images\' device=\'cuda:0\'"')
+    p.add_argument("--policy-file", default="",
+                   help=f"the site's policy (TOML, docs/deploy.md); without one, here or as policy-file in --node-config, "
+                        f"the strict default is written to ./{DEFAULT_POLICY_NAME} (if missing) and used")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port (default 9094)")
     p.add_argument("--secret-file", default="superexec.secret", help="SuperNode-SuperExec shared secret (made if missing)")
     p.add_argument("--log-dir", default="fedcycle-site-logs")

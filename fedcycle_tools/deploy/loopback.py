@@ -3,7 +3,9 @@
 The same services as docker-compose.yml: a SuperLink with TLS, SuperNode authentication
 and a `--database`, and a SuperExec that runs the ServerApp; the fleet-only proxy (nginx),
 the only address the sites dial; per site a SuperNode with its own key, node config and
-port, and a SuperExec that runs its ClientApps. Used by `make deploy-demo` and the
+port, and a SuperExec that runs its ClientApps. Each site runs under the strict default
+policy (fedcycle_tools.deploy.policy) unless its node config names a `policy-file`, and is
+known to the coordinator by its name (`site-name`). Used by `make deploy-demo` and the
 end-to-end tests; the same commands with real host names are the README's recipe for
 sites without Docker.
 """
@@ -20,6 +22,11 @@ from pathlib import Path
 import httpx
 
 from fedcycle_tools.deploy.pki import Pki, make_pki, make_site_keys
+from fedcycle_tools.deploy.policy import (
+    parse_node_config,
+    with_keys,
+    write_strict_policy,
+)
 from fedcycle_tools.launcher import (
     FlwrCli,
     ProcessGroup,
@@ -141,12 +148,27 @@ class LoopbackDeployment:
 
     # -- sites -------------------------------------------------------------------------
 
-    def add_site(self, name: str, node_config: str, register: bool = True) -> SiteProcess:
-        """Make the site's key pair and, unless told not to, register its public key."""
+    def add_site(self, name: str, node_config: str, register: bool = True, *, strict_policy: bool = True,
+                 name_site: bool = True) -> SiteProcess:
+        """Make the site's key pair and, unless told not to, register its public key.
+
+        Security by default: a site whose node config names no `policy-file` gets the strict
+        default policy (`policies/<name>.toml` in the workdir), and `site-name='<name>'` so the
+        coordinator names it. `strict_policy=False` leaves it on the permissive default meant
+        for simulation, `name_site=False` leaves its label to Flower's node config (partition,
+        data file): for tests that need those, never for a real site."""
         make_site_keys(self.pki, [name])
         if register:
             register_key(self.flwr, CONNECTION, self.pki.site_pub(name))
-        site = SiteProcess(name, node_config)
+        own = parse_node_config(node_config)
+        extra = {}
+        if name_site:
+            extra["site_name"] = name
+        if strict_policy and "policy-file" not in own:
+            policy = self.workdir / "policies" / f"{name}.toml"
+            write_strict_policy(policy)
+            extra["policy_file"] = str(policy)
+        site = SiteProcess(name, with_keys(node_config, **extra))
         self.sites[name] = site
         return site
 

@@ -35,13 +35,18 @@ SCENARIOS = {
 RUN_CONFIG = "num-server-rounds=3 train-subset=2000 test-subset=2000 round-timeout=900"
 
 
-def start_sites(deployment: LoopbackDeployment, prefix: str, faults: list[str]) -> list[str]:
-    """One site per entry of `faults` ('' for none), each on its partition of len(faults)."""
+def start_sites(deployment: LoopbackDeployment, prefix: str, faults: list[str], data_root: str = "") -> list[str]:
+    """One site per entry of `faults` ('' for none), each on its partition of len(faults) of the
+    dataset under `data_root` (default: fedcycle's cache). Each runs under the deployment's strict
+    default policy, so its node config names its data (the policy reads no path from the run
+    config); the server knows it by its partition ("partition 2/4"), which the measurements and
+    tests/test_failures.py name the rogue by."""
     names = []
     for i, fault in enumerate(faults):
         name = f"{prefix}-{i}"
         extra = f" fault='{fault}'" if fault else ""
-        deployment.add_site(name, f"partition-id={i} num-partitions={len(faults)}{extra}")
+        extra += f" data-root='{data_root}'" if data_root else ""
+        deployment.add_site(name, f"partition-id={i} num-partitions={len(faults)}{extra}", name_site=False)
         deployment.start_site(name, max_retries=1000)  # they outlive a SuperLink restart
         names.append(name)
     deployment.wait_for_sites(len(names))
@@ -104,11 +109,10 @@ def main() -> None:
             deployment.start_proxy()
             for name in args.scenarios:
                 faults = SCENARIOS[name]
-                sites = start_sites(deployment, name, faults)
+                sites = start_sites(deployment, name, faults, args.data_root)
                 started = time.monotonic()
                 try:
-                    outcome = deployment.run(f"{RUN_CONFIG} run-name='{name}' results-dir='{out}' "
-                                             f"data-root='{args.data_root}'", stream=False)
+                    outcome = deployment.run(f"{RUN_CONFIG} run-name='{name}' results-dir='{out}'", stream=False)
                 finally:
                     stop_sites(deployment, sites)
                 results[name] = scenario_result(faults, out / name / "metrics.jsonl", outcome.status,
