@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fedcycle-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 RESULTS := $(CURDIR)/results
 
-.PHONY: setup data demo test test-fast clean deploy-demo deploy-tools task-tools reproduce bench demo-tabular demo-text demo-audio
+.PHONY: setup data demo test test-fast clean deploy-demo deploy-tools task-tools reproduce bench privacy-study demo-tabular demo-text demo-audio
 
 # $(call apt-install,PACKAGES,WHY): install Debian packages with apt-get, saying what and why first
 # (a comma inside WHY is written $(,)).
@@ -70,6 +70,11 @@ reproduce: data
 # Where every second of a round goes (a benchmark, not a test): results/bench/bench.{json,md}.
 bench: data
 	$(BIN)/fedcycle bench
+
+# What differential privacy costs (a measurement, not a test): the tabular task and Fashion-MNIST,
+# 4 sites, at epsilon 1, 3 and 8 against no DP: results/privacy/privacy.{json,md}.
+privacy-study: data
+	$(BIN)/python -m fedcycle_tools.privacy_study
 
 # The built-in tasks on real data made offline (README, "Built-in tasks"): the data, then a
 # short simulation of each. fedcycle_tools.demo_data prints the run config that points at the data.
