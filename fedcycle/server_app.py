@@ -96,6 +96,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy.task_statistics = statistics
     strategy.expect_metrics(next(iter(reports.values())).metric_names)
     strategy.declared_examples = {node: r.num_train for node, r in reports.items()}
+    strategy.declared_val = {node: r.num_val for node, r in reports.items()}
     strategy.site_names = {node: r.site for node, r in reports.items()}
     strategy.late_nodes.update(refused)  # their refusal is logged and kept in config.json; no event each round
     strategy.privacy_run = str((extra.get("earlier_run_ids") or [context.run_id])[0])

@@ -54,6 +54,7 @@ class CyclicalMixin:
         self.settings = settings
         self.expect_metrics(["accuracy"])
         self.declared_examples: dict[int, int] = {}  # node id -> train examples, from pre-flight
+        self.declared_val: dict[int, int] = {}  # node id -> held-out examples, from pre-flight
         self.site_names: dict[int, str] = {}  # node id -> the site's name, from pre-flight
         self.late_nodes: set[int] = set()  # connected after the pre-flight round: never sent work
         self.reply_digests: dict[str, tuple[int, int]] = {}  # a reply's weights -> (round, node) that first sent them
@@ -258,7 +259,7 @@ class CyclicalMixin:
         update far longer than the round's median (peer-norm-ratio) is scaled down to that bound,
         not left out: under strong label skew an honest site's update can be several times its
         peers' (measured: 5.8 times at Dirichlet 0.1, README); a claimed example count above max-weight-ratio times the round's
-        median is capped there. Each site so treated is named."""
+        lower median is capped there. Each site so treated is named."""
         s = self.settings
         fresh = []
         for c in candidates:
@@ -299,7 +300,7 @@ class CyclicalMixin:
                 c.msg.content["metrics"]["num-examples"] = cap
                 self._record(server_round, c.msg.metadata.src_node_id, "weight-capped",
                              f"num-examples={n:g} is above max-weight-ratio={s.max_weight_ratio} times the round's "
-                             f"median; it is averaged with weight {cap:g}")
+                             f"lower median; it is averaged with weight {cap:g}")
         return kept
 
     def _read_reply(self, msg: Message) -> tuple[str | None, dict[str, np.ndarray]]:
@@ -357,6 +358,10 @@ class CyclicalMixin:
         declared = self.declared_examples.get(node)
         if declared is not None and n > declared:
             return f"num-examples={n} is larger than the {declared} the site declared in the pre-flight round"
+        held_out = self.declared_val.get(node)
+        if held_out is not None and "val-examples" in metrics and metrics["val-examples"] > held_out:
+            return (f"val-examples={metrics['val-examples']} is more than the {held_out} held-out examples the site "
+                    "declared in the pre-flight round")
         for key, value in metrics.items():
             if not _finite_number(value):
                 return f"metric {key}={value!r} is not a finite number"
@@ -433,6 +438,10 @@ class CyclicalMixin:
             return f"the loss or a metric of {self.metric_names} is not a finite number"
         if not _positive_finite(metrics["num-examples"]):
             return f"num-examples={metrics['num-examples']!r} must be a positive finite number"
+        declared = self.declared_val.get(msg.metadata.src_node_id)
+        if declared is not None and metrics["num-examples"] > declared:
+            return (f"num-examples={metrics['num-examples']!r} is more than the {declared} held-out examples the site "
+                    "declared in the pre-flight round")
         return None
 
     def _record(self, server_round: int, node: int, event: str, reason: str) -> None:
@@ -466,9 +475,13 @@ def _positive_finite(value: Any) -> bool:
 
 
 def _non_finite(values: dict[str, np.ndarray]) -> str | None:
+    """NaN or Inf in a float array, or a negative BatchNorm running variance (averaged in, it
+    turns every later evaluation into NaN)."""
     for key, v in values.items():
         if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
             return f"array {key!r} holds NaN or Inf"
+        if key.endswith("running_var") and (v < 0).any():
+            return f"array {key!r} holds a negative variance ({float(v.min()):.3g})"
     return None
 
 

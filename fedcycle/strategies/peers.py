@@ -36,10 +36,12 @@ def cosines_to_median(updates: list[dict[str, np.ndarray]], norms: list[float]) 
 
 
 def weight_cap(examples: list[float], ratio: float) -> float | None:
-    """The most examples one reply may weigh: `ratio` times the round's median (None: no cap)."""
+    """The most examples one reply may weigh: `ratio` times the round's lower median (None: no
+    cap). The lower median, not the mean of the two middle values: with an even count, half the
+    sites claiming huge sizes would otherwise move the cap with them."""
     if not ratio or len(examples) < 3:
         return None
-    return ratio * statistics.median(examples)
+    return ratio * statistics.median_low(examples)
 
 
 def digest(arrays: ArrayRecord) -> str:
