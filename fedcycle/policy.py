@@ -62,8 +62,8 @@ class SitePolicy:
 
     def check_task(self, spec: str, builtin: dict[str, str]) -> None:
         """Refuse a task the policy does not list, before its module is imported: an import runs
-        code. A built-in runs unless `tasks` lists others and not it; a listed `module:Class`
-        whose module lives in the app the server shipped runs only with `app-code = true`."""
+        code. A built-in runs when `tasks` names it or "builtin"; a listed `module:Class` whose
+        module would be found in the app the server shipped runs only with `app-code = true`."""
         builtin_ok = spec in builtin and "builtin" in (self.tasks or ())
         if self.tasks is not None and spec not in self.tasks and not builtin_ok:
             raise self.refuse("tasks", f"task={spec!r} is not among the tasks it runs {list(self.tasks)}")

@@ -138,11 +138,11 @@ def _load_site(settings: SiteSettings, run_items: tuple, node_items: tuple) -> S
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"num-workers={workers!r} in the node config must be an integer of at least 0")
     policy = load_policy(node_config)
+    if node_config.get("task-path"):  # on the path first (nothing runs), so the policy sees where a module would come from
+        add_task_path(str(node_config["task-path"]))
     policy.check_task(settings.task, BUILTIN)  # before its module is imported: an import runs code
     policy.check_data_paths(dict(run_items), node_config)
     policy.check_dp(settings.dp.noise_multiplier, settings.dp.delta)
-    if node_config.get("task-path"):
-        add_task_path(str(node_config["task-path"]))
     task = Task(settings.task, dict(run_items))
     train, val = task.site_data(node_config)
     policy.check_records("train split", len(train))
