@@ -5,11 +5,14 @@
   flushed to disk as each round ends;
 - `global-final.safetensors` (the latest global model, replaced each round),
   `global-best.safetensors` and, with `swa-start`, `global-swa.safetensors`;
-- `<metric>.png` (`accuracy.png` for classification): the task's primary metric per round.
+- `<metric>.png` (`accuracy.png` for classification): the task's primary metric per round;
+- `run.lock`: held (an OS file lock) by the ServerApp process writing the folder, and released
+  when that process ends however it ends: a second run never writes into a folder in use.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -25,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from fedcycle.config import RunSettings
+from fedcycle.errors import ConfigError
 from fedcycle.files import atomic_write
 
 PACKAGES = ("flwr", "torch", "torchvision", "numpy", "ray", "safetensors")
@@ -43,10 +47,41 @@ def resolve_run_dir(settings: RunSettings, run_id: int, what: str) -> Path:
     )
     base = Path(settings.results_dir).expanduser().resolve() / name
     path, n = base, 1
-    while (path / "metrics.jsonl").exists():
+    while (path / "metrics.jsonl").exists() or not claim(path):
         n += 1
         path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+LOCK = "run.lock"
+_held: dict[Path, Any] = {}  # the run folders this process holds, their lock files kept open
+
+
+def claim(path: Path) -> bool:
+    """Take the run folder's lock for this process (held until it ends); False if another
+    process holds it. A lock, not a marker file: a run that crashes leaves nothing to clean up."""
+    path = path.resolve()
+    if path in _held:
+        return True
     path.mkdir(parents=True, exist_ok=True)
+    handle = open(path / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - kept open: the lock lives as long as it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return False
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held[path] = handle
+    return True
+
+
+def take_for_resume(path: Path) -> Path:
+    """The folder a resumed run continues, its lock taken; a folder another run writes is refused."""
+    if not claim(path):
+        raise ConfigError(f"resume-from={str(path)!r} is in use by another run ({LOCK} is held: "
+                          f"{(path / LOCK).read_text().strip() or 'a process'}); resume it when that run has ended")
     return path
 
 

@@ -27,7 +27,7 @@ from fedcycle.checkpoint import CheckpointError
 from fedcycle.errors import ConfigError, TaskError
 from fedcycle.preflight import PreflightError, preflight, summed_statistics
 from fedcycle.recorder import RoundRecorder, load_resume_point
-from fedcycle.results import RunResults, resolve_run_dir
+from fedcycle.results import RunResults, resolve_run_dir, take_for_resume
 from fedcycle.round_loop import RoundFailed, initial_round, run_rounds
 from fedcycle.strategies import check_strategy, make_strategy
 from fedcycle.tasks import fingerprint, load_task
@@ -75,7 +75,7 @@ def main(grid: Grid, context: Context) -> None:
             "num-server-rounds to extend it)", resume_dir, ckpt.round, settings.num_server_rounds)
         return
 
-    results = RunResults(resume_dir or resolve_run_dir(settings, context.run_id, task.label))
+    results = RunResults(take_for_resume(resume_dir) if resume_dir else resolve_run_dir(settings, context.run_id, task.label))
     log(INFO, "fedcycle run %s: results go to %s", context.run_id, results.path)
     extra: dict[str, Any] = {"run_id": context.run_id}
     if ckpt is not None:

@@ -36,6 +36,30 @@ def test_a_run_folder_is_never_overwritten_a_second_run_of_the_name_gets_a_suffi
     assert resolve_run_dir(settings(tmp_path, **{"run-name": "baseline"}), run_id=4, what="x") == third
 
 
+def test_a_folder_another_run_holds_is_neither_shared_nor_resumed(tmp_path):
+    import fcntl
+
+    import pytest
+
+    from fedcycle.errors import ConfigError
+    from fedcycle.results import take_for_resume
+
+    held = tmp_path / "busy"
+    held.mkdir()
+    other = open(held / "run.lock", "a+")  # another ServerApp's lock (flock: per open file, as between processes)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other.write("pid 4242 on coordinator\n")
+    other.flush()
+    # before its first round there is no metrics.jsonl: only the lock says the folder is in use
+    assert resolve_run_dir(settings(tmp_path, **{"run-name": "busy"}), run_id=2, what="x") == tmp_path / "busy-2"
+    with pytest.raises(ConfigError) as refused:
+        take_for_resume(held)
+    assert f"resume-from={str(held)!r} is in use by another run (run.lock is held: pid 4242 on coordinator)" in str(
+        refused.value)
+    other.close()  # that run ended (however it ended: the OS drops its lock)
+    assert take_for_resume(held) == held
+
+
 def test_an_unnamed_run_is_named_after_what_it_trains_and_relative_paths_follow_the_working_directory(
         tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
