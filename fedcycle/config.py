@@ -20,6 +20,7 @@ it is built (`fedcycle.tasks`).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
@@ -130,8 +131,9 @@ class SiteSettings:
         settings.validate()
         return settings
 
-    @property
+    @functools.cached_property
     def dp(self) -> DPSettings:
+        """The `dp.*` keys, read once (the screen asks for them with every reply)."""
         return DPSettings.from_options(self.options.get("dp", {}))
 
     @property

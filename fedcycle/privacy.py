@@ -24,6 +24,7 @@ from torch import nn
 
 from fedcycle.config import DPSettings
 from fedcycle.errors import ConfigError
+from fedcycle.files import atomic_write
 
 
 def check_model(model: nn.Module, task: str) -> None:
@@ -133,10 +134,8 @@ class PrivacyLedger:
         return [e for e in data.get("entries", []) if e.get("run") == run]
 
     def add(self, entry: dict[str, Any]) -> None:
-        """Append one round's entry (written to a temporary file, then renamed: never half a ledger)."""
+        """Append one round's entry, the ledger written whole and on disk (never half a ledger,
+        never a spent round lost to a crash)."""
         data = json.loads(self.path.read_text()) if self.path.is_file() else {"entries": []}
         data["entries"].append(entry)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(data, indent=1))
-        os.replace(partial, self.path)
+        atomic_write(self.path, json.dumps(data, indent=1).encode())

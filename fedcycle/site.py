@@ -29,10 +29,6 @@ from fedcycle.tasks import BUILTIN, Task, fingerprint
 from fedcycle.trainer import pick_device
 from fedcycle.wire import SiteReport
 
-# Node-config keys fedcycle itself reads; a task may read any other key of the node config.
-SITE_KEYS = ("site-name", "device", "num-workers", "task-path", "policy-file", "privacy-ledger")
-
-
 def site_label(node_config: Mapping[str, Any]) -> str:
     """The name the server knows the site by: its `site-name`, its simulated partition, or the
     base name of its data (never a path, never the rest of its node config)."""

@@ -358,10 +358,8 @@ class CyclicalMixin:
         declared = self.declared_examples.get(node)
         if declared is not None and n > declared:
             return f"num-examples={n} is larger than the {declared} the site declared in the pre-flight round"
-        held_out = self.declared_val.get(node)
-        if held_out is not None and "val-examples" in metrics and metrics["val-examples"] > held_out:
-            return (f"val-examples={metrics['val-examples']} is more than the {held_out} held-out examples the site "
-                    "declared in the pre-flight round")
+        if "val-examples" in metrics and (problem := self._more_held_out_than_declared(node, "val-examples", metrics["val-examples"])):
+            return problem
         for key, value in metrics.items():
             if not _finite_number(value):
                 return f"metric {key}={value!r} is not a finite number"
@@ -438,10 +436,13 @@ class CyclicalMixin:
             return f"the loss or a metric of {self.metric_names} is not a finite number"
         if not _positive_finite(metrics["num-examples"]):
             return f"num-examples={metrics['num-examples']!r} must be a positive finite number"
-        declared = self.declared_val.get(msg.metadata.src_node_id)
-        if declared is not None and metrics["num-examples"] > declared:
-            return (f"num-examples={metrics['num-examples']!r} is more than the {declared} held-out examples the site "
-                    "declared in the pre-flight round")
+        return self._more_held_out_than_declared(msg.metadata.src_node_id, "num-examples", metrics["num-examples"])
+
+    def _more_held_out_than_declared(self, node: int, key: str, count: float) -> str | None:
+        """A reply that counts more held-out examples than the site declared in the pre-flight round."""
+        declared = self.declared_val.get(node)
+        if declared is not None and count > declared:
+            return f"{key}={count!r} is more than the {declared} held-out examples the site declared in the pre-flight round"
         return None
 
     def _record(self, server_round: int, node: int, event: str, reason: str) -> None:

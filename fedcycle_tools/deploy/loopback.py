@@ -148,14 +148,12 @@ class LoopbackDeployment:
 
     # -- sites -------------------------------------------------------------------------
 
-    def add_site(self, name: str, node_config: str, register: bool = True, *, strict_policy: bool = True,
-                 name_site: bool = True) -> SiteProcess:
+    def add_site(self, name: str, node_config: str, register: bool = True, *, name_site: bool = True) -> SiteProcess:
         """Make the site's key pair and, unless told not to, register its public key.
 
         Security by default: a site whose node config names no `policy-file` gets the strict
         default policy (`policies/<name>.toml` in the workdir), and `site-name='<name>'` so the
-        coordinator names it. `strict_policy=False` leaves it on the permissive default meant
-        for simulation, `name_site=False` leaves its label to Flower's node config (partition,
+        coordinator names it. `name_site=False` leaves its label to Flower's node config (partition,
         data file): for tests that need those, never for a real site."""
         make_site_keys(self.pki, [name])
         if register:
@@ -164,7 +162,7 @@ class LoopbackDeployment:
         extra = {}
         if name_site:
             extra["site_name"] = name
-        if strict_policy and "policy-file" not in own:
+        if "policy-file" not in own:
             policy = self.workdir / "policies" / f"{name}.toml"
             write_strict_policy(policy)
             extra["policy_file"] = str(policy)
