@@ -3,9 +3,10 @@
 One file per round, `<run>/checkpoints/round-0003.safetensors`, written atomically
 (`fedcycle.files`: a crash leaves the previous one whole); the last
 `checkpoints-keep` are kept. Its tensors are the global model (`model/...`), the best model
-so far (`best/...`), the strategy's arrays (`strategy/...`: server optimizer moments,
-momentum), the server's running sum of cycle-end models (`swa/...`) and torch's RNG state; its metadata the round, the metrics lines so far, the best
-value of the task's primary metric, Python's RNG state (Flower samples sites with it), what the run trains (dataset,
+so far (`best/...`), the server's arrays (`server/...`: the strategy's server optimizer
+moments and momentum, the reply screen's memory), the server's running sum of cycle-end models (`swa/...`) and torch's RNG state; its metadata the round, the metrics lines so far, the best
+value of the task's primary metric, the screen memory's plain data (replay digests, each site's
+drift), Python's RNG state (Flower samples sites with it), what the run trains (dataset,
 model, strategy, classes) and a SHA-256 of the tensors and that metadata, so that a truncated or corrupted
 file is refused with a clear error instead of resuming from garbage. safetensors: loading a
 checkpoint runs no code.
@@ -30,7 +31,7 @@ from fedcycle.config import current_keys
 from fedcycle.files import atomic_write, fsync_folder
 from fedcycle.results import jsonable
 
-FORMAT = 3  # 3: the checksum covers the metadata too (2: the best model's primary metric)
+FORMAT = 4  # 4: the screen's memory (3: the checksum covers the metadata too)
 
 
 class CheckpointError(RuntimeError):
@@ -45,7 +46,8 @@ class Checkpoint:
     best_value: float | None  # the best model's primary metric (None: no model evaluated yet)
     metrics: list[dict[str, Any]]
     identity: dict[str, Any]  # what the run trains: a resumed run must train the same
-    strategy_arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    server_arrays: dict[str, torch.Tensor] = field(default_factory=dict)  # Coordinator.state
+    screen_state: dict[str, Any] = field(default_factory=dict)
     swa_total: dict[str, torch.Tensor] = field(default_factory=dict)  # fedcycle.averaging's float64 sum
     swa_rounds: list[int] = field(default_factory=list)
     python_rng: Any = None
@@ -64,7 +66,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep: int) -> Path:
     tensors = {
         **{f"model/{k}": v for k, v in ckpt.model.items()},
         **{f"best/{k}": v.clone() for k, v in ckpt.best_model.items()},  # often the same tensors as model/
-        **{f"strategy/{k}": v for k, v in ckpt.strategy_arrays.items()},
+        **{f"server/{k}": v for k, v in ckpt.server_arrays.items()},
         **{f"swa/{k}": v for k, v in ckpt.swa_total.items()},
         "rng/torch": torch.get_rng_state() if ckpt.torch_rng is None else ckpt.torch_rng,
     }
@@ -76,6 +78,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, keep: int) -> Path:
         "metrics": ckpt.metrics,
         "identity": ckpt.identity,
         "swa_rounds": ckpt.swa_rounds,
+        "screen": ckpt.screen_state,
         "python_rng": _jsonable_rng(random.getstate() if ckpt.python_rng is None else ckpt.python_rng),
     }
     text = json.dumps(state, default=jsonable)
@@ -125,7 +128,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         best_value=None if state["best_value"] is None else float(state["best_value"]),
         metrics=state["metrics"],
         identity=state["identity"],
-        strategy_arrays=part("strategy/"),
+        server_arrays=part("server/"),
+        screen_state=state.get("screen", {}),
         swa_total=part("swa/"),
         swa_rounds=[int(r) for r in state.get("swa_rounds", [])],
         python_rng=(rng[0], tuple(rng[1]), rng[2]),

@@ -200,9 +200,13 @@ class RunSettings(SiteSettings):
     min_reply_fraction: float = 0.5
     round_retries: int = 1
     max_update_ratio: float = 10.0
-    peer_norm_ratio: float = 3.0
+    peer_clip_ratio: float = 1.0
+    peer_norm_ratio: float = 2.0
     peer_pullback_ratio: float = 0.5
     max_weight_ratio: float = 4.0
+    near_duplicate_ratio: float = 0.01
+    drift_consistency: float = 0.7
+    drift_rounds: int = 4
     checkpoints_keep: int = 3
     run_name: str = ""
     results_dir: str = "results"
@@ -279,6 +283,11 @@ class RunSettings(SiteSettings):
         _at_least("peer-norm-ratio", self.peer_norm_ratio, 0)
         _at_least("max-weight-ratio", self.max_weight_ratio, 0)
         _at_least("peer-pullback-ratio", self.peer_pullback_ratio, 0)
+        _at_least("peer-clip-ratio", self.peer_clip_ratio, 0)
+        _at_least("near-duplicate-ratio", self.near_duplicate_ratio, 0)
+        positive("drift-rounds", self.drift_rounds)
+        if not 0 <= self.drift_consistency <= 1:
+            raise ConfigError(f"drift-consistency={self.drift_consistency} must be in [0, 1] (0: off)")
         _at_least("local-epochs-growth", self.local_epochs_growth, 0)
         _at_least("local-epochs-max", self.local_epochs_max, 0)
         _at_least("momentum", self.momentum, 0)

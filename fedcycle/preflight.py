@@ -112,6 +112,11 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
     return reports, refused
 
 
+# The most examples a site may declare: far beyond any one data center's split, and small enough
+# that every number the server derives from it (steps, batch counters) stays within int64.
+MAX_EXAMPLES = 10**12
+
+
 def _field(report: SiteReport, key: str) -> Any:
     """A report's value under its wire key (`metric-names` -> `metric_names`)."""
     return getattr(report, key.replace("-", "_"))
@@ -121,8 +126,8 @@ def report_malformed(report: SiteReport) -> str | None:
     """What in a report has the wrong kind of value, in one line; None if nothing."""
     for key in ("num-train", "num-val"):
         value = _field(report, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            return f"{key}={value!r}; expected a whole number of examples, 0 or more"
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EXAMPLES:
+            return f"{key}={value!r}; expected a whole number of examples, 0 to {MAX_EXAMPLES:.0e}"
     if not report.num_train:
         return "num-train=0; a site needs training data"
     for key in ("model", "metric-names"):

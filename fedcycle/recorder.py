@@ -96,6 +96,11 @@ class RoundRecorder:
         if self.swa is not None:
             self.swa.restore(ckpt.swa_total, ckpt.swa_rounds)
         self.results.rewrite_rounds(self.lines)
+        # the models as of the checkpoint: a run that stopped between its checkpoint and these
+        # files would otherwise leave them a round behind it
+        self.results.save_model("global-final", ckpt.model)
+        if self.best_state:
+            self.results.save_model("global-best", self.best_state)
         self.last = time.perf_counter()
         self.started = self.last - float(self.lines[-1].get("elapsed", 0.0) if self.lines else 0.0)
         if self.test is None:
@@ -149,7 +154,8 @@ class RoundRecorder:
                 best_value=self.best,
                 metrics=self.lines,
                 identity=run_identity(self.settings, self.task),
-                strategy_arrays=outcome.strategy_state,
+                server_arrays=outcome.server_arrays,
+                screen_state=outcome.screen_state,
                 swa_total=self.swa.total if self.swa is not None else {},
                 swa_rounds=self.swa.rounds if self.swa is not None else [],
             ),

@@ -7,7 +7,7 @@ sites, training, every retry and the sites' evaluation: a round with fewer usabl
 `min-replies` / `min-reply-fraction` is tried again, up to `round-retries` times, while its
 deadline allows, and then the run stops with a clear message. Every message lives only until
 the deadline (a late site does not go on to work on a round the server has given up on). The
-strategy's own methods (configure, aggregate) do the rest.
+coordinator (`fedcycle.coordinator`: the strategy, the schedule, the screen) does the rest.
 
 Each round's result is a value, `RoundOutcome`: the global model after the round and what
 happened on the way (the config sent, the accepted replies, the events, the sites' evaluation).
@@ -24,12 +24,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedcycle.config import RunSettings
-from fedcycle.strategies.cyclical import CyclicalMixin
+from fedcycle.coordinator import Coordinator
 from fedcycle.wire import superlink_errors
 
 
@@ -44,7 +44,8 @@ class RoundOutcome:
     events: list[dict] = field(default_factory=list)  # replies left out, sites missing, failed attempts
     sites_evaluation: dict[str, float] | None = None  # the sites' weighted evaluation of `arrays`
     aggregate_seconds: float | None = None
-    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)  # for the checkpoint
+    server_arrays: dict[str, torch.Tensor] = field(default_factory=dict)  # for the checkpoint: the strategy's and the screen's
+    screen_state: dict[str, Any] = field(default_factory=dict)  # for the checkpoint: the screen memory's plain data
 
 
 class RoundFailed(RuntimeError):
@@ -64,35 +65,37 @@ POLL_MIN_SECONDS, POLL_MAX_SECONDS, POLL_FRACTION = 0.05, 3.0, 0.1
 PROGRESS_SECONDS = 60.0  # a longer exchange says, once a minute, which sites have replied
 
 
-def outcome_of(strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord,
+def outcome_of(coordinator: Coordinator, server_round: int, arrays: ArrayRecord,
                events: list[dict] = ()) -> RoundOutcome:
-    """The round's outcome: `arrays`, and what the strategy recorded of the round (taken out of
+    """The round's outcome: `arrays`, and what the coordinator recorded of the round (taken out of
     it), with the loop's own `events`."""
-    evaluation = strategy.evaluate_metrics.pop(server_round, None)
+    evaluation = coordinator.evaluate_metrics.pop(server_round, None)
+    server_arrays, screen_state = coordinator.state()
     return RoundOutcome(
         server_round=server_round,
         arrays=arrays,
-        train_config=strategy.sent_config.pop(server_round, None),
-        sites=strategy.site_metrics.pop(server_round, []),
-        events=[*strategy.events.pop(server_round, []), *events],
+        train_config=coordinator.sent_config.pop(server_round, None),
+        sites=coordinator.site_metrics.pop(server_round, []),
+        events=[*coordinator.events.pop(server_round, []), *events],
         sites_evaluation=None if evaluation is None else {k: float(v) for k, v in evaluation.items()},
-        aggregate_seconds=strategy.aggregate_seconds.pop(server_round, None),
-        strategy_state=strategy.state_arrays(),
+        aggregate_seconds=coordinator.aggregate_seconds.pop(server_round, None),
+        server_arrays=server_arrays,
+        screen_state=screen_state,
     )
 
 
-def initial_round(grid: Grid, strategy: CyclicalMixin, settings: RunSettings, arrays: ArrayRecord,
+def initial_round(grid: Grid, coordinator: Coordinator, settings: RunSettings, arrays: ArrayRecord,
                   sites_evaluate: bool) -> RoundOutcome:
     """Round 0, the initial model: evaluated by the sites when they are the only evaluation there
     is (no test split on the server)."""
     if sites_evaluate:
-        evaluate_on_sites(grid, strategy, 0, arrays, settings.round_timeout)
-    return outcome_of(strategy, 0, arrays)
+        evaluate_on_sites(grid, coordinator, 0, arrays, settings.round_timeout)
+    return outcome_of(coordinator, 0, arrays)
 
 
 def run_rounds(
     grid: Grid,
-    strategy: CyclicalMixin,
+    coordinator: Coordinator,
     settings: RunSettings,
     arrays: ArrayRecord,
     first_round: int,
@@ -101,30 +104,30 @@ def run_rounds(
 ) -> Iterator[RoundOutcome]:
     """Rounds `first_round`..`num-server-rounds`, each one's outcome as it ends; RoundFailed,
     with the failed round's outcome, when a round gets too few usable replies."""
-    log(INFO, "Starting %s, rounds %d to %d:", type(strategy).__name__, first_round, settings.num_server_rounds)
-    strategy.summary()
+    log(INFO, "Starting %s, rounds %d to %d:", type(coordinator.strategy).__name__, first_round, settings.num_server_rounds)
+    coordinator.strategy.summary()
     for server_round in range(first_round, settings.num_server_rounds + 1):
         log(INFO, "")
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_server_rounds)
         deadline = clock() + settings.round_timeout
         try:
-            accepted, events = train_round(grid, strategy, settings, server_round, arrays, deadline, clock, sleep)
+            accepted, events = train_round(grid, coordinator, settings, server_round, arrays, deadline, clock, sleep)
         except RoundFailed as err:
             raise RoundFailed(server_round, str(err), err.attempts,
-                              outcome_of(strategy, server_round, arrays, err.attempts)) from None
-        aggregated, _ = strategy.aggregate_accepted(server_round, accepted)
+                              outcome_of(coordinator, server_round, arrays, err.attempts)) from None
+        aggregated = coordinator.aggregate(server_round, accepted)
         if aggregated is not None:
             arrays = aggregated
-        if strategy.evaluates_on_sites:
+        if coordinator.evaluates_on_sites:
             left = deadline - clock()
             if left > 0:
-                metrics = evaluate_on_sites(grid, strategy, server_round, arrays, left, clock, sleep)
+                metrics = evaluate_on_sites(grid, coordinator, server_round, arrays, left, clock, sleep)
             else:
                 events.append(
                     {"event": "evaluation-skipped", "reason": f"round-timeout={settings.round_timeout}s spent on training"})
-                metrics = strategy.aggregate_evaluate(server_round, [])
+                metrics = coordinator.aggregate_evaluate(server_round, [])
             log(INFO, "Round %d: the sites' evaluation of the global model: %s", server_round, metrics)
-        yield outcome_of(strategy, server_round, arrays, events)
+        yield outcome_of(coordinator, server_round, arrays, events)
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, what: str, names: dict[int, str],
@@ -152,21 +155,21 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, what: str, nam
     return replies
 
 
-def evaluate_on_sites(grid: Grid, strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord, seconds: float,
+def evaluate_on_sites(grid: Grid, coordinator: Coordinator, server_round: int, arrays: ArrayRecord, seconds: float,
                       clock: Callable[[], float] = time.monotonic,
                       sleep: Callable[[float], None] = time.sleep) -> MetricRecord | None:
-    """The sites' evaluation of `arrays`, aggregated by the strategy; a site the SuperLink
+    """The sites' evaluation of `arrays`, aggregated by the coordinator; a site the SuperLink
     answered for is recorded as missing with its reason."""
-    messages = _with_lifetime(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), seconds)
+    messages = _with_lifetime(coordinator.configure_evaluate(server_round, arrays, grid), seconds)
     replies, unreachable = superlink_errors(messages, exchange(grid, messages, seconds, f"Round {server_round} evaluation",
-                                                               strategy.site_names, clock, sleep))
+                                                               coordinator.site_names, clock, sleep))
     for node in sorted(unreachable):
-        strategy.record_missing(server_round, node, "missing-evaluation", unreachable)
-    return strategy.aggregate_evaluate(server_round, replies)
+        coordinator.record_missing(server_round, node, "missing-evaluation", unreachable)
+    return coordinator.aggregate_evaluate(server_round, replies)
 
 
 def train_round(
-    grid: Grid, strategy: CyclicalMixin, settings: RunSettings, server_round: int, arrays: ArrayRecord,
+    grid: Grid, coordinator: Coordinator, settings: RunSettings, server_round: int, arrays: ArrayRecord,
     deadline: float, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[list[Message], list[dict]]:
     """The round's usable train replies, retried while too few and the deadline allows, and an
@@ -180,11 +183,11 @@ def train_round(
         elif left <= 0:
             shortfall = f"the round's deadline (round-timeout={settings.round_timeout}s) passed"
         else:
-            limit_sampling(strategy, connected)
-            messages = _with_lifetime(strategy.configure_train(server_round, arrays, ConfigRecord(), grid), left)
+            coordinator.limit_sampling(connected)
+            messages = _with_lifetime(coordinator.configure_train(server_round, arrays, grid), left)
             replies, unreachable = superlink_errors(messages, exchange(grid, messages, left, f"Round {server_round}",
-                                                                       strategy.site_names, clock, sleep))
-            accepted = strategy.screen_round(server_round, replies, unreachable)
+                                                                       coordinator.site_names, clock, sleep))
+            accepted = coordinator.screen_round(server_round, replies, unreachable)
             needed = max(settings.min_replies, math.ceil(settings.min_reply_fraction * len(messages)))
             if len(accepted) >= needed:
                 return accepted, failed
@@ -214,15 +217,6 @@ def wait_for_sites(grid: Grid, wanted: int, deadline: float, clock: Callable[[],
         log(INFO, "Waiting for sites: %d connected, %d needed", connected, wanted)
         sleep(min(5.0, max(0.0, deadline - clock())))
     return connected
-
-
-def limit_sampling(strategy: CyclicalMixin, connected: int) -> None:
-    """Let the strategy sample from the sites connected now: Flower's sampling waits, with no
-    end, until `min_available_nodes` are connected, and a lost site may never come back."""
-    cap = min(strategy.settings.min_sites, connected)
-    for name in ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes"):
-        if getattr(strategy, name, 0):  # 0: the strategy does not sample for that
-            setattr(strategy, name, cap)
 
 
 def _with_lifetime(messages, seconds: float) -> list[Message]:

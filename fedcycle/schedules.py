@@ -177,9 +177,10 @@ class LRSchedule:
                     scheduler.step()
         return scheduler
 
-    def lr_at(self, step: int, cycle_steps: int) -> float:
-        """The learning rate at a step, computed by the same PyTorch scheduler."""
-        return self.lrs(step, 1, cycle_steps)[0]
+    def lr_at(self, step: int, cycle_steps: int, steps_before: int | None = None) -> float:
+        """The learning rate at a step (`steps_before`: the steps trained before it, for
+        exp_range's decay), computed by the same PyTorch scheduler, in constant time."""
+        return self.lrs(step, 1, cycle_steps, steps_before)[0]
 
     def lrs(self, start_step: int, steps: int, cycle_steps: int, steps_before: int | None = None) -> list[float]:
         """The learning rates of `steps` optimizer steps from `start_step`, as a site's scheduler sets them."""

@@ -4,7 +4,8 @@
    training); with `resume-from`, load the run's newest readable checkpoint and check that it fits.
 2. Pre-flight (`fedcycle.preflight`): every connected site reports what it would train; the
    run stops with each site's reason if one cannot take part.
-3. Run the strategy (CyclicalFedAvg by default) in fedcycle's round loop up to
+3. Run the strategy (FedAvg by default) with the server's schedule and reply screen
+   (`fedcycle.coordinator`) in fedcycle's round loop up to
    `num-server-rounds`, evaluating the global model before training and after every round,
    and write the results, models and checkpoints round by round (`fedcycle.recorder`).
 """
@@ -29,7 +30,8 @@ from fedcycle.preflight import PreflightError, preflight, summed_statistics
 from fedcycle.recorder import RoundRecorder, load_resume_point
 from fedcycle.results import RunResults, resolve_run_dir, take_for_resume
 from fedcycle.round_loop import RoundFailed, initial_round, run_rounds
-from fedcycle.strategies import check_strategy, make_strategy
+from fedcycle.screen import Declared
+from fedcycle.strategies import check_strategy, make_coordinator
 from fedcycle.tasks import fingerprint, load_task
 from fedcycle.tracking import Trackers, check_tracking
 
@@ -92,22 +94,22 @@ def main(grid: Grid, context: Context) -> None:
     reports, refused = preflight(grid, settings, expected, needs_val=settings.evaluates_on_sites(test is not None))
     statistics = summed_statistics(reports)
     task.use_statistics(statistics)
-    strategy = make_strategy(settings, num_sites=len(reports), has_test_data=test is not None)
-    strategy.task_statistics = statistics
-    strategy.expect_metrics(next(iter(reports.values())).metric_names)
-    strategy.declared_examples = {node: r.num_train for node, r in reports.items()}
-    strategy.declared_val = {node: r.num_val for node, r in reports.items()}
-    strategy.site_names = {node: r.site for node, r in reports.items()}
-    strategy.late_nodes.update(refused)  # their refusal is logged and kept in config.json; no event each round
-    strategy.privacy_run = str((extra.get("earlier_run_ids") or [context.run_id])[0])
+    coordinator = make_coordinator(
+        settings, num_sites=len(reports), has_test_data=test is not None,
+        sites={node: Declared(r.num_train, r.num_val, r.site) for node, r in reports.items()},
+        metric_names=next(iter(reports.values())).metric_names, ranges=task.metric_ranges, task_statistics=statistics,
+        # the sites' DP ledgers file the run's rounds under its first id
+        privacy_run=str((extra.get("earlier_run_ids") or [context.run_id])[0]),
+        late_nodes=refused,  # their refusal is logged and kept in config.json; no event each round
+    )
     trackers = Trackers(settings, results.path, context.run_config, first_round=0 if ckpt is None else ckpt.round + 1)
-    recorder = RoundRecorder(settings, task, test, results, trackers, strategy.metric_names)
+    recorder = RoundRecorder(settings, task, test, results, trackers, coordinator.metric_names)
     if ckpt is None:
         arrays, first_round = ArrayRecord(model.state_dict()), 1
-        recorder.record(initial_round(grid, strategy, settings, arrays, sites_evaluate=test is None))
+        recorder.record(initial_round(grid, coordinator, settings, arrays, sites_evaluate=test is None))
     else:
         arrays, first_round = ArrayRecord(ckpt.model), ckpt.round + 1
-        strategy.restore_state_arrays(ckpt.strategy_arrays)
+        coordinator.restore(ckpt.server_arrays, ckpt.screen_state)
         random.setstate(ckpt.python_rng)
         torch.set_rng_state(ckpt.torch_rng)
         extra["resumed_value"] = recorder.resume(ckpt)
@@ -117,7 +119,7 @@ def main(grid: Grid, context: Context) -> None:
                          sites={node: replace(report, statistics=None).to_record() for node, report in reports.items()})
 
     try:
-        for outcome in run_rounds(grid, strategy, settings, arrays, first_round):
+        for outcome in run_rounds(grid, coordinator, settings, arrays, first_round):
             recorder.record(outcome)
     except RoundFailed as err:
         log(ERROR, "fedcycle run %s stopped: %s", context.run_id, err)

@@ -32,7 +32,7 @@ from fedcycle.schedules import LRSchedule
 # left out, scaled down or capped, a site that did not reply, and the round's own troubles.
 EVENTS = {
     "rejected": "a reply the screen left out of the average",
-    "clipped": "a reply whose update was scaled down to the round's bound",
+    "clipped": "a reply whose update was far longer than its peers' (peer-norm-ratio), averaged scaled down",
     "weight-capped": "a reply whose example count was capped",
     "missing": "a sampled site that sent no train reply",
     "rejected-evaluation": "an evaluate reply left out of the sites' evaluation",

@@ -5,7 +5,8 @@ several runs, with its spread (min to max).
 
 1. round anatomy: the standard job (4 sites, Fashion-MNIST, small CNN, 1 local epoch) through
    fedcycle in Flower's simulation, against the same job as one plain PyTorch loop;
-2. aggregation: 8 replies of ResNet-18 size, fedcycle's strategy against Flower's FedAvg, and
+2. aggregation: 8 replies of ResNet-18 size, fedcycle's coordinator (the reply screen around
+   Flower's FedAvg) against Flower's FedAvg alone, and
    the machine's memory bandwidth (a large copy) measured in the same run;
 3. the site trainer's throughput against a minimal hand-written loop;
 4. a site's set-up before its first training step, and a ClientApp process's start-up;
@@ -46,7 +47,7 @@ from fedcycle.batches import batches
 from fedcycle.config import RunSettings
 from fedcycle.results import machine, read_metrics, versions
 from fedcycle.schedules import LRSchedule
-from fedcycle.strategies import make_strategy
+from fedcycle.strategies import make_coordinator
 from fedcycle.tasks import Task, load_task
 from fedcycle.tasks.image.datasets import DATASETS, load
 from fedcycle.tasks.image.in_memory import DeviceBatches, InMemoryImages
@@ -89,12 +90,21 @@ def bench_aggregation(repeat: int) -> dict:
         replies.append(Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=instruction))
     size = sum(v.nbytes for v in state.values())
 
-    strategy = make_strategy(RunSettings(), num_sites=8)
-    strategy.remember_global(ArrayRecord({k: Array(v) for k, v in state.items()}))
+    sent = ArrayRecord({k: Array(v) for k, v in state.items()})
 
-    def fedcycle_round() -> None:  # the production path: reply checks, the mean, dtypes kept
-        arrays, _ = strategy.aggregate_train(1, replies)
-        assert arrays is not None and not strategy.events[1]
+    def coordinator():
+        c = make_coordinator(RunSettings(), num_sites=8)
+        c.global_arrays = sent  # as configure_train sets it
+        return c
+
+    # one coordinator a repeat, made before the clock starts: the same round screened again by one
+    # coordinator would count each site's drift once per repeat
+    coordinators = [coordinator() for _ in range(repeat)]
+
+    def fedcycle_round() -> None:  # the production path: the reply screen, the mean, dtypes kept
+        c = coordinators.pop()
+        arrays = c.aggregate(1, c.screen_round(1, replies))
+        assert arrays is not None and not c.events[1], c.events[1]
 
     stock = timed(lambda: FedAvg().aggregate_train(1, replies), repeat)
     fast = timed(fedcycle_round, repeat)
@@ -106,7 +116,9 @@ def bench_aggregation(repeat: int) -> dict:
     return {
         "parameters": int(sum(v.size for v in state.values())), "replies": len(replies),
         "stock_seconds": spread(stock), "fedcycle_seconds": spread(fast),
-        "fedcycle_includes": "CyclicalFedAvg.aggregate_train: screening every reply (shapes, dtypes, NaN/Inf, the norm of its change), the mean, dtypes kept",
+        "fedcycle_includes": ("Coordinator(FedAvg).screen_round + aggregate: screening every reply (shapes, dtypes, metrics, "
+                              "NaN/Inf, the norm of its change, replays and near-duplicates by sketch, the peers' median: "
+                              "pull-back, centered clipping, weight cap, drift), FedAvg's mean, dtypes kept"),
         "speedup": statistics.median(stock) / statistics.median(fast),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "fedcycle_bandwidth_gb_s": traffic / statistics.median(fast) / 1e9,

@@ -23,8 +23,8 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedcycle.schedules import LRSchedule
-from fedcycle.strategies.cyclical import CyclicalMixin, schedule_summary
-from fedcycle.wire import EvaluateConfig, TrainReply
+from fedcycle.coordinator import Coordinator
+from fedcycle.wire import EvaluateConfig, RoundConfig, TrainReply
 
 # The arrays of a tiny model: what the strategy tests aggregate.
 SHAPES = {"conv.weight": (4, 3), "conv.bias": (4,)}
@@ -115,20 +115,26 @@ def context(run_config: dict, node_config: dict) -> Context:
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
-def start_round(strategy: CyclicalMixin, server_round: int, arrays: ArrayRecord, nodes) -> dict[str, float]:
+def start_round(coordinator: Coordinator, server_round: int, arrays: ArrayRecord, nodes) -> dict[str, float]:
     """Open a round as the round loop does (configure_train); the schedule metrics an honest
     site with 10 examples reports for it."""
-    list(strategy.configure_train(server_round, arrays, ConfigRecord(), Sites(nodes)))
-    return honest_schedule(strategy, server_round)
+    coordinator.configure_train(server_round, arrays, Sites(nodes))
+    return honest_schedule(coordinator, server_round)
 
 
-def honest_schedule(strategy: CyclicalMixin, server_round: int) -> dict[str, float]:
-    """The steps and learning rates an honest site with 10 examples reports for an open round."""
-    config = strategy.sent_config[server_round]
-    per_epoch, epochs = math.ceil(10 / config["batch-size"]), config["local-epochs"]
-    first, peak, last = schedule_summary(tuple(sorted(LRSchedule.from_config(config).to_config().items())),
-                                         per_epoch, epochs, server_round, config["epochs-before"])
-    return {"steps": float(per_epoch * epochs), "lr-first": first, "lr-peak": peak, "lr-last": last}
+def honest_schedule(coordinator: Coordinator, server_round: int, n: int = 10) -> dict[str, float]:
+    """The steps and learning rates an honest site with `n` examples reports for an open round:
+    its scheduler's rates, step by step."""
+    sent = RoundConfig.from_record(coordinator.sent_config[server_round])
+    per_epoch, epochs, s = math.ceil(n / sent.batch_size), sent.local_epochs, sent.schedule
+    lrs = s.lrs(s.start_step(per_epoch, epochs, server_round, sent.epochs_before), per_epoch * epochs,
+                s.cycle_steps(per_epoch, epochs), steps_before=sent.epochs_before * per_epoch)
+    return {"steps": float(per_epoch * epochs), "lr-first": lrs[0], "lr-peak": max(lrs), "lr-last": lrs[-1]}
+
+
+def screen_and_average(coordinator: Coordinator, server_round: int, replies: list[Message]) -> ArrayRecord | None:
+    """A round's replies through the screen and the strategy's average, as the round loop passes them."""
+    return coordinator.aggregate(server_round, coordinator.screen_round(server_round, replies))
 
 
 def preflight_query(batch_size: int = 64, node: int = 1) -> Message:

@@ -19,10 +19,10 @@ from fedcycle.checkpoint import (
 )
 from fedcycle.config import RENAMED_KEYS, ConfigError, RunSettings
 from fedcycle.recorder import load_resume_point, run_identity
-from fedcycle.strategies import make_strategy
+from fedcycle.strategies import make_coordinator
 from fedcycle.tasks import Task
 from fedcycle.tasks.image.models import build_model
-from tests.fakes import SHAPES, arrays, reply, start_round
+from tests.fakes import SHAPES, arrays, reply, screen_and_average, start_round
 
 IMAGE = {"dataset": "fashion-mnist", "model": "small-cnn"}  # the image task's table, as Flower passes it
 
@@ -51,36 +51,39 @@ def checkpoint(settings: RunSettings, server_round: int, **extra) -> Checkpoint:
 
 def test_a_checkpoint_holds_model_metrics_rng_and_the_strategy_state(tmp_path, task_identity):
     settings = RunSettings(strategy="fedadam", batch_size=4)
-    strategy = make_strategy(settings, num_sites=3)
+    server = make_coordinator(settings, num_sites=3)
+    strategy = server.strategy
     rng = np.random.default_rng(0)
     start = ArrayRecord({k: Array(v) for k, v in arrays(rng).items()})
-    honest = start_round(strategy, 1, start, [1, 2, 3])  # a real round: FedAdam's moments come from it
+    honest = start_round(server, 1, start, [1, 2, 3])  # a real round: FedAdam's moments come from it
     sent = [{k: a.numpy() + 0.01 * rng.standard_normal(a.shape).astype(np.float32) for k, a in start.items()}
             for _ in range(3)]
-    after_round_1, _ = strategy.aggregate_train(1, [reply(n, w, 10, **honest) for n, w in enumerate(sent, start=1)])
-    assert after_round_1 is not None and set(strategy.m_t) == set(SHAPES) and not strategy.events[1]
+    after_round_1 = screen_and_average(server, 1, [reply(n, w, 10, **honest) for n, w in enumerate(sent, start=1)])
+    assert after_round_1 is not None and set(strategy.m_t) == set(SHAPES) and not server.events[1]
     random.seed(5)
     expected_draw = random.random()
     random.seed(5)
-    save_checkpoint(tmp_path, checkpoint(settings, 3, strategy_arrays=strategy.state_arrays()), keep=3)
+    server_arrays, screen_state = server.state()
+    save_checkpoint(tmp_path, checkpoint(settings, 3, server_arrays=server_arrays, screen_state=screen_state), keep=3)
     random.random()  # the state moves on; the checkpoint keeps the one it saw
 
     loaded = load_checkpoint(checkpoint_files(tmp_path)[-1])
     assert loaded.round == 3 and loaded.best_value == pytest.approx(0.53)
     assert [m["round"] for m in loaded.metrics] == [0, 1, 2, 3]
     assert loaded.identity == run_identity(settings, task_of(settings))
-    fresh = make_strategy(settings, num_sites=3)  # the resumed server's
-    fresh.restore_state_arrays(loaded.strategy_arrays)
+    fresh = make_coordinator(settings, num_sites=3)  # the resumed server's
+    fresh.restore(loaded.server_arrays, loaded.screen_state)
     for key in SHAPES:
-        np.testing.assert_array_equal(fresh.m_t[key], strategy.m_t[key])
-        np.testing.assert_array_equal(fresh.v_t[key], strategy.v_t[key])
+        np.testing.assert_array_equal(fresh.strategy.m_t[key], strategy.m_t[key])
+        np.testing.assert_array_equal(fresh.strategy.v_t[key], strategy.v_t[key])
+    assert fresh.screen.memory.digests == server.screen.memory.digests  # the screen remembers round 1's replies
     # round 2 from the restored moments is round 2 of the uninterrupted server
     replies = [{k: a.numpy() + 0.01 * rng.standard_normal(a.shape).astype(np.float32) for k, a in after_round_1.items()}
                for _ in range(3)]
     results = []
-    for server in (strategy, fresh):
-        honest = start_round(server, 2, after_round_1, [1, 2, 3])
-        results.append(server.aggregate_train(2, [reply(n, w, 10, **honest) for n, w in enumerate(replies, start=1)])[0])
+    for coordinator in (server, fresh):
+        honest = start_round(coordinator, 2, after_round_1, [1, 2, 3])
+        results.append(screen_and_average(coordinator, 2, [reply(n, w, 10, **honest) for n, w in enumerate(replies, start=1)]))
     for key in SHAPES:
         np.testing.assert_array_equal(results[0][key].numpy(), results[1][key].numpy())
     random.setstate(loaded.python_rng)
@@ -91,13 +94,15 @@ def test_a_checkpoint_holds_model_metrics_rng_and_the_strategy_state(tmp_path, t
 
 def test_fedavgm_momentum_survives_a_checkpoint(tmp_path, task_identity):
     settings = RunSettings(strategy="fedavgm")
-    strategy = make_strategy(settings, num_sites=2)
-    strategy.momentum_vector = [np.arange(4, dtype=np.float32), np.ones((2, 2))]
-    save_checkpoint(tmp_path, checkpoint(settings, 1, strategy_arrays=strategy.state_arrays()), keep=3)
-    fresh = make_strategy(settings, num_sites=2)
-    fresh.restore_state_arrays(load_checkpoint(checkpoint_files(tmp_path)[-1]).strategy_arrays)
-    assert [v.dtype for v in fresh.momentum_vector] == [np.float32, np.float64]
-    np.testing.assert_array_equal(fresh.momentum_vector[0], np.arange(4))
+    server = make_coordinator(settings, num_sites=2)
+    server.strategy.momentum_vector = [np.arange(4, dtype=np.float32), np.ones((2, 2))]
+    server_arrays, screen_state = server.state()
+    save_checkpoint(tmp_path, checkpoint(settings, 1, server_arrays=server_arrays, screen_state=screen_state), keep=3)
+    fresh = make_coordinator(settings, num_sites=2)
+    loaded = load_checkpoint(checkpoint_files(tmp_path)[-1])
+    fresh.restore(loaded.server_arrays, loaded.screen_state)
+    assert [v.dtype for v in fresh.strategy.momentum_vector] == [np.float32, np.float64]
+    np.testing.assert_array_equal(fresh.strategy.momentum_vector[0], np.arange(4))
 
 
 def test_only_the_last_few_are_kept_in_round_order_past_round_9999(tmp_path):
@@ -192,15 +197,15 @@ def test_resume_may_change_only_how_long_and_where(tmp_path):
 
 
 def test_an_update_far_from_the_global_model_is_rejected(task_identity):
-    strategy = make_strategy(RunSettings(), num_sites=3)
+    strategy = make_coordinator(RunSettings(), num_sites=3)
     rng = np.random.default_rng(2)
     global_model = arrays(rng)
-    strategy.remember_global(ArrayRecord({k: Array(v) for k, v in global_model.items()}))
+    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
     near = {k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) for k, v in global_model.items()}
     scaled = {k: v * 1000 for k, v in global_model.items()}
     nan = {k: v.copy() for k, v in near.items()}
     nan["conv.bias"][1] = np.nan  # found by the same pass that measures the change
-    agg, _ = strategy.aggregate_train(1, [reply(1, near, 10), reply(2, scaled, 10), reply(3, nan, 10)])
+    agg = screen_and_average(strategy, 1, [reply(1, near, 10), reply(2, scaled, 10), reply(3, nan, 10)])
     np.testing.assert_allclose(agg["conv.weight"].numpy(), near["conv.weight"], rtol=1e-6)
     scaled_event, nan_event = strategy.events[1]
     assert scaled_event["node_id"] == 2 and "999 times the model's norm, above max-update-ratio=10.0" in scaled_event["reason"]
@@ -210,9 +215,11 @@ def test_an_update_far_from_the_global_model_is_rejected(task_identity):
     norm = np.sqrt(sum((global_model[k].astype(np.float64) ** 2).sum() for k in SHAPES))
     assert site["update-ratio"] == pytest.approx(delta / norm, rel=1e-5)  # measured in float32
 
-    unbounded = make_strategy(RunSettings(max_update_ratio=0), num_sites=3)
-    unbounded.remember_global(ArrayRecord({k: Array(v) for k, v in global_model.items()}))
-    unbounded.aggregate_train(1, [reply(1, near, 10), reply(2, scaled, 10)])
+    # near-duplicate-ratio=0 too: next to an update 1000 times the model's norm, any honest update
+    # is shorter than 1% of the round's median update norm and would be left out as stale work
+    unbounded = make_coordinator(RunSettings(max_update_ratio=0, near_duplicate_ratio=0), num_sites=3)
+    unbounded.global_arrays = ArrayRecord({k: Array(v) for k, v in global_model.items()})
+    screen_and_average(unbounded, 1, [reply(1, near, 10), reply(2, scaled, 10)])
     assert not unbounded.events[1] and len(unbounded.site_metrics[1]) == 2
 
 

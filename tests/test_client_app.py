@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from fedcycle import client_app
 from fedcycle.config import RunSettings
 from fedcycle.site import load_site
-from fedcycle.strategies import make_strategy
+from fedcycle.strategies import make_coordinator
 from fedcycle.trainer import evaluate
 from tests.fakes import Sites, context
 from tests.user_tasks import BloodPressure
@@ -25,9 +25,9 @@ def test_the_evaluate_reply_is_the_received_model_on_the_sites_held_out_split(da
     site = load_site(run_config, node)
     torch.manual_seed(3)
     model = site.new_model()
-    strategy = make_strategy(RunSettings.from_run_config(run_config), num_sites=2, has_test_data=False)
-    config = ConfigRecord(dict(next(iter(strategy.configure_evaluate(4, ArrayRecord(model.state_dict()), ConfigRecord(),
-                                                                     Sites([1, 2])))).content["config"]))
+    coordinator = make_coordinator(RunSettings.from_run_config(run_config), num_sites=2, has_test_data=False)
+    config = ConfigRecord(dict(next(iter(coordinator.configure_evaluate(4, ArrayRecord(model.state_dict()),
+                                                                        Sites([1, 2])))).content["config"]))
     message = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=2,
                       message_type="evaluate")
     metrics = client_app.evaluate_round(message, context(run_config, node)).content["metrics"]
@@ -55,7 +55,7 @@ def test_a_sites_own_loop_must_report_the_tasks_metrics(task_identity):
     run_config = {"task": name, "batch-size": 100, "local-epochs": 1}
     node = {"partition-id": 0}
     settings = RunSettings.from_run_config(run_config)
-    config = ConfigRecord({**make_strategy(settings, num_sites=1).round_train_config(1), "server-round": 1})
+    config = ConfigRecord({**make_coordinator(settings, num_sites=1).round_config(1).to_record(), "server-round": 1})
     model = load_site(run_config, node).new_model()
     message = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1,
                       message_type="train")

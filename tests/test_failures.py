@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fedcycle.checkpoint import load_checkpoint
 from fedcycle.config import RunSettings
 from fedcycle.results import load_model, read_metrics
-from fedcycle.strategies import make_strategy
+from fedcycle.strategies import make_coordinator
 from fedcycle_tools.deploy.loopback import LoopbackDeployment
 from fedcycle_tools.launcher import RunOutcome
 
@@ -169,7 +169,7 @@ def test_nan_and_scaled_updates_are_rejected_and_a_robust_strategy_survives_them
         )
         # without the norm bounds the scaled site is averaged in, unless the strategy is robust
         robust = deployment.run(
-            config(data_root, tmp_path, "num-server-rounds=1 round-timeout=120 max-update-ratio=0 peer-norm-ratio=0 "
+            config(data_root, tmp_path, "num-server-rounds=1 round-timeout=120 max-update-ratio=0 peer-clip-ratio=0 peer-norm-ratio=0 "
                    "strategy='fedmedian' run-name='robust'"),
             stream=False,
         )
@@ -209,7 +209,7 @@ def test_a_flipped_a_lying_and_a_replaying_site_are_named_every_round_and_the_ru
         assert "pulls the model back against the round's median update by" in reason
         assert "num-examples=1e+06 is above max-weight-ratio=4.0" in events(r, liar, "weight-capped")[0]["reason"]
     assert replayer in {s["site"] for s in rounds[1]["sites"]}  # round 1: its weights are new
-    assert "identical to node" in events(rounds[2], replayer, "rejected")[0]["reason"]
+    assert f"identical to {replayer}'s reply in round 1 (a replay)" in events(rounds[2], replayer, "rejected")[0]["reason"]
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
 
 
@@ -266,9 +266,9 @@ def test_a_run_stopped_with_its_superlink_resumes_where_it_stopped(deployment, d
     # are what that schedule gives (the server leaves out a reply whose rates differ)
     settings = RunSettings(lr_cycle_length=1.5, lr_envelope="exponential", lr_decay=0.5, num_server_rounds=3,
                            local_epochs=1, batch_size=32)
-    strategy = make_strategy(settings, num_sites=2)
-    strategy.privacy_run = str(stopped.run_id)  # the sites' DP ledgers file the resumed run under its first id
-    assert rounds[3]["train_config"] == {**strategy.round_train_config(3), "server-round": 3}
+    # the sites' DP ledgers file the resumed run under its first id
+    coordinator = make_coordinator(settings, num_sites=2, privacy_run=str(stopped.run_id))
+    assert rounds[3]["train_config"] == {**coordinator.round_config(3).to_record(), "server-round": 3}
     assert {r["train_config"]["privacy-run"] for r in rounds[1:]} == {str(stopped.run_id)}
     assert rounds[3]["train_config"]["epochs-before"] == 2
     assert len(rounds[3]["sites"]) == 2 and rounds[3]["events"] == []

@@ -23,7 +23,7 @@ from fedcycle.config import DPSettings, RunSettings
 from fedcycle.errors import ConfigError
 from fedcycle.privacy import private_training
 from fedcycle.site import load_site
-from fedcycle.strategies import make_strategy
+from fedcycle.strategies import make_coordinator
 from fedcycle.tasks import Task
 from tests.fakes import context
 from tests.user_tasks import BloodPressure
@@ -37,9 +37,8 @@ def dp_run_config(task: type = BloodPressure, **extra) -> dict:
 
 
 def train_message(run_config: dict, server_round: int, privacy_run: str = "run-a") -> Message:
-    strategy = make_strategy(RunSettings.from_run_config(run_config), num_sites=1)
-    strategy.privacy_run = privacy_run
-    config = ConfigRecord(strategy.round_train_config(server_round))
+    coordinator = make_coordinator(RunSettings.from_run_config(run_config), num_sites=1, privacy_run=privacy_run)
+    config = ConfigRecord(coordinator.round_config(server_round).to_record())
     model = load_site(run_config, {"partition-id": 0}).new_model()
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1,
                    message_type="train")
@@ -199,12 +198,11 @@ def test_site_level_dp_clips_at_the_site_noises_the_unweighted_mean_and_rejects_
     from tests.fakes import Sites, honest_schedule
 
     run_config = {"dp.site-clip-norm": 0.5, "dp.site-noise-multiplier": 0.0, "min-sites": 3,
-                  "peer-norm-ratio": 0.0, "peer-pullback-ratio": 0.0}
-    strategy = make_strategy(RunSettings.from_run_config(run_config), num_sites=3)
-    strategy.expect_metrics(["accuracy"])
+                  "peer-clip-ratio": 0.0, "peer-norm-ratio": 0.0, "peer-pullback-ratio": 0.0}
+    strategy = make_coordinator(RunSettings.from_run_config(run_config), num_sites=3, metric_names=["accuracy"])
     start = {"w": np.zeros(4, dtype=np.float32)}
     arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
-    list(strategy.configure_train(1, arrays, ConfigRecord(), Sites([1, 2, 3])))
+    strategy.configure_train(1, arrays, Sites([1, 2, 3]))
 
     def reply(strategy, node, update, examples):
         """An honest train reply for round 1 (its schedule an honest site's), with this update."""
@@ -223,12 +221,12 @@ def test_site_level_dp_clips_at_the_site_noises_the_unweighted_mean_and_rejects_
     accepted = strategy.screen_round(1, replies)
     assert [m.metadata.src_node_id for m in accepted] == [1, 2]
     assert "above dp.site-clip-norm=0.5: a site that does not clip" in strategy.events[1][0]["reason"]
-    mean, _ = strategy.aggregate_accepted(1, accepted)
+    mean = strategy.aggregate(1, accepted)
     assert mean["w"].numpy().tolist() == pytest.approx([0.25, 0.15, 0, 0])  # not weighted by examples
 
-    noisy = make_strategy(RunSettings.from_run_config({**run_config, "dp.site-noise-multiplier": 4.0}), num_sites=3)
-    noisy.expect_metrics(["accuracy"])
+    noisy = make_coordinator(RunSettings.from_run_config({**run_config, "dp.site-noise-multiplier": 4.0}), num_sites=3,
+                             metric_names=["accuracy"])
     big = ArrayRecord({"w": Array(np.zeros(20_000, dtype=np.float32))})
-    list(noisy.configure_train(1, big, ConfigRecord(), Sites([1, 2, 3])))
-    out, _ = noisy.aggregate_accepted(1, [reply(noisy, n, np.zeros(20_000), 10) for n in (1, 2)])
+    noisy.configure_train(1, big, Sites([1, 2, 3]))
+    out = noisy.aggregate(1, [reply(noisy, n, np.zeros(20_000), 10) for n in (1, 2)])
     assert out["w"].numpy().std() == pytest.approx(4.0 * 0.5 / 2, rel=0.03)  # z * clip / n

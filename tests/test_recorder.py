@@ -17,7 +17,7 @@ from fedcycle.results import RunResults, load_model, read_metrics, resolve_run_d
 from fedcycle.round_loop import RoundOutcome, initial_round
 from fedcycle.schedules import LRSchedule
 from fedcycle.site import load_site
-from fedcycle.strategies import make_strategy
+from fedcycle.strategies import make_coordinator
 from fedcycle.tasks import load_task
 from fedcycle.tracking import Trackers
 from fedcycle.trainer import TrainConfig, evaluate, train
@@ -183,8 +183,7 @@ def test_without_a_test_split_the_sites_evaluate_the_initial_model(tmp_path, tas
     nodes = {1: {"partition-id": 0}, 2: {"partition-id": 1}}
     grid = AnsweringSites(nodes, lambda m: client_app.evaluate_round(m, context(run_config, nodes[m.metadata.dst_node_id])))
     settings = RunSettings.from_run_config(run_config)
-    strategy = make_strategy(settings, num_sites=2, has_test_data=False)
-    strategy.expect_metrics(["mae", "mse"])
+    strategy = make_coordinator(settings, num_sites=2, has_test_data=False, metric_names=["mae", "mse"])
     recorder = recorder_for(run_config, metric_names=["mae", "mse"])
     assert recorder.test is None and strategy.evaluates_on_sites
     state = untrained(recorder.task)

@@ -14,7 +14,8 @@ from flwr.server.superlink.linkstate.utils import (
 
 from fedcycle.config import RunSettings
 from fedcycle.round_loop import RoundFailed, run_rounds, train_round
-from fedcycle.strategies import make_strategy
+from fedcycle.screen import Declared
+from fedcycle.strategies import make_coordinator
 from tests.fakes import Sites, arrays, honest_schedule, reply
 
 
@@ -65,8 +66,8 @@ class BrokenSites(SilentSites):
         return 9.0, [reply(m.metadata.dst_node_id, bad, 10, to=m) for m in messages]
 
 
-def start(settings: RunSettings):
-    strategy = make_strategy(settings, num_sites=2)
+def start(settings: RunSettings, **known):
+    strategy = make_coordinator(settings, num_sites=2, **known)
     return strategy, ArrayRecord({k: Array(v) for k, v in arrays(np.random.default_rng(1)).items()})
 
 
@@ -99,7 +100,8 @@ def test_the_sites_evaluation_gets_what_is_left_of_the_round(task_identity):
     settings = RunSettings(round_timeout=100.0, round_retries=0, min_replies=1, min_reply_fraction=0.0,
                            num_server_rounds=1)
     strategy, model = start(settings)
-    strategy.evaluates_on_sites, strategy.fraction_evaluate, strategy.min_evaluate_nodes = True, 1.0, 1
+    strategy.evaluates_on_sites = True
+    strategy.strategy.fraction_evaluate, strategy.strategy.min_evaluate_nodes = 1.0, 1
 
     class SlowTraining(SilentSites):
         """Training takes 69 s at both sites; the evaluation waits out its timeout."""
@@ -123,9 +125,9 @@ def test_a_site_the_superlink_answers_for_is_named_missing_with_the_superlinks_r
     # id (1): the round names the site the message went to, not node 1.
     clock = Clock()
     settings = RunSettings(round_timeout=100.0, round_retries=0, min_replies=1, min_reply_fraction=0.0)
-    strategy, model = start(settings)
-    strategy.min_available_nodes = strategy.min_train_nodes = 3
-    strategy.site_names = {2: "site a", 3: "site b", 4: "site c"}
+    strategy, model = start(settings, sites={node: Declared(num_train=10, num_val=5, site=name)
+                                             for node, name in ((2, "site a"), (3, "site b"), (4, "site c"))})
+    strategy.strategy.min_available_nodes = strategy.strategy.min_train_nodes = 3
 
     class OneNodeGone(SilentSites):
         def answer(self, messages):
@@ -149,8 +151,8 @@ def test_a_site_the_superlink_answers_for_is_named_missing_with_the_superlinks_r
 def test_a_long_round_says_once_a_minute_which_sites_have_replied(task_identity, caplog):
     clock = Clock()
     settings = RunSettings(round_timeout=1000.0, round_retries=0, min_replies=1, min_reply_fraction=0.0)
-    strategy, model = start(settings)
-    strategy.site_names = {1: "site a", 2: "site b"}
+    strategy, model = start(settings, sites={1: Declared(num_train=10, num_val=5, site="site a"),
+                                             2: Declared(num_train=10, num_val=5, site="site b")})
 
     class OneSlowSite(SilentSites):
         """Site a replies after 20 s, site b after 150 s."""

@@ -9,8 +9,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedcycle.config import RunSettings
-from fedcycle.strategies import make_strategy
-from fedcycle.strategies.peers import weight_cap
+from fedcycle.screen import Declared, weight_cap
+from fedcycle.strategies import make_coordinator
 from tests.fakes import arrays, reply, start_round
 
 
@@ -22,11 +22,8 @@ def test_half_the_sites_claiming_huge_sizes_do_not_move_the_weight_cap():
 
 @pytest.fixture
 def strategy(task_identity):
-    s = make_strategy(RunSettings.from_run_config({"min-sites": 3}), num_sites=3)
-    s.expect_metrics(["accuracy"])
-    s.declared_examples = {1: 10, 2: 10, 3: 10}
-    s.declared_val = {1: 5, 2: 5, 3: 5}
-    return s
+    return make_coordinator(RunSettings.from_run_config({"min-sites": 3}), num_sites=3, metric_names=["accuracy"],
+                            sites={node: Declared(num_train=10, num_val=5) for node in (1, 2, 3)})
 
 
 def test_a_negative_running_variance_is_rejected(strategy):

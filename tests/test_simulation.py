@@ -85,7 +85,7 @@ def test_fedprox_with_site_evaluation_on_a_dirichlet_split(superlink, tmp_path, 
     assert "received-accuracy" not in rounds[1]["sites"][0]  # evaluated in its own round instead
     for r in rounds[1:]:  # the evaluate round's aggregate: an example-weighted accuracy
         assert 0 < r["sites_evaluation"]["accuracy"] <= 1
-    assert "CyclicalFedProx" in out.log and "the sites' evaluation of the global model" in out.log
+    assert "Starting FedProx, rounds 1 to 2" in out.log and "the sites' evaluation of the global model" in out.log
 
 
 @pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink

@@ -1,4 +1,5 @@
-"""The strategy's aggregate, its reply checks and dtype keeping, on real Flower Messages."""
+"""The coordinator around a Flower strategy: its aggregate, its reply checks and dtype keeping,
+on real Flower Messages."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import re
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian
 
 from fedcycle import client_app
 from fedcycle.config import ConfigError, RunSettings
-from fedcycle.strategies import STRATEGIES, make_strategy, resolve_strategy
-from fedcycle.strategies.cyclical import CyclicalMixin
+from fedcycle.coordinator import Coordinator
+from fedcycle.screen import Declared
+from fedcycle.strategies import STRATEGIES, make_coordinator, resolve_strategy
 from tests.fakes import (
     SHAPES,
     Sites,
@@ -21,17 +23,22 @@ from tests.fakes import (
     context,
     preflight_query,
     reply,
+    screen_and_average,
     start_round,
 )
 
 
+def at_zeros(settings: RunSettings | None = None, **known) -> Coordinator:
+    """The default strategy's coordinator holding a global model of zeros (norm 0: no update
+    ratio can be measured), set as a round sets it."""
+    c = make_coordinator(settings or RunSettings(), num_sites=4, **known)
+    c.global_arrays = ArrayRecord({k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()})
+    return c
+
+
 @pytest.fixture
-def strategy(task_identity) -> CyclicalMixin:
-    """The default strategy holding a global model of zeros (norm 0: no update ratio can be
-    measured), set as a round sets it."""
-    s = make_strategy(RunSettings(), num_sites=4)
-    s.remember_global(ArrayRecord({k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()}))
-    return s
+def strategy(task_identity) -> Coordinator:
+    return at_zeros()
 
 
 def weighted_mean(sent: list[dict], weights: list[float]) -> dict[str, np.ndarray]:
@@ -39,16 +46,17 @@ def weighted_mean(sent: list[dict], weights: list[float]) -> dict[str, np.ndarra
     return {k: np.tensordot(w / w.sum(), np.stack([s[k].astype(np.float64) for s in sent]), axes=1) for k in SHAPES}
 
 
-def test_aggregate_is_the_example_weighted_mean(strategy):
+def test_aggregate_is_the_example_weighted_mean(task_identity):
+    strategy = at_zeros(RunSettings(peer_clip_ratio=0))  # no centered clipping: the plain mean
     rng = np.random.default_rng(0)
     sent = [arrays(rng) for _ in range(3)]
     weights = [10, 30, 60]
-    agg, metrics = strategy.aggregate_train(1, [reply(i + 1, a, n) for i, (a, n) in enumerate(zip(sent, weights))])
+    agg = screen_and_average(strategy, 1, [reply(i + 1, a, n) for i, (a, n) in enumerate(zip(sent, weights))])
     expected = weighted_mean(sent, weights)
     for key in SHAPES:
         assert agg[key].dtype == "float32"
         np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-6, atol=1e-7)
-    assert metrics["train-loss"] == pytest.approx(1.0)
+    assert [m["train-loss"] for m in strategy.site_metrics[1]] == pytest.approx([1.0] * 3)
     assert not strategy.events[1]
 
 
@@ -62,7 +70,7 @@ def test_nan_and_wrong_shape_replies_are_left_out_and_recorded(strategy):
     wrong = arrays(rng, shapes={"conv.weight": (4, 2), "conv.bias": (4,)})
     replies = [reply(1, good[0], 20), reply(2, nan, 20), reply(3, wrong, 20), reply(4, good[1], 60), reply(5, inf, 5),
                reply(6, arrays(rng), 20, **{"train-loss": math.nan})]
-    agg, _ = strategy.aggregate_train(2, replies)
+    agg = screen_and_average(strategy, 2, replies)
     expected = weighted_mean(good, [20, 60])
     for key in SHAPES:
         np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-6, atol=1e-7)
@@ -76,10 +84,10 @@ def test_nan_and_wrong_shape_replies_are_left_out_and_recorded(strategy):
 
 
 @pytest.mark.parametrize("n", [0, -3, math.nan, math.inf, 1e9])
-def test_bad_num_examples_are_left_out(strategy, n):
-    strategy.declared_examples = {1: 100, 2: 100, 3: 100}
+def test_bad_num_examples_are_left_out(task_identity, n):
+    strategy = at_zeros(sites={node: Declared(num_train=100, num_val=10) for node in (1, 2, 3)})
     rng = np.random.default_rng(2)
-    agg, _ = strategy.aggregate_train(1, [reply(1, arrays(rng), 50), reply(2, arrays(rng), n), reply(3, arrays(rng), 100)])
+    agg = screen_and_average(strategy, 1, [reply(1, arrays(rng), 50), reply(2, arrays(rng), n), reply(3, arrays(rng), 100)])
     assert agg is not None
     (event,) = strategy.events[1]
     assert event["node_id"] == 2 and "num-examples" in event["reason"]
@@ -91,19 +99,19 @@ def test_replies_with_other_metric_keys_are_left_out_not_fatal(strategy):
     replies = [reply(3, arrays(rng), 10, extra=1.0), reply(1, arrays(rng), 10)]
     with pytest.raises(Exception):  # Flower's own FedAvg ends the run here
         FedAvg().aggregate_train(1, replies)
-    agg, _ = strategy.aggregate_train(1, replies)
+    agg = screen_and_average(strategy, 1, replies)
     assert agg is not None
     (event,) = strategy.events[1]
     assert event["node_id"] == 3 and "metric keys differ" in event["reason"] and "extra" in event["reason"]
 
 
-def test_replies_under_other_record_names_or_from_unknown_sites_are_left_out(strategy):
+def test_replies_under_other_record_names_or_from_unknown_sites_are_left_out(task_identity):
     rng = np.random.default_rng(5)
     renamed = reply(2, arrays(rng), 10)
     renamed.content["m"] = renamed.content["metrics"]
     del renamed.content["metrics"]
-    strategy.declared_examples = {1: 100, 2: 100}
-    agg, _ = strategy.aggregate_train(1, [reply(1, arrays(rng), 10), renamed, reply(9, arrays(rng), 10)])
+    strategy = at_zeros(sites={node: Declared(num_train=100, num_val=10) for node in (1, 2)})
+    agg = screen_and_average(strategy, 1, [reply(1, arrays(rng), 10), renamed, reply(9, arrays(rng), 10)])
     assert agg is not None
     reasons = {e["node_id"]: e["reason"] for e in strategy.events[1]}
     assert "MetricRecord 'metrics'" in reasons[2]
@@ -114,26 +122,31 @@ def test_all_replies_bad_keeps_the_model(strategy):
     rng = np.random.default_rng(4)
     bad = arrays(rng)
     bad["conv.bias"][:] = np.nan
-    assert strategy.aggregate_train(1, [reply(1, bad, 10)]) == (None, None)
+    assert screen_and_average(strategy, 1, [reply(1, bad, 10)]) is None
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_registered_strategy_gets_the_cyclical_mechanism(name):
+def test_every_registered_strategy_runs_under_the_server_schedule(task_identity, name):
     settings = RunSettings(strategy=name, options={"fedprox": {"proximal-mu": 0.5}, "fedtrimmedavg": {"beta": 0.1}})
-    s = make_strategy(settings, num_sites=4)
-    assert isinstance(s, CyclicalMixin) and isinstance(s, STRATEGIES[name])
-    config = s.round_train_config(3)
+    c = make_coordinator(settings, num_sites=4)
+    assert isinstance(c.strategy, STRATEGIES[name]) and type(c.strategy) is STRATEGIES[name]  # as Flower has it
+    config = c.round_config(3).to_record()
     assert config["lr-schedule"] == settings.lr_schedule and config["local-epochs"] == settings.local_epochs
     assert config["epochs-before"] == 2 * settings.local_epochs
+    # the schedule reaches the sites through the strategy's own train messages
+    model = ArrayRecord({k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()})
+    messages = c.configure_train(3, model, Sites([1, 2, 3, 4]))
+    assert messages and all(m.content["config"]["lr-schedule"] == settings.lr_schedule
+                            and m.content["config"]["epochs-before"] == 2 * settings.local_epochs for m in messages)
     if name == "fedprox":
-        assert s.proximal_mu == 0.5
+        assert c.strategy.proximal_mu == 0.5
     if name == "fedtrimmedavg":
-        assert s.beta == 0.1
+        assert c.strategy.beta == 0.1
 
 
 def test_user_strategy_by_dotted_path():
-    s = make_strategy(RunSettings(strategy="flwr.serverapp.strategy:FedMedian"), num_sites=2)
-    assert type(s).__name__ == "CyclicalFedMedian" and isinstance(s, CyclicalMixin)
+    c = make_coordinator(RunSettings(strategy="flwr.serverapp.strategy:FedMedian"), num_sites=2)
+    assert type(c.strategy) is FedMedian  # wrapped as it is: no class built at run time
     with pytest.raises(ConfigError, match="is not a subclass of flwr.serverapp.strategy.Strategy"):
         resolve_strategy("os.path:join")
     with pytest.raises(ConfigError, match="cannot be imported"):
@@ -141,8 +154,8 @@ def test_user_strategy_by_dotted_path():
 
 
 def train_message(settings: RunSettings, weights: ArrayRecord, server_round: int) -> Message:
-    strategy = make_strategy(settings, num_sites=2)
-    config = ConfigRecord({**strategy.round_train_config(server_round), "server-round": server_round})
+    coordinator = make_coordinator(settings, num_sites=2)
+    config = ConfigRecord({**coordinator.round_config(server_round).to_record(), "server-round": server_round})
     return Message(RecordDict({"arrays": weights, "config": config}), dst_node_id=1, message_type="train")
 
 
@@ -180,9 +193,9 @@ def test_resnet18_integer_buffers_keep_their_dtype_across_a_round(task_identity,
         client_app.train_round(train_message(settings, start, 1), context(run_config, {"partition-id": p, "num-partitions": 2}))
         for p in (0, 1)
     ]
-    strategy = make_strategy(settings, num_sites=2)
-    strategy.remember_global(start)
-    agg, _ = strategy.aggregate_train(1, replies)
+    strategy = make_coordinator(settings, num_sites=2)
+    strategy.global_arrays = start
+    agg = screen_and_average(strategy, 1, replies)
     assert not strategy.events[1]
     counters = [k for k in start.keys() if k.endswith("num_batches_tracked")]
     assert counters
@@ -211,7 +224,7 @@ def test_integer_buffers_survive_every_aggregation_rule_and_no_site_sets_them(ta
     # FedMedian and FedTrimmedAvg empty the replies' records while aggregating; one site sends a
     # counter of 2**62, which a maximum over replies would take.
     shapes = {**SHAPES, "bn.num_batches_tracked": ()}
-    s = make_strategy(RunSettings(strategy=name, batch_size=4), num_sites=5)
+    s = make_coordinator(RunSettings(strategy=name, batch_size=4), num_sites=5)
     start = ArrayRecord(
         {**{k: Array(np.ones(v, np.float32)) for k, v in SHAPES.items()}, "bn.num_batches_tracked": Array(np.asarray(3, np.int64))}
     )
@@ -222,7 +235,7 @@ def test_integer_buffers_survive_every_aggregation_rule_and_no_site_sets_them(ta
         weights = {k: (1 + 0.1 * rng.standard_normal(v)).astype(np.float32) for k, v in SHAPES.items()}
         weights["bn.num_batches_tracked"] = np.asarray(count, np.int64)
         replies.append(reply(node, weights, 10, **honest))
-    agg, _ = s.aggregate_train(1, replies)
+    agg = screen_and_average(s, 1, replies)
     assert agg is not None and set(agg.keys()) == set(shapes) and not s.events[1]
     # the global model's 3 plus the round's 6 steps, whatever the sites sent
     assert agg["bn.num_batches_tracked"].dtype == "int64" and int(agg["bn.num_batches_tracked"].numpy()) == 9
@@ -239,7 +252,7 @@ def test_a_reply_whose_bytes_lie_about_their_dtype_is_left_out(strategy):
     truncated = reply(3, arrays(rng), 10)
     whole = truncated.content["arrays"]["conv.weight"]
     truncated.content["arrays"]["conv.weight"] = Array(dtype=whole.dtype, shape=tuple(whole.shape), stype=whole.stype, data=whole.data[:-8])
-    agg, _ = strategy.aggregate_train(1, [reply(1, good, 10), liar, truncated])
+    agg = screen_and_average(strategy, 1, [reply(1, good, 10), liar, truncated])
     assert agg is not None and np.isfinite(agg["conv.bias"].numpy()).all()
     reasons = {e["node_id"]: e["reason"] for e in strategy.events[1]}
     assert "holds int32[4] but declares float32[4]" in reasons[2]
@@ -269,8 +282,8 @@ def test_good_strategy_options_pass():
 
 
 def test_a_site_that_joins_after_the_preflight_round_is_not_sent_work(task_identity):
-    s = make_strategy(RunSettings(batch_size=4, min_reply_fraction=1.0), num_sites=2)
-    s.declared_examples = {1: 10, 2: 10}
+    s = make_coordinator(RunSettings(batch_size=4, min_reply_fraction=1.0), num_sites=2,
+                         sites={1: Declared(num_train=10, num_val=5), 2: Declared(num_train=10, num_val=5)})
     model = ArrayRecord({k: Array(np.ones(v, np.float32)) for k, v in SHAPES.items()})
     honest = start_round(s, 1, model, [1, 2, 9])  # node 9 connected after the pre-flight round
     assert sorted(s.sampled[1]) == [1, 2]
@@ -290,13 +303,17 @@ def honest_updates(rng, model: dict[str, np.ndarray], sites: int) -> list[dict[s
              for k, v in model.items()} for _ in range(sites)]
 
 
-@pytest.fixture
-def peer_round(task_identity):
-    s = make_strategy(RunSettings(), num_sites=5)
+def peer_setup(settings: RunSettings | None = None):
+    s = make_coordinator(settings or RunSettings(), num_sites=5)
     rng = np.random.default_rng(11)
     model = {k: rng.standard_normal(v).astype(np.float32) for k, v in SHAPES.items()}
-    s.remember_global(ArrayRecord({k: Array(v) for k, v in model.items()}))
+    s.global_arrays = ArrayRecord({k: Array(v) for k, v in model.items()})
     return s, rng, model
+
+
+@pytest.fixture
+def peer_round(task_identity):
+    return peer_setup()
 
 
 def test_a_sign_flipped_update_of_ordinary_size_is_left_out_and_named(peer_round):
@@ -330,15 +347,18 @@ def test_an_update_far_longer_than_its_peers_is_scaled_down_to_the_bound(peer_ro
     s, rng, model = peer_round
     sent = honest_updates(rng, model, 4)
     sent[0] = {k: model[k] + 5 * (v - model[k]) for k, v in sent[0].items()}
-    agg, _ = s.aggregate_train(1, [reply(n, w, 10) for n, w in enumerate(sent, start=1)])
+    agg = screen_and_average(s, 1, [reply(n, w, 10) for n, w in enumerate(sent, start=1)])
     assert [m["node_id"] for m in s.site_metrics[1]] == [1, 2, 3, 4]
-    (event,) = s.events[1]
+    (event,) = s.events[1]  # named: above peer-norm-ratio (2.0) times the median
     assert event["node_id"] == 1 and event["event"] == "clipped"
-    assert "times the round's median; it is averaged scaled down to peer-norm-ratio=3.0" in event["reason"]
+    assert ("times the round's median, above peer-norm-ratio=2.0; it is averaged scaled down to 1 times the median"
+            in event["reason"])
     norms = [math.sqrt(sum(float(np.sum((w[k] - model[k]) ** 2)) for k in SHAPES)) for w in sent]
-    factor = 3.0 * float(np.median(norms)) / norms[0]  # the median of the 4 norms, the long one among them
-    clipped = {k: model[k] + factor * (sent[0][k] - model[k]) for k in SHAPES}
-    expected = weighted_mean([clipped, *sent[1:]], [10, 10, 10, 10])
+    bound = s.settings.peer_clip_ratio * sorted(norms)[1]  # the lower median of the 4 norms, the long one among them
+    # centered clipping: every update longer than the bound is scaled down to it, the long one most
+    clipped = [{k: model[k] + min(1.0, bound / n) * (w[k] - model[k]) for k in SHAPES} for w, n in zip(sent, norms)]
+    assert bound / norms[0] < 0.25
+    expected = weighted_mean(clipped, [10, 10, 10, 10])
     for key in SHAPES:
         np.testing.assert_allclose(agg[key].numpy(), expected[key], rtol=1e-5, atol=1e-6)
 
@@ -348,21 +368,29 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(peer_round
     """The same sites registered again (new node ids), their replies arriving in another order."""
     s, rng, model = peer_round
     sent = honest_updates(rng, model, 4)
-    later = make_strategy(RunSettings(), num_sites=5)
-    later.remember_global(ArrayRecord({k: Array(v) for k, v in model.items()}))
+
+    def sites(first_id: int) -> dict[int, Declared]:
+        if names == "unnamed":
+            return {}
+        return {first_id + i: Declared(num_train=100, num_val=10, site="site" if names == "one name for all" else f"site-{i}")
+                for i in range(4)}
+
     if names != "unnamed":
-        for strategy, first_id in ((s, 1), (later, 11)):
-            strategy.site_names = {first_id + i: "site" if names == "one name for all" else f"site-{i}" for i in range(4)}
-    first, _ = s.aggregate_train(1, [reply(n, sent[n - 1], 10 + 7 * n) for n in (1, 2, 3, 4)])
-    again, _ = later.aggregate_train(1, [reply(10 + n, sent[n - 1], 10 + 7 * n) for n in (4, 2, 1, 3)])
+        s = make_coordinator(RunSettings(), num_sites=5, sites=sites(1))
+        s.global_arrays = ArrayRecord({k: Array(v) for k, v in model.items()})
+    later = make_coordinator(RunSettings(), num_sites=5, sites=sites(11))
+    later.global_arrays = ArrayRecord({k: Array(v) for k, v in model.items()})
+    first = screen_and_average(s, 1, [reply(n, sent[n - 1], 10 + 7 * n) for n in (1, 2, 3, 4)])
+    again = screen_and_average(later, 1, [reply(10 + n, sent[n - 1], 10 + 7 * n) for n in (4, 2, 1, 3)])
+    assert len(s.site_metrics[1]) == len(later.site_metrics[1]) == 4
     for key in SHAPES:
         assert first[key].numpy().tobytes() == again[key].numpy().tobytes(), key
 
 
-def test_a_site_cannot_inflate_its_weight(peer_round):
-    s, rng, model = peer_round
+def test_a_site_cannot_inflate_its_weight(task_identity):
+    s, rng, model = peer_setup(RunSettings(peer_clip_ratio=0))  # no centered clipping: the plain weighted mean
     sent = honest_updates(rng, model, 4)
-    agg, _ = s.aggregate_train(1, [reply(1, sent[0], 10), reply(2, sent[1], 12), reply(3, sent[2], 11), reply(4, sent[3], 1e9)])
+    agg = screen_and_average(s, 1, [reply(1, sent[0], 10), reply(2, sent[1], 12), reply(3, sent[2], 11), reply(4, sent[3], 1e9)])
     (event,) = s.events[1]
     assert event["node_id"] == 4 and event["event"] == "weight-capped" and "averaged with weight 44" in event["reason"]
     expected = weighted_mean(sent, [10, 12, 11, 44])  # 4 x the lower median of (10, 12, 11, 1e9)

@@ -135,14 +135,14 @@ def test_a_loop_that_ignores_the_scheduler_is_refused(on_path):
 
 def test_the_server_leaves_out_a_reply_whose_rates_are_not_its_schedule(task_identity):
     from fedcycle.config import RunSettings
-    from fedcycle.strategies import make_strategy
+    from fedcycle.strategies import make_coordinator
     from tests.fakes import SHAPES, arrays, reply
 
     settings = RunSettings(local_epochs=2, batch_size=50)
-    strategy = make_strategy(settings, num_sites=3)
+    strategy = make_coordinator(settings, num_sites=3)
     global_arrays = ArrayRecord({k: Array(np.zeros(v, np.float32)) for k, v in SHAPES.items()})
-    strategy.remember_global(global_arrays)
-    strategy.sent_config[2] = {**strategy.round_train_config(2), "server-round": 2}
+    strategy.global_arrays = global_arrays
+    strategy.sent_config[2] = {**strategy.round_config(2).to_record(), "server-round": 2}
     lrs = schedule_for(TrainConfig(settings.schedule, epochs=2, server_round=2, epochs_before=2), per_epoch=4)
     honest = {"steps": 8, "lr-first": lrs[0], "lr-peak": max(lrs), "lr-last": lrs[-1]}
     rng = np.random.default_rng(0)

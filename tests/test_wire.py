@@ -4,12 +4,12 @@ ClientApp really sends is what the server's schema reads."""
 from __future__ import annotations
 
 import pytest
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from fedcycle.config import RunSettings
 from fedcycle.schedules import LRSchedule
 from fedcycle.site import load_site
-from fedcycle.strategies import make_strategy
+from fedcycle.strategies import make_coordinator
 from fedcycle.wire import (
     EVENTS,
     SCREEN_EVENTS,
@@ -19,6 +19,7 @@ from fedcycle.wire import (
     SiteReport,
     TrainReply,
 )
+from tests.fakes import Sites
 
 STATISTICS = {"sum": [1.5, -2.0], "count": [3.0]}
 
@@ -76,20 +77,21 @@ def test_a_site_report_round_trips_and_a_failed_one_carries_only_its_error():
         SiteReport.from_record({"ok": True, "site": "s"})
 
 
-def test_the_strategy_sends_what_a_site_reads_and_expects_the_keys_a_site_replies(data_root):
+def test_the_strategy_sends_what_a_site_reads_and_expects_the_keys_a_site_replies(data_root, task_identity):
     """The real strategy's round config as it travels, and its expected reply keys for the real
     site's metric names (tests/test_strategy.py passes the real ClientApp's replies through it)."""
     run_config = {"data-root": data_root, "train-subset": 64, "val-fraction": 0.2, "batch-size": 16, "lr-envelope": "exponential",
                   "lr-decay": 0.5, "mixed-precision": True}
     settings = RunSettings.from_run_config(run_config)
-    strategy = make_strategy(settings, num_sites=2)
-    sent = strategy.round_config(2)
-    assert RoundConfig.from_record(ConfigRecord(strategy.round_train_config(2))) == sent
+    coordinator = make_coordinator(settings, num_sites=2)
+    site = load_site(run_config, {"partition-id": 0, "num-partitions": 2})
+    sent = coordinator.round_config(2)
+    message, *_ = coordinator.configure_train(2, ArrayRecord(site.new_model().state_dict()), Sites([1, 2]))
+    assert RoundConfig.from_record(message.content["config"]) == sent
     assert sent.schedule == settings.schedule_for_round(2) and sent.local_epochs == settings.epochs_for_round(2)
     assert sent.schedule.lr_max < settings.lr_max  # the envelope moved the peak, and the round carries it
     assert sent.mixed_precision and sent.evaluate_received
-    site = load_site(run_config, {"partition-id": 0, "num-partitions": 2})
-    assert strategy.expected_metrics == TrainReply.keys(site.metric_names(sent.batch_size), sent.evaluate_received)
+    assert coordinator.screen.metric_keys == TrainReply.keys(site.metric_names(sent.batch_size), sent.evaluate_received)
 
 
 def test_every_event_the_server_records_is_a_kind_the_schema_names():
@@ -102,5 +104,6 @@ def test_every_event_the_server_records_is_a_kind_the_schema_names():
     for path in pathlib.Path(fedcycle.__file__).parent.rglob("*.py"):
         written |= set(re.findall(r'"event": "([a-z-]+)"', path.read_text()))
         written |= set(re.findall(r'(?:_record|record_missing)\(\w+, [\w.]+, "([a-z-]+)"', path.read_text()))
+        written |= set(re.findall(r'events\.append\(\("([a-z-]+)"', path.read_text()))  # the screen's verdicts
     assert written and written <= set(EVENTS), written - set(EVENTS)
     assert set(SCREEN_EVENTS) <= set(EVENTS)

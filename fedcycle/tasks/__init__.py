@@ -11,6 +11,8 @@
         def metric_collection(self) -> torchmetrics.MetricCollection: ...      # instead of metrics(): over a
                                                                                  # whole split (AUROC)
         primary_metric = ("accuracy", "max")                                     # what "best" means
+        metric_ranges = {"loss": (-math.inf, math.inf)}  # a metric's allowed values, beyond the screen's
+                                                          # own (accuracy in [0, 1], a loss not negative)
         def train(self, model, loader, optimizer, scheduler, epochs, device) -> dict: ...  # the site's own loop
         def statistics(self, train) -> dict[str, list[float]]: ...  # sums over a site's train split; the
         def use_statistics(self, totals: dict[str, list[float]]): ...  # server adds them up across sites
@@ -133,6 +135,7 @@ class Task:
         self.metric_collection: Callable | None = getattr(self.impl, "metric_collection", None)
         self.own_train: Callable | None = getattr(self.impl, "train", None)
         self.primary_metric, self.direction = self._primary_metric()
+        self.metric_ranges = self._metric_ranges()
         classes = getattr(self.impl, "classes", None)
         self.classes: list[str] | None = list(classes) if classes is not None else None
         # what the task trains on, in a run folder's name: the task's `label` if it has one
@@ -148,6 +151,19 @@ class Task:
                 "e.g. ('accuracy', 'max') or ('mae', 'min')"
             )
         return value[0], value[1]
+
+    def _metric_ranges(self) -> dict[str, tuple[float, float]]:
+        """The task's own ranges for its metrics (and `loss`), which the server holds sites'
+        replies to: a name -> (low, high)."""
+        value = getattr(self.impl, "metric_ranges", {})
+        ok = isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, (tuple, list)) and len(v) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in v) and v[0] <= v[1]
+            for k, v in value.items())
+        if not ok:
+            raise TaskError(f"task={self.name!r}: metric_ranges={value!r} must map a metric name to (low, high), "
+                            "e.g. {'loss': (-math.inf, math.inf)}")
+        return {k: (float(v[0]), float(v[1])) for k, v in value.items()}
 
     def _call(self, method: str, fn: Callable, *args: Any) -> Any:
         """A call into the task's code; what it raises comes back naming the task and method."""

@@ -1,7 +1,8 @@
-"""Strategies by name: fedcycle's CyclicalFedAvg, Flower's own, or a user's `package.module:Class`.
+"""Strategies by name: Flower's own, or a user's `package.module:Class`.
 
-Each one gets the cyclical schedule and the reply checks through `make_cyclical`.
-Options come from the run-config table named after the chosen strategy (`fedprox.proximal-mu`
+Each one runs as it is, inside a `fedcycle.coordinator.Coordinator` that adds the server's
+schedule and the reply screen around it (`cyclical-fedavg`, the default, is Flower's FedAvg so
+wrapped). Options come from the run-config table named after the chosen strategy (`fedprox.proximal-mu`
 becomes `proximal_mu=`); each strategy receives the ones its constructor takes.
 """
 
@@ -25,11 +26,11 @@ from flwr.serverapp.strategy import (
 )
 
 from fedcycle.config import RunSettings
+from fedcycle.coordinator import Coordinator
 from fedcycle.errors import ConfigError
-from fedcycle.strategies.cyclical import CyclicalFedAvg, CyclicalMixin, make_cyclical
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    "cyclical-fedavg": CyclicalFedAvg,
+    "cyclical-fedavg": FedAvg,
     "fedavg": FedAvg,
     "fedprox": FedProx,
     "fedavgm": FedAvgM,
@@ -40,8 +41,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "krum": Krum,
 }
 
-__all__ = ["STRATEGIES", "CyclicalFedAvg", "CyclicalMixin", "make_cyclical", "make_strategy", "check_strategy",
-           "check_strategy_name"]
+__all__ = ["STRATEGIES", "check_strategy", "check_strategy_name", "make_coordinator"]
 
 
 def check_strategy_name(name: str) -> None:
@@ -74,8 +74,7 @@ def check_strategy(settings: RunSettings) -> type[Strategy]:
     """The run's strategy class, once its options are known to be its own and in range:
     ConfigError naming the option otherwise, before any site is asked anything."""
     cls = resolve_strategy(settings.strategy)
-    base = cls.__mro__[cls.__mro__.index(CyclicalMixin) + 1] if issubclass(cls, CyclicalMixin) else cls
-    params = inspect.signature(base.__init__).parameters
+    params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     own = sorted(k.replace("_", "-") for k in params if k not in ("self", "args", "kwargs"))
     for key, value in settings.strategy_options.items():
@@ -104,10 +103,11 @@ def resolve_strategy(name: str) -> type[Strategy]:
     return cls
 
 
-def make_strategy(settings: RunSettings, num_sites: int, has_test_data: bool = True) -> CyclicalMixin:
-    """The run's strategy, with the cyclical mechanism, sampling and options from the settings.
-    Without a test split on the server, the sites evaluate every round's model."""
-    cls = make_cyclical(resolve_strategy(settings.strategy))
+def make_coordinator(settings: RunSettings, num_sites: int, has_test_data: bool = True, **known: Any) -> Coordinator:
+    """The run's strategy, with sampling and options from the settings, inside a Coordinator
+    (`known`: what the pre-flight round told it, see Coordinator). Without a test split on the
+    server, the sites evaluate every round's model."""
+    cls = resolve_strategy(settings.strategy)
     evaluate_on_sites = settings.evaluates_on_sites(has_test_data)
     wanted: dict[str, Any] = {
         "fraction_train": settings.fraction_train,
@@ -117,10 +117,7 @@ def make_strategy(settings: RunSettings, num_sites: int, has_test_data: bool = T
         "min_available_nodes": settings.min_sites,
         **{k.replace("-", "_"): v for k, v in settings.strategy_options.items()},
     }
-    flower_base = cls.__mro__[cls.__mro__.index(CyclicalMixin) + 1]
-    params = inspect.signature(flower_base.__init__).parameters
+    params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in wanted.items() if takes_any or k in params}
-    strategy = cls(settings=settings, **kwargs)
-    strategy.evaluates_on_sites = evaluate_on_sites
-    return strategy
+    return Coordinator(cls(**kwargs), settings, evaluate_on_sites, **known)
