@@ -198,3 +198,19 @@ def test_without_a_test_split_the_sites_evaluate_the_initial_model(tmp_path, tas
     assert line["mae"] == pytest.approx(sum(m * n for m, n in zip(maes, sizes)) / sum(sizes), rel=1e-6)
     assert line["sites_evaluation"]["mae"] == pytest.approx(line["mae"])
     assert equal(load_model(recorder.results.path / "global-best.safetensors"), state)
+
+
+def test_a_resume_rewrites_the_models_a_crash_left_behind_the_checkpoint(regression_config):
+    first = recorder_for(regression_config)
+    task, results = first.task, first.results
+    good, bad = trained(task, epochs=5), untrained(task)
+    first.record(ended(0, bad))
+    first.record(ended(1, good))
+    # a crash between round 1's checkpoint and its models: the files still hold round 0's
+    first.results.save_model("global-best", bad)
+    first.results.save_model("global-final", bad)
+    resumed_config = {**regression_config, "resume-from": str(results.path), "num-server-rounds": 3}
+    run_dir, ckpt = load_resume_point(RunSettings.from_run_config(resumed_config), task, task.build_model())
+    recorder_for(resumed_config, run_dir=run_dir).resume(ckpt)
+    assert equal(load_model(results.path / "global-best.safetensors"), good)
+    assert equal(load_model(results.path / "global-final.safetensors"), good)
