@@ -2,9 +2,11 @@
 
 Each scenario runs fedcycle's own ServerApp with its default screen in simulation: 8 sites on an
 iid split of Fashion-MNIST, the same run config and seed, of which 0, 2 or 4 collude
-(`collude+lie:10000000` of tests/faults/fault_client_app.py): each claims 10,000,000 examples,
-with the steps and learning rates that count gives, and all send one and the same update, the
-global model plus a fixed random direction as long as an honest update. Simulated sites share
+(faults of tests/faults/fault_client_app.py): each claims 10,000,000 examples, with the steps
+and learning rates that count gives, and either all send one and the same update, the global
+model plus a fixed random direction as long as an honest update (`collude`), or each sends its
+own honest update pushed along one fixed direction by half its length (`push`: replies that
+differ, pulling one way). Simulated sites share
 one node config, so the run config's `fault.partitions` names the colluding partitions. It
 writes, as it goes, `<out>/colluders.json` (each scenario's accuracy per round, the colluders'
 events, replies averaged in) and `<out>/colluders.md` (a table):
@@ -27,20 +29,27 @@ from fedcycle.results import read_metrics
 from fedcycle_tools.launcher import LocalSimulation, exit_on_termination
 
 SITES = 8
-COLLUDE = "collude+lie:10000000"
-SCENARIOS = {"honest": (), "2-colluders": (6, 7), "4-colluders": (4, 5, 6, 7)}  # the colluding partitions
+COLLUDE = "collude+lie:10000000"  # one and the same crafted update
+PUSH = "push:0.5:1+lie:10000000"  # each its own honest update, pushed one way by half its length
+SCENARIOS = {  # the colluding partitions and their fault
+    "honest": ((), ""),
+    "2-colluders": ((6, 7), COLLUDE),
+    "4-colluders": ((4, 5, 6, 7), COLLUDE),
+    "2-pushing": ((6, 7), PUSH),
+    "4-pushing": ((4, 5, 6, 7), PUSH),
+}
 RUN_CONFIG = "num-server-rounds=4 train-pool=6000 test-subset=2000 partitioner='iid'"
 SCREEN_EVENTS = ("rejected", "clipped", "weight-capped")
 
 
-def scenario_result(colluding: tuple[int, ...], metrics: Path, status: str) -> dict:
+def scenario_result(colluding: tuple[int, ...], fault: str, metrics: Path, status: str) -> dict:
     rounds = read_metrics(metrics) if metrics.exists() else []
     colluders = [f"partition {p}/{SITES}" for p in colluding]
     events = [[{k: e.get(k) for k in ("site", "event", "reason")} for e in r["events"]] for r in rounds]
     theirs = [[e for e in round_events if e["site"] in colluders] for round_events in events[1:]]
     honest_screened = [e for round_events in events for e in round_events
                        if e["site"] not in colluders and e["event"] in SCREEN_EVENTS]
-    return {"colluders": colluders, "fault": COLLUDE if colluding else "", "status": status,
+    return {"colluders": colluders, "fault": fault, "status": status,
             "accuracy": [r["accuracy"] for r in rounds],
             "colluders_named_per_round": [len({e["site"] for e in named}) for named in theirs],
             "colluder_events_per_round": [sorted({e["event"] for e in named}) for named in theirs],
@@ -52,16 +61,16 @@ def scenario_result(colluding: tuple[int, ...], metrics: Path, status: str) -> d
 
 def table(results: dict[str, dict]) -> str:
     honest = results.get("honest", {}).get("accuracy") or [None]
-    lines = [("| scenario | colluders | accuracy per round | final vs honest (points) | colluders named, per round | "
+    lines = [("| scenario | colluders | fault | accuracy per round | final vs honest (points) | colluders named, per round | "
               "colluders averaged in, per round | honest replies screened |"),
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         acc, k = r["accuracy"], len(r["colluders"])
         gap = f"{100 * (acc[-1] - honest[-1]):+.1f}" if acc and honest[-1] is not None and acc[-1] is not None else "-"
         named = ", ".join(f"{n}/{k} {'/'.join(kinds)}".strip() for n, kinds in
                           zip(r["colluders_named_per_round"], r["colluder_events_per_round"])) if k else "-"
         averaged = ", ".join(f"{n}/{k}" for n in r["colluders_averaged_in_per_round"]) if k else "-"
-        lines.append(f"| {name} | {k} of {SITES} | {' -> '.join(f'{a:.3f}' for a in acc if a is not None)} | {gap} | "
+        lines.append(f"| {name} | {k} of {SITES} | {r['fault'] or '-'} | {' -> '.join(f'{a:.3f}' for a in acc if a is not None)} | {gap} | "
                      f"{named} | {averaged} | {r['honest_replies_screened']} |")
     return "\n".join(lines) + "\n"
 
@@ -85,11 +94,11 @@ def main() -> None:
         build_app(app, partition_faults=True)
         with LocalSimulation(Path(work, "flwr-home"), app_dir=app) as sim:
             for name in args.scenarios:
-                colluding = SCENARIOS[name]
-                faults = f"{','.join(map(str, colluding))}={COLLUDE}" if colluding else ""
+                colluding, fault = SCENARIOS[name]
+                faults = f"{','.join(map(str, colluding))}={fault}" if colluding else ""
                 outcome = sim.run(SITES, f"{RUN_CONFIG} fault.partitions='{faults}' run-name='{name}' "
                                          f"results-dir='{out}' data-root='{args.data_root}'", stream=False)
-                results[name] = scenario_result(colluding, out / name / "metrics.jsonl", outcome.status)
+                results[name] = scenario_result(colluding, fault, out / name / "metrics.jsonl", outcome.status)
                 record = {"run_config": RUN_CONFIG, "sites": SITES, "scenarios": results}
                 atomic_write(out / "colluders.json", json.dumps(record, indent=1).encode())
                 atomic_write(out / "colluders.md", table(results).encode())

@@ -12,6 +12,9 @@ honest reply (`amplify:2.9+lie:8000`: a longer update, then a bigger claim). Tra
 - `stale`: the reply is the global model it received (a zero update);
 - `stale-previous`: from round 2 on, the reply is the global model it received the round before;
 - `bn-poison:V`: channel 0 of every BatchNorm `running_var` is V;
+- `push:F[:SEED]`: the site's honest reply plus F times its update's length along one fixed random
+  direction (SEED, default 0; the same every round and at every site with that seed): a slow
+  drift, or colluders whose replies differ but pull one way;
 - `collude[:SEED]`: every colluder sends the same weights: the global model plus a fixed random
   direction (SEED, default 0), as long as the honest update of the first colluder to finish the
   round, which leaves them in a shared file for the others (they share a machine);
@@ -181,6 +184,18 @@ def collude(msg: Message, reply: Message, context: Context, argument: str) -> No
         reply.content["arrays"] = ArrayRecord({k: Array(agreed[k]) for k in reply.content["arrays"]})
 
 
+def push(msg: Message, reply: Message, context: Context, argument: str) -> None:
+    factor, _, seed = argument.partition(":")
+    sent, mine = as_numpy(msg.content["arrays"]), as_numpy(reply.content["arrays"])
+    floats = [key for key, v in sent.items() if np.issubdtype(v.dtype, np.floating)]
+    rng = np.random.default_rng(int(seed or 0))
+    direction = {key: rng.standard_normal(sent[key].shape) for key in floats}
+    length = math.sqrt(sum(float(np.sum((mine[k] - sent[k]).astype(np.float64) ** 2)) for k in floats))
+    length *= float(factor) / math.sqrt(sum(float(np.sum(d**2)) for d in direction.values()))
+    reply.content["arrays"] = each_float(reply.content["arrays"],
+                                         lambda key, v: (v + length * direction[key]).astype(v.dtype))
+
+
 def lie(msg: Message, reply: Message, context: Context, argument: str) -> None:
     """The steps and learning rates are what an honest site with N examples reports: the server's
     schedule for ceil(N / batch size) steps an epoch."""
@@ -216,7 +231,7 @@ def received_count(msg: Message, reply: Message, context: Context, argument: str
 Fault = Callable[[Message, Message, Context, str], None]  # (message, reply to change, context, argument)
 TRAIN_FAULTS: dict[str, Fault] = {
     "nan": nan, "scale": scale, "flip": flip, "amplify": amplify, "stale": stale, "stale-previous": stale_previous,
-    "bn-poison": bn_poison, "collude": collude, "lie": lie, "replay": replay, "evallie": received_lie,
+    "bn-poison": bn_poison, "collude": collude, "push": push, "lie": lie, "replay": replay, "evallie": received_lie,
     "evalcount": received_count,
 }
 

@@ -50,6 +50,7 @@ SCENARIOS = {
     "scaled": Scenario(["", "", "", "amplify:2.9+lie:8000"]),
     "stale": Scenario(["", "", "", "stale+lie:8000"]),
     "stale-previous": Scenario(["", "", "", "stale-previous"]),
+    "drifting": Scenario(["", "", "", "push:0.5"]),
     "lying-metrics": Scenario(["", "", "", "evallie:1000000"]),
     "lying-evaluation": Scenario(["", "", "", "evallie:1000000+evalcount:1000000"], "site-eval='evaluate-round'"),
     "honest-batchnorm": Scenario(["", "", "", ""], BATCHNORM, baseline="honest-batchnorm"),
