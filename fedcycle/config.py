@@ -206,6 +206,7 @@ class RunSettings(SiteSettings):
     max_weight_ratio: float = 4.0
     near_duplicate_ratio: float = 0.01
     drift_consistency: float = 0.7
+    drift_margin: float = 0.15
     drift_rounds: int = 4
     checkpoints_keep: int = 3
     run_name: str = ""
@@ -286,6 +287,7 @@ class RunSettings(SiteSettings):
         _at_least("peer-clip-ratio", self.peer_clip_ratio, 0)
         _at_least("near-duplicate-ratio", self.near_duplicate_ratio, 0)
         positive("drift-rounds", self.drift_rounds)
+        _at_least("drift-margin", self.drift_margin, 0)
         if not 0 <= self.drift_consistency <= 1:
             raise ConfigError(f"drift-consistency={self.drift_consistency} must be in [0, 1] (0: off)")
         _at_least("local-epochs-growth", self.local_epochs_growth, 0)

@@ -340,3 +340,19 @@ def test_a_retried_round_counts_once_in_a_sites_drift_and_sites_sharing_a_name_d
         screen.screen(1, [Reply(i, fed.honest(common), metrics()) for i in (1, 2, 3)], fed.model)
     assert sorted(screen.memory.drift) == ["node 1", "node 2", "node 3"]
     assert all(d.rounds == 1 for d in screen.memory.drift.values())
+
+
+def test_honest_sites_that_each_keep_their_own_direction_under_label_skew_are_not_a_drift():
+    fed = Federation(4, seed=9)
+    screen = Screen(RunSettings(), declared(4), KEYS)
+    skews = {i: unit(np.random.default_rng(20 + i)) for i in (1, 2, 3, 4)}  # each site's own classes
+    for server_round in range(1, 7):
+        common = fed.honest_update()
+        replies = []
+        for i in (1, 2, 3, 4):
+            own = fed.honest(common)
+            norm = math.sqrt(sum(float(((own[k] - fed.model[k]) ** 2).sum()) for k in SHAPES))
+            replies.append(Reply(i, {k: (own[k] + 0.5 * norm * skews[i][k]).astype(np.float32) for k in SHAPES}, metrics()))
+        verdicts = fed.step(screen, server_round, replies)
+        assert all(v.accepted for v in verdicts), [v.events for v in verdicts]
+    assert min(d.consistency for d in screen.memory.drift.values()) > 0.7  # each one keeps its direction
