@@ -206,7 +206,7 @@ class RunSettings(SiteSettings):
     max_weight_ratio: float = 4.0
     near_duplicate_ratio: float = 0.01
     drift_consistency: float = 0.7
-    drift_margin: float = 0.15
+    drift_margin: float = 0.1
     drift_rounds: int = 4
     checkpoints_keep: int = 3
     run_name: str = ""
