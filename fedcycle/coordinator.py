@@ -241,10 +241,12 @@ class Coordinator:
 
         out = {}
         for name, value in sorted(vars(self.strategy).items()):
+            # records and dicts keep their order (a checkpoint's keys come back sorted): FedAvgM pairs
+            # its current_arrays with the aggregate by position
             if isinstance(value, ArrayRecord):
-                kind, items = "record", [(k, a.numpy()) for k, a in value.items()]
+                kind, items = "record", [(f"{i}/{k}", a.numpy()) for i, (k, a) in enumerate(value.items())]
             elif isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
-                kind, items = "dict", list(value.items())
+                kind, items = "dict", [(f"{i}/{k}", v) for i, (k, v) in enumerate(value.items())]
             elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
                 kind, items = "list", [(str(i), v) for i, v in enumerate(value)]
             else:
@@ -266,10 +268,9 @@ class Coordinator:
                 name, kind, key = rest.split("/", 2)
                 grouped[(name, kind)][key] = tensor.numpy()
         for (name, kind), values in grouped.items():
-            if kind == "record":
-                setattr(self.strategy, name, ArrayRecord({k: Array(v) for k, v in values.items()}))
-            elif kind == "dict":
-                setattr(self.strategy, name, values)
+            if kind in ("record", "dict"):
+                ordered = {k.split("/", 1)[1]: v for k, v in sorted(values.items(), key=lambda kv: int(kv[0].split("/", 1)[0]))}
+                setattr(self.strategy, name, ArrayRecord({k: Array(v) for k, v in ordered.items()}) if kind == "record" else ordered)
             else:
                 setattr(self.strategy, name, [values[str(i)] for i in range(len(values))])
         self.screen.memory = ScreenMemory.from_state(screen, screen_state)

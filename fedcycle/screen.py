@@ -142,6 +142,7 @@ class Screen:
     def screen(self, server_round: int, replies: list[Reply], reference: dict[str, np.ndarray],
                sent: RoundConfig | None = None) -> list[Verdict]:
         """A verdict for each reply, in their order; the memory learns the round."""
+        self.memory.forget_attempt(server_round)
         floats = {k: v for k, v in reference.items() if np.issubdtype(v.dtype, np.floating)}
         global_norm = math.sqrt(sum(_squared(v) for v in floats.values()))
         sketch = self.memory.sketcher(floats, self.settings.seed)
@@ -247,6 +248,11 @@ class Screen:
         # with 3 or more, as the peer checks: of two replies, a long one would make the other look stale
         median = statistics.median([norms[id(v)] for v in accepted]) if len(accepted) >= 3 and floats else 0.0
         close = ratio * median
+        # a site told to take few steps at low rates moves the model little: its share of the
+        # round's work (steps x peak rate, both checked against the schedule) scales its bound
+        work = {r.node: float(r.metrics["steps"]) * float(r.metrics["lr-peak"]) for r, v in zip(replies, verdicts)
+                if v.accepted}
+        typical_work = statistics.median(work.values()) if work else 0.0
         fresh = []
         for reply, verdict in zip(replies, verdicts):
             if not verdict.accepted:
@@ -258,8 +264,9 @@ class Screen:
                 continue
             if floats and close > 0:
                 norm = norms[id(verdict)]
+                share = min(1.0, work[reply.node] / typical_work) if typical_work > 0 else 1.0
                 found = None
-                if norm <= close:
+                if norm <= close * share:
                     found = f"the global model it was sent (its update is {norm / median:.2g} of the round's median norm)"
                 else:
                     found = self._near(server_round, reply.node, sketches[reply.node], sketches, close)
@@ -383,10 +390,6 @@ class SiteDrift:
     last: tuple[int, np.ndarray] | None = None  # this run's last round and its deviation: a retry replaces it
 
     def add(self, server_round: int, deviation: np.ndarray) -> None:
-        if self.last is not None and self.last[0] == server_round:  # a retried round counts once
-            self.total = self.total - self.last[1]
-            self.lengths -= float(np.linalg.norm(self.last[1]))
-            self.rounds -= 1
         self.total = deviation if self.total is None else self.total + deviation
         self.lengths += float(np.linalg.norm(deviation))
         self.rounds += 1
@@ -415,6 +418,16 @@ class ScreenMemory:
 
     def drift_of(self, site: str) -> SiteDrift:
         return self.drift.setdefault(site, SiteDrift())
+
+    def forget_attempt(self, server_round: int) -> None:
+        """Take back what an earlier attempt at this round added to any site's drift: only the
+        attempt that is averaged counts."""
+        for d in self.drift.values():
+            if d.last is not None and d.last[0] == server_round:
+                d.total = d.total - d.last[1]
+                d.lengths -= float(np.linalg.norm(d.last[1]))
+                d.rounds -= 1
+                d.last = None
 
     def remember(self, server_round: int, global_sketch: np.ndarray | None, replies: dict[int, np.ndarray],
                  keep: int) -> None:

@@ -96,6 +96,9 @@ def test_fedavgm_momentum_survives_a_checkpoint(tmp_path, task_identity):
     settings = RunSettings(strategy="fedavgm")
     server = make_coordinator(settings, num_sites=2)
     server.strategy.momentum_vector = [np.arange(4, dtype=np.float32), np.ones((2, 2))]
+    # the model FedAvgM pairs with the aggregate by position: its keys not in alphabetical order
+    server.strategy.current_arrays = ArrayRecord({"fc.weight": Array(np.ones((3, 5), np.float32)),
+                                                  "fc.bias": Array(np.zeros(3, np.float32))})
     server_arrays, screen_state = server.state()
     save_checkpoint(tmp_path, checkpoint(settings, 1, server_arrays=server_arrays, screen_state=screen_state), keep=3)
     fresh = make_coordinator(settings, num_sites=2)
@@ -103,6 +106,7 @@ def test_fedavgm_momentum_survives_a_checkpoint(tmp_path, task_identity):
     fresh.restore(loaded.server_arrays, loaded.screen_state)
     assert [v.dtype for v in fresh.strategy.momentum_vector] == [np.float32, np.float64]
     np.testing.assert_array_equal(fresh.strategy.momentum_vector[0], np.arange(4))
+    assert list(fresh.strategy.current_arrays.keys()) == ["fc.weight", "fc.bias"]
 
 
 def test_only_the_last_few_are_kept_in_round_order_past_round_9999(tmp_path):

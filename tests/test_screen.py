@@ -356,3 +356,18 @@ def test_honest_sites_that_each_keep_their_own_direction_under_label_skew_are_no
         verdicts = fed.step(screen, server_round, replies)
         assert all(v.accepted for v in verdicts), [v.events for v in verdicts]
     assert min(d.consistency for d in screen.memory.drift.values()) > 0.7  # each one keeps its direction
+
+
+def test_a_small_site_told_to_take_few_steps_at_low_rates_is_not_stale_work():
+    fed = Federation(4, seed=12)
+    screen = Screen(RunSettings(), declared(4), KEYS)
+    common = fed.honest_update()
+    big = {"steps": 157.0, "lr-peak": 0.05}
+    replies = [Reply(i, fed.honest(common), metrics(**big)) for i in (1, 2, 3)]
+    # one step at lr-min: an update a thousandth of its peers', honestly
+    tiny = {k: (fed.model[k] + 0.001 * (replies[0].arrays[k] - fed.model[k])).astype(np.float32) for k in SHAPES}
+    replies.append(Reply(4, tiny, metrics(n=20, steps=1.0, **{"lr-peak": 0.005})))
+    assert [v.accepted for v in screen.screen(1, replies, fed.model)] == [True] * 4
+    echo = Reply(4, {k: v.copy() for k, v in fed.model.items()}, metrics(n=20, steps=1.0, **{"lr-peak": 0.005}))
+    again = [Reply(i, fed.honest(common), metrics(**big)) for i in (1, 2, 3)]
+    assert not screen.screen(2, [*again, echo], fed.model)[3].accepted  # no update at all still is
