@@ -116,7 +116,8 @@ def evaluation_problem(node: int, metrics: dict[str, Any], keys: frozenset[str],
     examples than the site declared it holds out."""
     if set(metrics) != keys:
         return f"evaluate metric keys are {sorted(metrics)}, not {sorted(keys)}"
-    problem = metric_problem({k: v for k, v in metrics.items() if k != "num-examples"}, ranges)
+    problem = _examples_problem(metrics["num-examples"]) or metric_problem(
+        {k: v for k, v in metrics.items() if k != "num-examples"}, ranges)
     return problem or _count_problem(node, "num-examples", metrics["num-examples"], declared, held_out=True)
 
 
@@ -189,9 +190,7 @@ class Screen:
             return (f"metric keys differ: missing {sorted(self.metric_keys - got)}, "
                     f"unexpected {sorted(got - self.metric_keys)}")
         n = metrics["num-examples"]
-        if not (_finite_number(n) and n > 0):
-            return f"num-examples={n!r} must be a positive finite number"
-        return (_count_problem(node, "num-examples", n, self.declared, held_out=False)
+        return (_examples_problem(n) or _count_problem(node, "num-examples", n, self.declared, held_out=False)
                 or ("val-examples" in metrics
                     and _count_problem(node, "val-examples", metrics["val-examples"], self.declared, held_out=True))
                 or metric_problem({k: v for k, v in metrics.items() if k != "num-examples"}, self.ranges))
@@ -492,6 +491,10 @@ def _value_problem(arrays: dict[str, np.ndarray]) -> str | None:
         if key.endswith("running_var") and (v < 0).any():
             return f"array {key!r} holds a negative variance ({float(v.min()):.3g})"
     return None
+
+
+def _examples_problem(n: Any) -> str | None:
+    return None if _finite_number(n) and n > 0 else f"num-examples={n!r} must be a positive finite number"
 
 
 def _finite_number(value: Any) -> bool:

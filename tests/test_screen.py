@@ -203,6 +203,7 @@ def test_the_screens_memory_survives_a_checkpoint():
     ({"accuracy": 1e6}, "metric accuracy=1000000.0 is outside its range [0, 1]"),
     ({"loss": -666222.0}, "metric loss=-666222.0 is outside its range [0, inf]"),
     ({"num-examples": 10**9}, "num-examples=1000000000 is more than the 20 held-out examples the site declared"),
+    ({"num-examples": 0}, "num-examples=0 must be a positive finite number"),
 ])
 def test_an_evaluation_out_of_its_meaning_is_named(changed, problem):
     reply = {"loss": 0.4, "accuracy": 0.8, "num-examples": 20, **changed}
