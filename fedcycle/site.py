@@ -11,6 +11,8 @@ applied here, before the task's module is imported and after its data is read.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import platform
 import sys
 import zlib
@@ -28,6 +30,29 @@ from fedcycle.privacy import PrivacyLedger, epsilon
 from fedcycle.tasks import BUILTIN, Task, fingerprint
 from fedcycle.trainer import pick_device
 from fedcycle.wire import SiteReport
+
+# What `fedcycle simulate --node-config` gives every simulated site, as JSON: Flower's simulation
+# hands a site only its partition-id and num-partitions, and this variable reaches the ClientApps
+# from the launcher that starts the simulation (never from the coordinator of a deployment).
+NODE_CONFIG_VARIABLE = "FEDCYCLE_NODE_CONFIG"
+
+
+def simulated_node_config(node_config: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The node config with the launcher's (`NODE_CONFIG_VARIABLE`) added, each string value's
+    `{partition-id}` and `{num-partitions}` filled in with this site's; the node's own keys win."""
+    given = json.loads(environ.get(NODE_CONFIG_VARIABLE) or "{}")
+    return {**{key: fill_partition(value, node_config) for key, value in given.items()}, **node_config}
+
+
+def fill_partition(value: Any, node_config: Mapping[str, Any]) -> Any:
+    """A string with `{partition-id}` / `{num-partitions}` as this node's; other values as they are."""
+    if not isinstance(value, str):
+        return value
+    for key in ("partition-id", "num-partitions"):
+        if key in node_config:
+            value = value.replace("{" + key + "}", str(node_config[key]))
+    return value
+
 
 def site_label(node_config: Mapping[str, Any]) -> str:
     """The name the server knows the site by: its `site-name`, its simulated partition, or the
@@ -159,7 +184,7 @@ def load_site(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> 
     """This process's site, built once per (run config, node config), from the run config's
     keys a site owns."""
     settings = SiteSettings.from_run_config(run_config)
-    return _load_site(settings, _frozen(run_config), _frozen(node_config))
+    return _load_site(settings, _frozen(run_config), _frozen(simulated_node_config(node_config)))
 
 
 def _frozen(config: Mapping[str, Any]) -> tuple:

@@ -11,6 +11,7 @@
         def metric_collection(self) -> torchmetrics.MetricCollection: ...      # instead of metrics(): over a
                                                                                  # whole split (AUROC)
         primary_metric = ("accuracy", "max")                                     # what "best" means
+        run_config_defaults = {"clinic.hidden": 64}      # the task's own run-config keys and their defaults
         metric_ranges = {"loss": (-math.inf, math.inf)}  # a metric's allowed values, beyond the screen's
                                                           # own (accuracy in [0, 1], a loss not negative)
         def train(self, model, loader, optimizer, scheduler, epochs, device) -> dict: ...  # the site's own loop
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -54,6 +56,28 @@ RESERVED_METRIC_NAMES = frozenset({
     "round", "primary_metric", "metrics", "metrics_source", "loss", "seconds", "elapsed", "train_config",
     "sites_evaluation", "timing", "sites", "events", "failed", "num-examples", "epsilon",
 })
+
+
+# a task's own run-config key: a table of its own and a name, as Flower's run config keys are written
+TASK_KEY = re.compile(r"[a-z][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)+")
+
+
+def run_config_defaults(cls: type, spec: str) -> dict[str, bool | int | float | str]:
+    """A task class's own run-config keys with their defaults (`run_config_defaults`, a class
+    attribute): `{"clinic.hidden": 64}`. The launcher declares them in the app it stages (Flower
+    refuses an undeclared key) and `Task` hands them to the class whatever the app declares."""
+    value = getattr(cls, "run_config_defaults", {})
+    if not isinstance(value, dict):
+        raise TaskError(f"task={spec!r}: run_config_defaults={value!r} must be a dict of key -> default, "
+                        "e.g. {'clinic.hidden': 64}")
+    for key, default in value.items():
+        if not (isinstance(key, str) and TASK_KEY.fullmatch(key)):
+            raise TaskError(f"task={spec!r}: run_config_defaults key {key!r} must be '<table>.<name>' in lower case "
+                            "(e.g. 'clinic.hidden'): a table of the task's own keeps them apart from fedcycle's keys")
+        if not isinstance(default, (bool, int, float, str)):
+            raise TaskError(f"task={spec!r}: run_config_defaults[{key!r}]={default!r} must be a bool, int, float or "
+                            "string (what a run config holds)")
+    return dict(value)
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -129,7 +153,8 @@ class Task:
     def __init__(self, spec: str, run_config: Mapping[str, Any]) -> None:
         self.name = spec
         self.dp = SiteSettings.from_run_config(run_config).dp
-        self.impl = self._call("__init__", resolve(spec), dict(run_config))
+        cls = resolve(spec)
+        self.impl = self._call("__init__", cls, {**run_config_defaults(cls, spec), **run_config})
         self.loss: Callable = getattr(self.impl, "loss", None) or cross_entropy
         self.metrics: Callable = getattr(self.impl, "metrics", None) or accuracy
         self.metric_collection: Callable | None = getattr(self.impl, "metric_collection", None)
