@@ -7,37 +7,49 @@
 - evaluate: the loss and metrics of the received model on the held-out split (when
   `site-eval=evaluate-round`, or when the task has no test split).
 
-What an error sends to the server is what the site's policy allows (`SitePolicy.public_error`);
-the whole error stays in the site's own log.
+An error goes to the server as a failed reply holding what the site's policy allows
+(`SitePolicy.public_error`), coded as the task's own failure or another; the whole error stays at
+the site.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
+import traceback
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcycle.errors import ConfigError, PolicyRefusal, TaskError
 from fedcycle.policy import SitePolicy, load_policy
 from fedcycle.privacy import clip_update
-from fedcycle.site import Site, load_site, site_label
-from fedcycle.trainer import TrainConfig, evaluate, train
-from fedcycle.wire import EvaluateConfig, EvaluateReply, RoundConfig, SiteReport, TrainReply
+from fedcycle.site import Site, load_site, simulated_node_config, site_label
+from fedcycle.trainer import TrainConfig, evaluate, own_loop_metrics, train
+from fedcycle.wire import SITE_FAILED, TASK_FAILED, EvaluateConfig, EvaluateReply, RoundConfig, SiteReport, TrainReply
 
 app = ClientApp()
 logger = logging.getLogger("fedcycle.site")
 
 
-class SiteFailed(RuntimeError):
-    """What the server learns of a site's error: the text its policy lets go."""
+# Where a site writes the whole of an error (its traceback), when set: `fedcycle simulate` names a
+# file and moves it into the run's folder; a real site keeps its tracebacks in its own log.
+SITE_LOG_VARIABLE = "FEDCYCLE_SITE_LOG"
 
 
 def public_error(err: BaseException, node_config) -> str:
-    """The error's text as the site's policy lets it leave, the whole error logged at the site."""
-    logger.error("fedcycle site: %s: %s", type(err).__name__, err, exc_info=not isinstance(err, ConfigError))
+    """The error's text as the site's policy lets it leave. The whole error stays at the site: in
+    the file `SITE_LOG_VARIABLE` names (the log then gets one line), else in its log."""
+    site_log = os.environ.get(SITE_LOG_VARIABLE)
+    if site_log:
+        logger.error("fedcycle site %s: %s: %s", site_label(node_config), type(err).__name__, err)
+        with open(site_log, "a", encoding="utf-8") as log_file:
+            log_file.write(f"--- site {site_label(node_config)}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                           f"{''.join(traceback.format_exception(err))}\n")
+    else:
+        logger.error("fedcycle site: %s: %s", type(err).__name__, err, exc_info=not isinstance(err, ConfigError))
     try:
         policy = load_policy(dict(node_config))
     except ConfigError:
@@ -46,14 +58,18 @@ def public_error(err: BaseException, node_config) -> str:
 
 
 def policy_screened(handler):
-    """A handler whose errors reach the server as one line its policy allows, nothing chained."""
+    """A handler whose error reaches the server as a failed reply: one line its policy allows,
+    coded TASK_FAILED when the task's own code failed (the server stops the run; a retry would
+    fail alike). A failed reply, not a raised exception: Flower would wrap that in tracebacks."""
 
     @functools.wraps(handler)
     def screened(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
         except Exception as err:  # noqa: BLE001 - every error leaves only as its public text
-            raise SiteFailed(public_error(err, context.node_config)) from None
+            node_config = simulated_node_config(context.node_config)
+            code = TASK_FAILED if isinstance(err, TaskError) else SITE_FAILED
+            return Message(Error(code, public_error(err, node_config)), reply_to=msg)
 
     return screened
 
@@ -64,8 +80,9 @@ def preflight(msg: Message, context: Context) -> Message:
         config = EvaluateConfig.from_record(msg.content["config"])
         report = load_site(context.run_config, context.node_config).report(config.batch_size)
     except Exception as err:  # noqa: BLE001 - a site that cannot take part says why, as its policy allows
-        report = SiteReport(ok=False, error=public_error(err, context.node_config),
-                            refused=isinstance(err, PolicyRefusal), site=site_label(context.node_config))
+        node_config = simulated_node_config(context.node_config)
+        report = SiteReport(ok=False, error=public_error(err, node_config),
+                            refused=isinstance(err, PolicyRefusal), site=site_label(node_config))
     return Message(RecordDict({"report": ConfigRecord(report.to_record())}), reply_to=msg)
 
 
@@ -75,21 +92,6 @@ def held_out(site: Site, model, batch_size: int) -> EvaluateReply:
         return EvaluateReply(0.0, {name: 0.0 for name in site.metric_names(batch_size)}, 0)
     loss, metrics = evaluate(site.task, model, site.val, site.device, batch_size, site.num_workers)
     return EvaluateReply(loss, metrics, len(site.val))
-
-
-def own_loop_metrics(site: Site, returned: dict[str, float], batch_size: int) -> dict[str, float]:
-    """The task's metrics from what its own train() returned (which may hold more)."""
-    names = site.metric_names(batch_size)
-    missing = [name for name in names if name not in returned]
-    if missing:
-        raise TaskError(
-            f"task={site.task.name!r}: train() returned {sorted(returned)} besides the loss; "
-            f"it must also return the task's metrics {missing}"
-        )
-    try:
-        return {name: float(returned[name]) for name in names}
-    except (TypeError, ValueError):
-        raise TaskError(f"task={site.task.name!r}: train() returned a metric of {names} that is not a number") from None
 
 
 @app.train()
@@ -138,7 +140,8 @@ def train_round(msg: Message, context: Context) -> Message:
     reply = TrainReply(
         num_examples=result.num_examples,
         train_loss=result.loss,
-        train_metrics=result.metrics if site.task.own_train is None else own_loop_metrics(site, result.metrics, config.batch_size),
+        train_metrics=(result.metrics if site.task.own_train is None
+                       else own_loop_metrics(site.task, result.metrics, site.metric_names(config.batch_size))),
         train_seconds=result.seconds,
         setup_seconds=setup_seconds,
         local_epochs=config.local_epochs,

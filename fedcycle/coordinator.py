@@ -48,7 +48,8 @@ class Coordinator:
     def __init__(self, strategy: Strategy, settings: RunSettings, evaluates_on_sites: bool = False,
                  sites: dict[int, Declared] | None = None, metric_names: Iterable[str] = ("accuracy",),
                  ranges: dict[str, tuple[float, float]] | None = None, task_statistics: dict | None = None,
-                 privacy_run: str = "", late_nodes: Iterable[int] = ()) -> None:
+                 privacy_run: str = "", late_nodes: Iterable[int] = (),
+                 train_metric_names: Iterable[str] | None = None) -> None:
         self.strategy, self.settings, self.evaluates_on_sites = strategy, settings, evaluates_on_sites
         self.sites = dict(sites or {})  # node id -> what it declared in the pre-flight round
         self.site_names = {node: d.site for node, d in self.sites.items()}
@@ -57,7 +58,7 @@ class Coordinator:
         self.privacy_run = privacy_run  # the run's first id: what the sites' DP ledgers file its rounds under
         self.late_nodes = set(late_nodes)  # never sent work: connected late, or refused by their policy
         self.expected_evaluate = EvaluateReply.keys(self.metric_names)
-        keys = TrainReply.keys(self.metric_names, self.evaluates_received, settings.dp.enabled)
+        keys = TrainReply.keys(self.metric_names, self.evaluates_received, settings.dp.enabled, train_metric_names)
         self.screen = Screen(settings, self.sites, keys, {**METRIC_RANGES, **(ranges or {})})
         self.events: dict[int, list[dict]] = defaultdict(list)  # round -> replies left out, sites missing
         self.site_metrics: dict[int, list[dict]] = defaultdict(list)  # round -> accepted replies' metrics
@@ -130,6 +131,9 @@ class Coordinator:
         reference = {k: a.numpy() for k, a in self.global_arrays.items()} if self.global_arrays is not None else {}
         readable, accepted = [], []
         for msg in replies:
+            if msg.has_error():
+                self._record(server_round, msg.metadata.src_node_id, "failed", msg.error.reason)
+                continue
             problem, values = read_reply(msg)
             if problem:
                 self._record(server_round, msg.metadata.src_node_id, "rejected", problem)
@@ -284,8 +288,6 @@ class Coordinator:
 def read_reply(msg: Message) -> tuple[str | None, dict[str, np.ndarray]]:
     """What is wrong with a reply's form as Flower carries it, else None and its arrays' values
     (read through Flower's own reader: a copy, never pickle)."""
-    if msg.has_error():
-        return f"failed: {msg.error.reason}", {}
     content = msg.content
     if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
         return (f"reply must hold one ArrayRecord 'arrays' and one MetricRecord 'metrics', "

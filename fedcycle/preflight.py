@@ -81,7 +81,7 @@ def preflight(grid: Grid, settings: RunSettings, expected: dict[str, Any],
             continue
         answered[node] = report
     want = {k: v for k, v in expected.items() if v is not None}
-    for key in ("metric-names", "inputs", "targets", "classes"):  # what the server cannot know: the majority's
+    for key in ("metric-names", "train-metric-names", "inputs", "targets", "classes"):  # what the server cannot know: the majority's
         if key not in want and any(_field(r, key) is not None for r in answered.values()):
             votes = Counter(json.dumps(list_or_value(_field(r, key))) for r in answered.values())
             want[key] = json.loads(votes.most_common(1)[0][0])
@@ -130,7 +130,7 @@ def report_malformed(report: SiteReport) -> str | None:
             return f"{key}={value!r}; expected a whole number of examples, 0 to {MAX_EXAMPLES:.0e}"
     if not report.num_train:
         return "num-train=0; a site needs training data"
-    for key in ("model", "metric-names"):
+    for key in ("model", "metric-names", "train-metric-names"):
         value = _field(report, key)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             return f"{key}={_short(value)}; expected a list of strings"
@@ -170,7 +170,7 @@ def report_difference(report: SiteReport, want: dict[str, Any]) -> str | None:
         detail = (f"the site has {pairs[0][0]!r}, the server {pairs[0][1]!r}" if pairs
                   else f"the site's has {len(theirs)} arrays, the server's {len(ours)}")
         return f"the task builds another model than the server's (key model: {detail})"
-    for key in ("classes", "metric-names", "inputs", "targets"):
+    for key in ("classes", "metric-names", "train-metric-names", "inputs", "targets"):
         theirs, ours = list_or_value(_field(report, key)), list_or_value(want.get(key))
         if key in want and theirs != ours:
             if isinstance(theirs, list) and isinstance(ours, list) and len(theirs) == len(ours):

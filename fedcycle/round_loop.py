@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 
 from fedcycle.config import RunSettings
 from fedcycle.coordinator import Coordinator
-from fedcycle.wire import superlink_errors
+from fedcycle.wire import superlink_errors, task_failed
 
 
 @dataclass
@@ -48,6 +48,16 @@ class RoundOutcome:
     screen_state: dict[str, Any] = field(default_factory=dict)  # for the checkpoint: the screen memory's plain data
 
 
+def stop_if_task_failed(server_round: int, replies: list[Message], names: dict[int, str]) -> None:
+    """TaskFailed when a site says the task's own code failed: it would fail the same way on
+    every retry, so the run stops now, with the site's one line."""
+    failed = [r for r in replies if task_failed(r)]
+    if failed:
+        node = failed[0].metadata.src_node_id
+        more = f" (and {len(failed) - 1} more site(s))" if len(failed) > 1 else ""
+        raise TaskFailed(server_round, f"site {names.get(node, '?')} (node {node}): {failed[0].error.reason}{more}")
+
+
 class RoundFailed(RuntimeError):
     """A round got too few usable replies, also after its retries: `attempts` are the events of
     its failed attempts; out of `run_rounds`, `outcome` holds all the round got."""
@@ -56,6 +66,11 @@ class RoundFailed(RuntimeError):
                  outcome: RoundOutcome | None = None) -> None:
         super().__init__(message)
         self.server_round, self.attempts, self.outcome = server_round, list(attempts), outcome
+
+
+class TaskFailed(RoundFailed):
+    """The task's own code failed at a site (its loop, loss or metrics): the run stops at once,
+    no retry, and its message is the site's one line."""
 
 
 # Replies are pulled every tenth of the time waited so far, at least every POLL_MAX_SECONDS (as
@@ -111,23 +126,31 @@ def run_rounds(
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_server_rounds)
         deadline = clock() + settings.round_timeout
         try:
-            accepted, events = train_round(grid, coordinator, settings, server_round, arrays, deadline, clock, sleep)
+            arrays, events = one_round(grid, coordinator, settings, server_round, arrays, deadline, clock, sleep)
         except RoundFailed as err:
-            raise RoundFailed(server_round, str(err), err.attempts,
-                              outcome_of(coordinator, server_round, arrays, err.attempts)) from None
-        aggregated = coordinator.aggregate(server_round, accepted)
-        if aggregated is not None:
-            arrays = aggregated
-        if coordinator.evaluates_on_sites:
-            left = deadline - clock()
-            if left > 0:
-                metrics = evaluate_on_sites(grid, coordinator, server_round, arrays, left, clock, sleep)
-            else:
-                events.append(
-                    {"event": "evaluation-skipped", "reason": f"round-timeout={settings.round_timeout}s spent on training"})
-                metrics = coordinator.aggregate_evaluate(server_round, [])
-            log(INFO, "Round %d: the sites' evaluation of the global model: %s", server_round, metrics)
+            err.outcome = outcome_of(coordinator, server_round, arrays, err.attempts)
+            raise
         yield outcome_of(coordinator, server_round, arrays, events)
+
+
+def one_round(grid: Grid, coordinator: Coordinator, settings: RunSettings, server_round: int, arrays: ArrayRecord,
+              deadline: float, clock: Callable[[], float], sleep: Callable[[float], None]) -> tuple[ArrayRecord, list[dict]]:
+    """A round's training, aggregation and (where the sites evaluate) evaluation: the global
+    model after it, and the loop's events."""
+    accepted, events = train_round(grid, coordinator, settings, server_round, arrays, deadline, clock, sleep)
+    aggregated = coordinator.aggregate(server_round, accepted)
+    if aggregated is not None:
+        arrays = aggregated
+    if coordinator.evaluates_on_sites:
+        left = deadline - clock()
+        if left > 0:
+            metrics = evaluate_on_sites(grid, coordinator, server_round, arrays, left, clock, sleep)
+        else:
+            events.append(
+                {"event": "evaluation-skipped", "reason": f"round-timeout={settings.round_timeout}s spent on training"})
+            metrics = coordinator.aggregate_evaluate(server_round, [])
+        log(INFO, "Round %d: the sites' evaluation of the global model: %s", server_round, metrics)
+    return arrays, events
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, what: str, names: dict[int, str],
@@ -165,7 +188,9 @@ def evaluate_on_sites(grid: Grid, coordinator: Coordinator, server_round: int, a
                                                                coordinator.site_names, clock, sleep))
     for node in sorted(unreachable):
         coordinator.record_missing(server_round, node, "missing-evaluation", unreachable)
-    return coordinator.aggregate_evaluate(server_round, replies)
+    metrics = coordinator.aggregate_evaluate(server_round, replies)
+    stop_if_task_failed(server_round, replies, coordinator.site_names)
+    return metrics
 
 
 def train_round(
@@ -188,6 +213,7 @@ def train_round(
             replies, unreachable = superlink_errors(messages, exchange(grid, messages, left, f"Round {server_round}",
                                                                        coordinator.site_names, clock, sleep))
             accepted = coordinator.screen_round(server_round, replies, unreachable)
+            stop_if_task_failed(server_round, replies, coordinator.site_names)
             needed = max(settings.min_replies, math.ceil(settings.min_reply_fraction * len(messages)))
             if len(accepted) >= needed:
                 return accepted, failed

@@ -98,6 +98,7 @@ def main(grid: Grid, context: Context) -> None:
         settings, num_sites=len(reports), has_test_data=test is not None,
         sites={node: Declared(r.num_train, r.num_val, r.site) for node, r in reports.items()},
         metric_names=next(iter(reports.values())).metric_names, ranges=task.metric_ranges, task_statistics=statistics,
+        train_metric_names=next(iter(reports.values())).train_metric_names,
         # the sites' DP ledgers file the run's rounds under its first id
         privacy_run=str((extra.get("earlier_run_ids") or [context.run_id])[0]),
         late_nodes=refused,  # their refusal is logged and kept in config.json; no event each round

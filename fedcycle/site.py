@@ -28,7 +28,7 @@ from fedcycle.errors import ConfigError
 from fedcycle.policy import SitePolicy, load_policy
 from fedcycle.privacy import PrivacyLedger, epsilon
 from fedcycle.tasks import BUILTIN, Task, fingerprint
-from fedcycle.trainer import pick_device
+from fedcycle.trainer import pick_device, rehearse
 from fedcycle.wire import SiteReport
 
 # What `fedcycle simulate --node-config` gives every simulated site, as JSON: Flower's simulation
@@ -40,7 +40,12 @@ NODE_CONFIG_VARIABLE = "FEDCYCLE_NODE_CONFIG"
 def simulated_node_config(node_config: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """The node config with the launcher's (`NODE_CONFIG_VARIABLE`) added, each string value's
     `{partition-id}` and `{num-partitions}` filled in with this site's; the node's own keys win."""
-    given = json.loads(environ.get(NODE_CONFIG_VARIABLE) or "{}")
+    return with_given(node_config, json.loads(environ.get(NODE_CONFIG_VARIABLE) or "{}"))
+
+
+def with_given(node_config: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """`node_config` with `given`'s keys added, `{partition-id}` and `{num-partitions}` in their
+    string values filled in with the node's; the node's own keys win."""
     return {**{key: fill_partition(value, node_config) for key, value in given.items()}, **node_config}
 
 
@@ -101,6 +106,15 @@ class Site:
     def metric_names(self, batch_size: int) -> list[str]:
         return self.checked(batch_size)["metric-names"]
 
+    def train_metric_names(self, batch_size: int) -> list[str]:
+        """The metrics the site reports while training: the task's own train() rehearsed for a
+        couple of batches on a fresh model (once per process); fedcycle's loop reports all."""
+        checked = self.checked(batch_size)
+        if "train-metric-names" not in checked:
+            checked["train-metric-names"] = rehearse(self.task, self.new_model(), self.train, batch_size, self.device,
+                                                     checked["metric-names"])
+        return checked["train-metric-names"]
+
     def report(self, batch_size: int) -> SiteReport:
         """What the server asks in the pre-flight round."""
         import torchvision  # lazily: for its version only; a train or evaluate message needs none
@@ -112,6 +126,7 @@ class Site:
             num_train=len(self.train),
             num_val=len(self.val),
             metric_names=list(checked["metric-names"]),
+            train_metric_names=self.train_metric_names(batch_size),
             inputs=checked["inputs"],
             targets=checked["targets"],
             model=fingerprint(self.new_model()),

@@ -10,14 +10,16 @@ recorded, and a loop that steps the optimizer without the scheduler is refused.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
-from fedcycle.batches import batch_size_of, batches, detach, to_device
+from fedcycle.batches import batch_size_of, batches, describe, detach, to_device
 from fedcycle.config import DPSettings, RunSettings
 from fedcycle.errors import TaskError
 from fedcycle.privacy import private_training
@@ -134,8 +136,15 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
                 f"task={task.name!r} brings its own train(), which cannot add FedProx's proximal term "
                 f"(proximal-mu={cfg.proximal_mu}); choose another strategy, or drop the task's train()"
             )
-        returned = task._call("train", task.own_train, net, feed, step_with, scheduler, cfg.epochs, device)
-        loss, metrics = _own_loop_result(task, returned)
+        # a caller that watches epochs (the centralized baseline) gets the loop one epoch at a
+        # time, with the same optimizer and scheduler throughout
+        calls = [(epoch, 1) for epoch in range(cfg.epochs)] if epoch_end is not None else [(cfg.epochs - 1, cfg.epochs)]
+        for epoch, epochs in calls:
+            net.train()
+            returned = task._call("train", task.own_train, net, feed, step_with, scheduler, epochs, device)
+            if epoch_end is not None:
+                epoch_end(epoch)
+        loss, metrics = own_loop_result(task, returned)
     else:
         loss, metrics = fit(task, net, feed, step_with, scheduler, cfg, device, epoch_end)
     if private:
@@ -194,22 +203,59 @@ def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     return float(loss_sum) / max(seen, 1), {k: float(v) for k, v in tracker.compute().items()}
 
 
-def _own_loop_result(task: Task, returned: Any) -> tuple[float, dict[str, float]]:
-    """The loss a task's own train() returned, and the rest of what it returned (the task's metrics
-    among it; the ClientApp takes those)."""
+def own_loop_result(task: Task, returned: Any) -> tuple[float, dict[str, float]]:
+    """The loss a task's own train() returned, and the rest of what it returned (the task's
+    metrics, if it tracks any: `own_loop_metrics` checks them)."""
     if not isinstance(returned, dict) or "loss" not in returned:
+        got = f"a dict with keys {sorted(returned)}" if isinstance(returned, dict) else type(returned).__name__
         raise TaskError(
-            f"task={task.name!r}: train() returned {type(returned).__name__} {sorted(returned) if isinstance(returned, dict) else ''}; "
-            "it returns a dict with 'loss' and the task's metrics (means over the examples it trained on)"
+            f"task={task.name!r}: train() returned {got}; it returns a dict with 'loss' (the mean training "
+            "loss), and, if the loop tracks them, any of the task's metrics"
         )
     return _number(task, "loss", returned["loss"]), {k: v for k, v in returned.items() if k != "loss"}
 
 
+def own_loop_metrics(task: Task, returned: dict[str, Any], names: list[str]) -> dict[str, float]:
+    """The task's metrics among what its own train() returned besides the loss. A loop that tracks
+    only its loss reports no training metrics; a key that is not one of the task's is refused
+    (a misspelt metric would otherwise vanish)."""
+    unknown = sorted(set(returned) - set(names))
+    if unknown:
+        raise TaskError(f"task={task.name!r}: train() returned {unknown} besides the loss, which are not the task's "
+                        f"metrics {names}; return 'loss' and any of those")
+    return {name: _number(task, name, returned[name]) for name in names if name in returned}
+
+
 def _number(task: Task, key: str, value: Any) -> float:
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TaskError(f"task={task.name!r}: train() returned {key}={type(value).__name__}; it must be a number") from None
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one number
+        raise TaskError(f"task={task.name!r}: train() returned {key}={describe(value)}; it must be a number") from None
+    return number
+
+
+# A rehearsal trains this many batches of a site's own train() on a copy of the model.
+REHEARSAL_BATCHES = 2
+
+
+def rehearse(task: Task, model: nn.Module, data, batch_size: int, device: torch.device,
+             metric_names: list[str]) -> list[str]:
+    """Run a task's own train() for a couple of batches on `model` (a copy the caller throws
+    away) under a cyclical schedule, and check what only training shows: the scheduler stepped
+    with every optimizer step, at least one step, a finite loss, keys that are the task's.
+    The names of the metrics its loop reports (fedcycle's own loop: all of them). Pre-flight
+    runs it, so a loop's mistake stops the run before round 1, not in it."""
+    if task.own_train is None:
+        return list(metric_names)
+    sample = Subset(data, range(min(len(data), REHEARSAL_BATCHES * batch_size)))
+    result = train(task, model, sample, TrainConfig(LRSchedule(), epochs=1, batch_size=batch_size), device)
+    if not math.isfinite(result.loss):
+        raise TaskError(f"task={task.name!r}: train() returned loss={result.loss} after {result.steps} step(s) at "
+                        "a rate of at most 0.05; the loss must be a finite number")
+    if result.steps == 0:
+        raise TaskError(f"task={task.name!r}: train() took no optimizer step over {len(sample)} examples; "
+                        "it must call optimizer.step() (and then scheduler.step()) for its batches")
+    return list(own_loop_metrics(task, result.metrics, metric_names))
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ that both apps import.
 - `TrainReply` and `EvaluateReply`: the numbers a site sends back;
 - `SiteReport`: a site's answer to the pre-flight round;
 - `EVENTS`: the kinds of event the server records in a round (what the screen left out, who
-  was missing).
+  was missing);
+- `TASK_FAILED` / `SITE_FAILED`: the codes of a site's failed reply.
 
 Each has `to_record()` and `from_record()` (Flower's ConfigRecord / MetricRecord values); a
 round trip through them is exact (tests/test_wire.py). A task's metrics (accuracy by default, or
@@ -34,6 +35,7 @@ EVENTS = {
     "rejected": "a reply the screen left out of the average",
     "clipped": "a reply whose update was far longer than its peers' (peer-norm-ratio), averaged scaled down",
     "weight-capped": "a reply whose example count was capped",
+    "failed": "a site whose ClientApp failed; the reason is its one line, as its policy lets it go",
     "missing": "a sampled site that sent no train reply",
     "rejected-evaluation": "an evaluate reply left out of the sites' evaluation",
     "missing-evaluation": "a site that sent no evaluate reply",
@@ -42,7 +44,7 @@ EVENTS = {
     "evaluation-skipped": "the sites' evaluation, skipped because the round's time was spent",
 }
 # The events that concern one site's reply (counted as "left out" in a round's summary).
-SCREEN_EVENTS = ("rejected", "clipped", "weight-capped", "missing")
+SCREEN_EVENTS = ("rejected", "clipped", "weight-capped", "failed", "missing")
 
 
 @dataclass(frozen=True)
@@ -160,26 +162,31 @@ class TrainReply:
         return record
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], metric_names: Iterable[str]) -> "TrainReply":
+    def from_record(cls, record: Mapping[str, Any], metric_names: Iterable[str],
+                    train_metric_names: Iterable[str] | None = None) -> "TrainReply":
         names = list(metric_names)
+        trained = names if train_metric_names is None else list(train_metric_names)
         received = None
         if "received-loss" in record:
             received = EvaluateReply(record["received-loss"], {n: record[f"received-{n}"] for n in names},
                                      record["val-examples"])
         return cls(
             num_examples=record["num-examples"], train_loss=record["train-loss"],
-            train_metrics={n: record[f"train-{n}"] for n in names}, train_seconds=record["train-seconds"],
+            train_metrics={n: record[f"train-{n}"] for n in trained}, train_seconds=record["train-seconds"],
             setup_seconds=record["setup-seconds"], local_epochs=record["local-epochs"], steps=record["steps"],
             lr_first=record["lr-first"], lr_peak=record["lr-peak"], lr_last=record["lr-last"], received=received,
             epsilon=record.get("epsilon"),
         )
 
     @staticmethod
-    def keys(metric_names: Iterable[str], evaluate_received: bool, private: bool = False) -> frozenset[str]:
+    def keys(metric_names: Iterable[str], evaluate_received: bool, private: bool = False,
+             train_metric_names: Iterable[str] | None = None) -> frozenset[str]:
         """Every key a train reply holds: what the server checks a reply against (`private`:
-        the sites train with DP-SGD and report their epsilon)."""
+        the sites train with DP-SGD and report their epsilon; `train_metric_names`: the metrics
+        the sites' training loop reports, by default all the task's)."""
         names = tuple(metric_names)
-        keys = set(TrainReply.SCALARS) | {f"train-{m}" for m in names} | ({"epsilon"} if private else set())
+        trained = names if train_metric_names is None else tuple(train_metric_names)
+        keys = set(TrainReply.SCALARS) | {f"train-{m}" for m in trained} | ({"epsilon"} if private else set())
         if evaluate_received:
             keys |= {"received-loss", "val-examples"} | {f"received-{m}" for m in names}
         return frozenset(keys)
@@ -217,6 +224,7 @@ class SiteReport:
     num_train: int = 0
     num_val: int = 0
     metric_names: list[str] = field(default_factory=list)
+    train_metric_names: list[str] = field(default_factory=list)  # those the site's training loop reports
     inputs: str = ""  # one example's structure (fedcycle.batches.describe)
     targets: str = ""
     model: list[str] = field(default_factory=list)  # the model's fingerprint: name, dtype, shape per array
@@ -254,7 +262,7 @@ class SiteReport:
             raise KeyError(missing)
         values = {f.name: record[f.name.replace("_", "-")] for f in fields(cls)
                   if f.name.replace("_", "-") in record and f.name not in ("statistics", "error")}
-        for key in ("metric_names", "model", "classes"):
+        for key in ("metric_names", "train_metric_names", "model", "classes"):
             if isinstance(values.get(key), tuple):
                 values[key] = list(values[key])
         if "statistics" in record:
@@ -263,7 +271,7 @@ class SiteReport:
 
 
 # What every report that says ok must hold.
-REPORT_KEYS = ("site", "num-train", "num-val", "metric-names", "inputs", "targets", "model", "device", "torch", "flwr")
+REPORT_KEYS = ("site", "num-train", "num-val", "metric-names", "train-metric-names", "inputs", "targets", "model", "device", "torch", "flwr")
 
 
 def _json_or_raw(value: Any) -> Any:
@@ -272,6 +280,18 @@ def _json_or_raw(value: Any) -> Any:
         return json.loads(value)
     except (TypeError, ValueError):
         return value
+
+
+# A site's failed reply is Flower's Error with one line its policy lets go. Its code says which:
+# the task's own code (a TaskError: its loop, loss or metrics) fails the same way every try, so
+# the server stops the run at once; anything else is Flower's code for a ClientApp that raised.
+TASK_FAILED = 4220
+SITE_FAILED = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def task_failed(reply: Message) -> bool:
+    """Whether a reply says the task's own code failed at the site."""
+    return reply.has_error() and reply.error.code == TASK_FAILED
 
 
 def superlink_errors(sent: Iterable[Message], replies: Iterable[Message]) -> tuple[list[Message], dict[int, str]]:

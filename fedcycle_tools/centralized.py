@@ -11,21 +11,25 @@ Nothing here knows Flower.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from fedcycle.batches import join
 from fedcycle.config import RunSettings
+from fedcycle.errors import TaskError
+from fedcycle.site import with_given
 from fedcycle.tasks import add_up, load_task
 from fedcycle.trainer import TrainConfig, evaluate, pick_device, train
 
 
-def pooled_site_data(config: dict, sites: int):
-    """The task of a run config, and all its sites' train and validation data, pooled."""
+def pooled_site_data(config: dict, sites: int, node_config: Mapping[str, Any] | None = None):
+    """The task of a run config, and all its sites' train and validation data, pooled
+    (`node_config`: what every simulated site's node config holds, `{partition-id}` filled in)."""
 
     task = load_task(config)
-    parts = [task.site_data({"partition-id": i, "num-partitions": sites}) for i in range(sites)]
+    parts = [task.site_data(with_given({"partition-id": i, "num-partitions": sites}, node_config or {}))
+             for i in range(sites)]
     sums = [task.statistics(train) for train, _ in parts]
     if sums[0] is not None:
         task.use_statistics(add_up(sums))
@@ -41,13 +45,15 @@ def primary_value(task, model, data, batch_size: int) -> float | None:
 
 
 def train_centralized(config: dict[str, Any], sites: int, epochs: int,
-                      progress: Callable[[int, float | None, float | None], None] | None = None) -> dict[str, Any]:
-    """Train on the pooled data of `sites` simulated sites for `epochs` epochs; the primary
-    metric on the test and validation data before training and after each epoch, and each
-    epoch's seconds. `progress(epoch, test, validation)` is called after each epoch."""
+                      progress: Callable[[int, float | None, float | None], None] | None = None,
+                      node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Train on the pooled data of `sites` simulated sites for `epochs` epochs, by the task's
+    own loop if it has one, else fedcycle's; the primary metric on the test and validation data
+    before training and after each epoch, and each epoch's seconds. `progress(epoch, test,
+    validation)` is called after each epoch."""
 
     settings = RunSettings.from_run_config(config)
-    task, train_data, val_data = pooled_site_data(config, sites)
+    task, train_data, val_data = pooled_site_data(config, sites, node_config)
     test = task.test_data()
     torch.manual_seed(settings.seed)
     model = task.build_model()
@@ -69,6 +75,9 @@ def train_centralized(config: dict[str, Any], sites: int, epochs: int,
 
     cfg = TrainConfig(settings.schedule, epochs=epochs, batch_size=settings.batch_size, optimizer=settings.optimizer,
                       momentum=settings.momentum, weight_decay=settings.weight_decay, seed=settings.seed)
-    train(task, model, train_data, cfg, pick_device("auto"), epoch_end=epoch_end)
+    trained = train(task, model, train_data, cfg, pick_device("auto"), epoch_end=epoch_end)
+    if not trained.steps:
+        raise TaskError(f"task={task.name!r}: {epochs} epoch(s) over {len(train_data)} pooled examples took no "
+                        "optimizer step; nothing was trained")
     return {"metric": task.primary_metric, "test": test_values, "validation": val_values, "seconds": seconds,
             "wall_seconds": time.perf_counter() - started}

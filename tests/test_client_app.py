@@ -16,6 +16,7 @@ from fedcycle.site import load_site
 from fedcycle.strategies import make_coordinator
 from fedcycle.trainer import evaluate
 from tests.fakes import Sites, context
+from fedcycle.wire import TASK_FAILED
 from tests.user_tasks import BloodPressure
 
 
@@ -36,8 +37,10 @@ def test_the_evaluate_reply_is_the_received_model_on_the_sites_held_out_split(da
     assert metrics["loss"] == pytest.approx(loss, rel=1e-12) and metrics["accuracy"] == pytest.approx(expected["accuracy"])
 
 
-class ForgetsAMetric(BloodPressure):
-    """A site's own loop that follows the schedule but reports only one of the task's two metrics."""
+class TracksOneMetric(BloodPressure):
+    """A site's own loop that follows the schedule and tracks one of the task's two metrics."""
+
+    key = "mae"
 
     def train(self, model, loader, optimizer, scheduler, epochs, device):
         for _ in range(epochs):
@@ -47,19 +50,32 @@ class ForgetsAMetric(BloodPressure):
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-        return {"loss": loss.item(), "mae": 0.5}
+        return {"loss": loss.item(), self.key: 0.5}
 
 
-def test_a_sites_own_loop_must_report_the_tasks_metrics(task_identity):
-    name = f"{ForgetsAMetric.__module__}:ForgetsAMetric"
-    run_config = {"task": name, "batch-size": 100, "local-epochs": 1}
-    node = {"partition-id": 0}
+class MisspellsAMetric(TracksOneMetric):
+    key = "MAE"
+
+
+def train_message_for(run_config: dict, node: dict) -> Message:
     settings = RunSettings.from_run_config(run_config)
     config = ConfigRecord({**make_coordinator(settings, num_sites=1).round_config(1).to_record(), "server-round": 1})
     model = load_site(run_config, node).new_model()
-    message = Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1,
-                      message_type="train")
-    with pytest.raises(client_app.SiteFailed) as failed:  # the TaskError's text, as the default policy lets it go
-        client_app.train_round(message, context(run_config, node))
-    assert str(failed.value) == (f"task={name!r}: train() returned ['mae'] besides the loss; "
-                                 "it must also return the task's metrics ['mse']")
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1,
+                   message_type="train")
+
+
+def test_a_sites_own_loop_reports_the_metrics_it_tracks_and_a_key_not_the_tasks_fails_the_run(task_identity):
+    node = {"partition-id": 0}
+    tracks_one = {"task": f"{TracksOneMetric.__module__}:TracksOneMetric", "batch-size": 100, "local-epochs": 1}
+    metrics = client_app.train_round(train_message_for(tracks_one, node), context(tracks_one, node)).content["metrics"]
+    assert metrics["train-mae"] == 0.5 and "train-mse" not in metrics  # 'mse' it does not track: not reported
+
+    name = f"{MisspellsAMetric.__module__}:MisspellsAMetric"
+    misspells = {**tracks_one, "task": name}
+    reply = client_app.train_round(train_message_for(misspells, node), context(misspells, node))
+    # a failed reply, not an exception: coded as the task's own failure (the server stops the run),
+    # its reason the TaskError's one line, as the default policy lets it go
+    assert reply.has_error() and reply.error.code == TASK_FAILED
+    assert reply.error.reason == (f"task={name!r}: train() returned ['MAE'] besides the loss, which are not the "
+                                  "task's metrics ['mae', 'mse']; return 'loss' and any of those")

@@ -25,6 +25,7 @@ from fedcycle.privacy import private_training
 from fedcycle.site import load_site
 from fedcycle.strategies import make_coordinator
 from fedcycle.tasks import Task
+from fedcycle.wire import SITE_FAILED
 from tests.fakes import context
 from tests.user_tasks import BloodPressure
 
@@ -103,16 +104,15 @@ def test_a_site_refuses_the_round_that_would_pass_its_ceiling(tmp_path, task_ide
     first = client_app.train_round(train_message(run_config, 1), context(run_config, node)).content["metrics"]
     assert first["epsilon"] == pytest.approx(one_round.get_epsilon(1e-5))
     written = ledger.read_text()
-    with pytest.raises(client_app.SiteFailed) as refused:
-        client_app.train_round(train_message(run_config, 2), context(run_config, node))
-    message = str(refused.value)
+    refused = client_app.train_round(train_message(run_config, 2), context(run_config, node))
+    assert refused.has_error() and refused.error.code == SITE_FAILED  # a refusal, not the task's failure
+    message = refused.error.reason
     assert "(dp.max-epsilon)" in message and f"max-epsilon={ceiling}" in message
     assert f"epsilon spent {first['epsilon']:.3g}" in message
     assert ledger.read_text() == written  # nothing trained, nothing spent
     # a run without DP is refused by the same policy before anything is read
     no_dp = {**run_config, "dp.noise-multiplier": 0.0}
-    with pytest.raises(client_app.SiteFailed, match=r"\(dp.required\)"):
-        client_app.train_round(train_message(no_dp, 1), context(no_dp, node))
+    assert "(dp.required)" in client_app.train_round(train_message(no_dp, 1), context(no_dp, node)).error.reason
 
 
 class RecordsWhatItGets(BloodPressure):

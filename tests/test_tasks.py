@@ -300,6 +300,23 @@ def test_a_sites_own_loop_follows_the_servers_schedule_in_simulation(superlink, 
 
 
 @pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
+def test_a_task_that_fails_in_a_round_stops_the_run_at_once_with_its_one_line(superlink, tmp_path):
+    # pre-flight rehearses one epoch, which works; the round's two epochs raise in the task's code
+    out = simulate(superlink, tmp_path, "task='clinic_tasks:FailsInTraining' num-server-rounds=3 local-epochs=2 "
+                                       "round-retries=2 run-name='fails'")
+    assert out.status == "finished:failed"
+    lines = read_metrics(out.results_dir / "metrics.jsonl")
+    assert [line["round"] for line in lines] == [0, 1]  # round 1 failed; no round 2
+    one_line = ("task='clinic_tasks:FailsInTraining': train() raised ValueError: this loop was written for one "
+                "epoch, not 2")
+    events = lines[1]["events"]
+    assert {e["event"] for e in events} == {"failed"} and len(events) == 2  # both sites, tried once: no retry
+    assert all(e["reason"] == one_line for e in events)
+    assert one_line in lines[1]["failed"] and "resume" not in lines[1]["failed"]
+    assert one_line in out.log and "Traceback" not in out.log and "ClientAppException" not in out.log
+
+
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 def test_a_loop_that_keeps_its_own_rate_is_left_out_by_the_server(superlink, tmp_path):
     out = simulate(superlink, tmp_path, "task='clinic_tasks:BloodPressureFixedRate' num-server-rounds=1 local-epochs=1 "
                                        "round-retries=0 run-name='fixed'")

@@ -91,3 +91,91 @@ class BloodPressureFixedRate(BloodPressure):
                 optimizer.step()
                 scheduler.step()
         return {"loss": loss.item(), "mae": 0.0, "mse": loss.item()}
+
+
+# -- a newcomer's mistakes: each passes a glance and is refused before round 1 -----------------
+
+class ForgetsTheScheduler(BloodPressure):
+    """The plain loop most PyTorch users have: it never calls scheduler.step()."""
+
+    def train(self, model, loader, optimizer, scheduler, epochs, device):
+        total, n = 0.0, 0
+        for _ in range(epochs):
+            for x, y in loader:
+                loss = F.mse_loss(model(x.to(device)), y.to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total, n = total + loss.item() * len(y), n + len(y)
+        return {"loss": total / n}
+
+
+class ReturnsItsOwnKey(BloodPressure):
+    """A loop that names its loss as it likes, not 'loss'."""
+
+    def train(self, model, loader, optimizer, scheduler, epochs, device):
+        for _ in range(epochs):
+            for x, y in loader:
+                loss = F.mse_loss(model(x.to(device)), y.to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+        return {"mse_loss": loss.item()}
+
+
+class FailsInTraining(BloodPressure):
+    """A loop that works for one epoch (what pre-flight rehearses) and raises from the second:
+    the task's own code failing in a round."""
+
+    def train(self, model, loader, optimizer, scheduler, epochs, device):
+        if epochs > 1:
+            raise ValueError(f"this loop was written for one epoch, not {epochs}")
+        for x, y in loader:
+            loss = F.mse_loss(model(x.to(device)), y.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        return {"loss": loss.item()}
+
+
+class FlatTargets(BloodPressure):
+    """Targets of shape (N,) against the model's (N, 1): mse_loss broadcasts them to (N, N)."""
+
+    def site_data(self, node_config: dict):
+        train, val = super().site_data(node_config)
+        flat = TensorDataset(train.dataset.tensors[0], train.dataset.tensors[1][:, 0])
+        return Subset(flat, train.indices), Subset(flat, val.indices)
+
+
+class Digits:
+    """A classifier of scikit-learn's bundled 8x8 handwritten digits (BSD-3-Clause): every
+    partition-th image of 1,797 for a site, a fifth of them held out."""
+
+    classes = [str(d) for d in range(10)]
+    outputs = 10
+
+    def __init__(self, run_config: dict) -> None:
+        pass
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, self.outputs))
+
+    def site_data(self, node_config: dict):
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        part = slice(int(node_config["partition-id"]), None, int(node_config.get("num-partitions", 1)))
+        mine = TensorDataset(torch.tensor(x[part] / 16, dtype=torch.float32), torch.tensor(y[part]))
+        cut = len(mine) * 4 // 5
+        return Subset(mine, range(cut)), Subset(mine, range(cut, len(mine)))
+
+    def test_data(self):
+        return None
+
+
+class TwelveOutputs(Digits):
+    """A classifier whose last layer has 12 outputs for 10 classes: cross-entropy takes it."""
+
+    outputs = 12

@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -304,18 +305,22 @@ class Task:
                     f"task={self.name!r}: the model cannot take the Dataset's inputs {describe(first(inputs))} "
                     f"(batched): {type(err).__name__}: {err}"
                 ) from err
-            try:
-                loss = self.loss(outputs, targets)
-            except Exception as err:
-                raise TaskError(
-                    f"task={self.name!r}: the model's outputs {describe(first(outputs))} do not fit loss() with targets "
-                    f"{describe(first(targets))}: {type(err).__name__}: {err}"
-                ) from err
+            self._check_outputs(outputs, targets, getattr(data, "classes", None))
+            with warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                try:
+                    loss = self.loss(outputs, targets)
+                except Exception as err:
+                    raise TaskError(
+                        f"task={self.name!r}: the model's outputs {describe(first(outputs))} do not fit loss() with "
+                        f"targets {describe(first(targets))}: {type(err).__name__}: {err}"
+                    ) from err
+                tracker = self.metric_tracker(device)
+                self._call("metrics", tracker.update, outputs, targets)
+                metrics = self._call("metrics", tracker.compute)
+            self._check_warnings(warned, outputs, targets)
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
                 raise TaskError(f"task={self.name!r}: loss() returned {describe(loss)}; it must return one number (a 0-d tensor)")
-            tracker = self.metric_tracker(device)
-            self._call("metrics", tracker.update, outputs, targets)
-            metrics = self._call("metrics", tracker.compute)
         if not (isinstance(metrics, dict) and metrics and all(isinstance(k, str) for k in metrics)):
             raise TaskError(f"task={self.name!r}: metrics() returned {metrics!r}; it returns a dict of metric name -> number")
         reserved = sorted(RESERVED_METRIC_NAMES & set(metrics))
@@ -330,6 +335,37 @@ class Task:
             "inputs": describe(first(inputs)),
             "targets": describe(first(targets)),
         }
+
+
+    def _check_outputs(self, outputs: Any, targets: Any, data_classes: Any) -> None:
+        """A classifier's outputs hold one logit per class: a model with 12 outputs for 10 classes
+        trains without a word otherwise (cross-entropy takes it)."""
+        classes = self.classes if self.classes is not None else data_classes
+        if not (classes is not None and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+            return
+        if outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point() and outputs.shape[1] != len(classes):
+            raise TaskError(
+                f"task={self.name!r}: the model gives {outputs.shape[1]} outputs per example for {len(classes)} classes "
+                f"{_short_list(list(classes))}; a classifier gives one logit per class: make its last layer's "
+                f"out_features {len(classes)}"
+            )
+
+    def _check_warnings(self, warned: list, outputs: Any, targets: Any) -> None:
+        """What torch warns of in loss() or metrics(), refused: outputs and targets of different
+        shapes broadcast (mse_loss of (N, 1) against (N,) is an N x N loss) and the model learns
+        nothing, with a warning lost in a site's log."""
+        for warning in warned:
+            text = str(warning.message)
+            if issubclass(warning.category, UserWarning) and ("size" in text or "broadcast" in text):
+                raise TaskError(
+                    f"task={self.name!r}: loss() or metrics() of outputs {describe(outputs)} against targets "
+                    f"{describe(targets)} (a batch) broadcasts them: {text.splitlines()[0]} Give the targets the "
+                    "outputs' shape (e.g. y[:, None] for a model with one output)"
+                )
+
+
+def _short_list(values: list, limit: int = 4) -> str:
+    return repr(values) if len(values) <= limit else repr(values[:limit])[:-1] + ", ...]"
 
 
 def statistics_mismatch(sums: dict[str, list[float]], reference: dict[str, list[float]] | None) -> str | None:
