@@ -11,6 +11,7 @@ import pytest
 from fedcycle import site
 from fedcycle.errors import TaskError
 from fedcycle.site import load_site
+from fedcycle_tools.centralized import train_centralized
 from tests import user_tasks
 
 
@@ -48,3 +49,13 @@ def test_a_loop_that_tracks_only_its_loss_reports_no_training_metrics():
     assert report_of("FailsInTraining").train_metric_names == []  # its own loop: the loss alone
     assert report_of("Digits").train_metric_names == ["accuracy"]
 
+
+
+def test_the_centralized_baseline_trains_a_task_with_its_own_loop_epoch_by_epoch():
+    config = {"task": "tests.user_tasks:DigitsOwnLoop", "batch-size": 32, "local-epochs": 1, "num-server-rounds": 3}
+    seen = []
+    result = train_centralized(config, sites=2, epochs=3, progress=lambda epoch, test, val: seen.append((epoch, val)))
+    assert [epoch for epoch, _ in seen] == [1, 2, 3]  # evaluated after every epoch, not once at the end
+    validation = result["validation"]
+    assert len(validation) == 4 and result["test"] == [None] * 4  # the task has no test set
+    assert validation[0] < 0.3 and validation[-1] > 0.8  # 10 classes: it learned

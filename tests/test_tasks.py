@@ -300,6 +300,18 @@ def test_a_sites_own_loop_follows_the_servers_schedule_in_simulation(superlink, 
 
 
 @pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
+def test_a_loop_that_forgets_the_scheduler_is_refused_before_round_1_in_one_line(superlink, tmp_path):
+    out = simulate(superlink, tmp_path, "task='clinic_tasks:ForgetsTheScheduler' run-name='forgets'")
+    assert out.status == "finished:failed"
+    assert not (out.results_dir / "metrics.jsonl").exists()  # not even round 0: pre-flight comes first
+    refusal = re.findall(r"pre-flight failed, no training started:\n\s+(node \d+ \(partition \d/2\): .*)", out.log)
+    assert refusal and refusal[0].endswith(
+        "task='clinic_tasks:ForgetsTheScheduler': train() stepped the optimizer 2 times and the scheduler 0 times; "
+        "the server's schedule governs every step: call scheduler.step() once after each optimizer.step()")
+    assert "Traceback" not in out.log and "[ROUND 1" not in out.log
+
+
+@pytest.mark.e2e  # `flwr run` through the LocalSimulation SuperLink
 def test_a_task_that_fails_in_a_round_stops_the_run_at_once_with_its_one_line(superlink, tmp_path):
     # pre-flight rehearses one epoch, which works; the round's two epochs raise in the task's code
     out = simulate(superlink, tmp_path, "task='clinic_tasks:FailsInTraining' num-server-rounds=3 local-epochs=2 "
