@@ -196,8 +196,8 @@ class RoundRecorder:
         return entry
 
     def record_failed_round(self, outcome: RoundOutcome, reason: str) -> None:
-        """A line for the round that failed, with what went wrong at each site (a resumed run
-        replaces it with the rounds of its checkpoint)."""
+        """A line for the round that failed, with what went wrong at each site, and the plot
+        marking it (a resumed run replaces the line with the rounds of its checkpoint)."""
         line = {
             "round": outcome.server_round, "primary_metric": self.metric, self.metric: None, "loss": None,
             "metrics": None, "metrics_source": None, "seconds": round(time.perf_counter() - self.last, 3),
@@ -205,6 +205,7 @@ class RoundRecorder:
         }
         self.results.append_round(line)
         self.trackers.log_round(line)
+        self.results.plot(self.metric)
 
     def finish(self, status: str) -> None:
         """Tell the trackers the run ended (`finished` or `failed`), with its final and best

@@ -1,11 +1,13 @@
 """A run's files under `<results-dir>/<run-name>/`, written so that a crash loses nothing.
 
-- `config.json`: the full run config, seed, versions and machine;
+- `config.json`: the run config and settings as the run used them, seed, versions and machine;
 - `metrics.jsonl`: one JSON object per round (round 0 = the initial model), appended and
   flushed to disk as each round ends;
 - `global-final.safetensors` (the latest global model, replaced each round),
   `global-best.safetensors` and, with `swa-start`, `global-swa.safetensors`;
-- `<metric>.png` (`accuracy.png` for classification): the task's primary metric per round;
+- `<metric>.png` (`accuracy.png` for classification): the task's primary metric, the loss and
+  the learning rate at every optimizer step, against rounds (`draw_run`), drawn again after each
+  round from metrics.jsonl alone;
 - `run.lock`: held (an OS file lock) by the ServerApp process writing the folder, and released
   when that process ends however it ends: a second run never writes into a folder in use.
 """
@@ -22,14 +24,18 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save
 
-from fedcycle.config import RunSettings
+from fedcycle.config import TASK_TABLES, RunSettings
 from fedcycle.errors import ConfigError
 from fedcycle.files import atomic_write
+from fedcycle.strategies import STRATEGIES
+from fedcycle.tasks import BUILTIN
+from fedcycle.tasks.partition import PARTITIONERS
+from fedcycle.metrics_lines import finite_number, read_metrics, round_lrs, train_loss
 
 PACKAGES = ("flwr", "torch", "torchvision", "numpy", "ray", "safetensors")
 
@@ -85,6 +91,26 @@ def take_for_resume(path: Path) -> Path:
     return path
 
 
+def unused_tables(settings: RunSettings) -> frozenset[str]:
+    """The option tables of the built-in tasks, partitioners and strategies a run does not use:
+    Flower gives every run their declared defaults, which say nothing of this run (a tabular
+    task's run is no Fashion-MNIST run). A table no built-in owns (a task's own) is used."""
+    tables = {TASK_TABLES.get(task, task) for task in BUILTIN} | set(PARTITIONERS) | set(STRATEGIES)
+    return frozenset(tables - {settings.task_table, settings.partitioner, settings.strategy})
+
+
+def used_run_config(settings: RunSettings, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config less the keys of the tables the run does not use."""
+    unused = unused_tables(settings)
+    return {k: v for k, v in run_config.items() if "." not in k or k.split(".", 1)[0] not in unused}
+
+
+def used_settings(settings: RunSettings) -> dict[str, Any]:
+    """The settings as config.json holds them: what the run used, less the unused tables' options."""
+    unused = unused_tables(settings)
+    return {**settings.as_dict(), "options": {t: dict(o) for t, o in settings.options.items() if t not in unused}}
+
+
 def machine() -> dict[str, Any]:
     info = {
         "hostname": socket.gethostname(),
@@ -114,9 +140,10 @@ class RunResults:
         self.metrics_path = path / "metrics.jsonl"
 
     def write_config(self, settings: RunSettings, run_config: dict, **extra: Any) -> None:
+        """config.json: the run config and settings as the run used them, seed, versions, machine, `extra`."""
         record = {
-            "run_config": dict(run_config),
-            "settings": settings.as_dict(),
+            "run_config": used_run_config(settings, run_config),
+            "settings": used_settings(settings),
             "seed": settings.seed,
             "versions": versions(),
             "machine": machine(),
@@ -147,14 +174,12 @@ class RunResults:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         return atomic_write(self.path / f"{name}.safetensors", save(tensors))
 
-    def plot(self, metric: str = "accuracy") -> Path:
-        """`<metric>.png`: the global model per round, and the server's mean of cycle ends if kept."""
-        rounds = read_metrics(self.metrics_path)
-        series = {"global model": rounds}
-        averaged = [{"round": r["round"], metric: r["swa"][metric]} for r in rounds if r.get("swa")]
-        if averaged:
-            series["mean of cycle-end models (swa)"] = averaged
-        return plot_metric(series, self.path / f"{metric}.png", metric)
+    def plot(self, metric: str | None = None) -> Path:
+        """`<metric>.png` (`metric`: the lines' primary metric by default), drawn from metrics.jsonl
+        alone, so that it can be drawn again from the file at any time (`draw_run`)."""
+        lines = read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+        metric = metric or next((line["primary_metric"] for line in lines if line.get("primary_metric")), "accuracy")
+        return save_figure(draw_run(lines, metric, self.path.name), self.path / f"{metric}.png")
 
 
 def load_model(path: str | Path) -> dict[str, torch.Tensor]:
@@ -162,29 +187,96 @@ def load_model(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+# metrics_source -> how the plot names the global model's values: "test" only for a test split.
+EVALUATED_ON = {"server-test": ("test ", ""), "sites-weighted": ("validation ", "\n(sites' held-out data)")}
+# The learning-rate panel's points over the whole run (at least LR_ROUND_POINTS a round): every
+# optimizer step of a short run, a curve as fine as the figure's pixels for a long one.
+LR_POINTS, LR_ROUND_POINTS = 4000, 16
 
 
-def plot_metric(runs: dict[str, Iterable[dict]], out: Path, metric: str = "accuracy") -> Path:
-    """`metric` (a key of each metrics.jsonl line) against the round, one line per run."""
-    import matplotlib  # lazily: the server's plots; the Agg backend is chosen before pyplot
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported lazily: the server's alone draws."""
+    import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # chosen before pyplot is imported: no display needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, rounds in runs.items():
-        rows = [r for r in rounds if r.get(metric) is not None]
-        ax.plot([r["round"] for r in rows], [r[metric] for r in rows], marker="o", label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"test {metric}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    return plt
+
+
+def draw_run(lines: list[dict[str, Any]], metric: str, name: str):
+    """A run's metrics.jsonl lines as one figure on one round axis, with integer ticks: the primary
+    metric per round (the global model, and the server's mean of cycle ends if kept); the loss
+    per round (the global model's, and the sites' example-weighted mean training loss); the learning
+    rate at every optimizer step as the sites ran the server's schedule (round r's steps between
+    r - 1 and r, so each round's cycle shows within it). "test" names the server's test split
+    only (EVALUATED_ON). A failed round is a red line and the title says where and why the run failed."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    fig, (top, middle, bottom) = plt.subplots(3, 1, sharex=True, figsize=(7, 8), dpi=110,
+                                              gridspec_kw={"height_ratios": (3, 2, 2)})
+    source = next((line["metrics_source"] for line in reversed(lines) if line.get("metrics_source")), None)
+    evaluated, where = EVALUATED_ON.get(source, ("", ""))
+    xs: list[float] = []
+
+    def draw(ax, points: list[tuple[float, Any]], label: str, **style: Any) -> None:
+        points = [(x, y) for x, y in points if finite_number(y)]
+        if points:
+            ax.plot(*zip(*points), label=label, **style)
+            xs.extend(x for x, _ in points)
+
+    draw(top, [(line["round"], line.get(metric)) for line in lines], "global model", marker="o")
+    draw(top, [(line["round"], (line.get("swa") or {}).get(metric)) for line in lines],
+         "mean of cycle-end models (swa)", marker="s", linestyle="--")
+    top.set_ylabel(f"{evaluated}{metric}{where}")
+    draw(middle, [(line["round"], line.get("loss")) for line in lines], f"{evaluated}loss (global model)", marker="o")
+    draw(middle, [(line["round"], train_loss(line)) for line in lines], "train loss (sites' mean)", marker="^")
+    middle.set_ylabel("loss")
+
+    trained = [line for line in lines if line.get("train_config")]
+    per_round = max(LR_ROUND_POINTS, LR_POINTS // max(len(trained), 1))
+    curves = [lrs for lrs in (round_lrs(line, per_round) for line in trained) if lrs is not None]
+    schedule = trained[-1]["train_config"].get("lr-schedule", "the schedule") if trained else ""
+    draw(bottom, [(x, lr) for lrs in curves for x, lr in zip(lrs.rounds(), lrs.lrs)],
+         f"{schedule}, every optimizer step", linewidth=1)
+    if not curves:
+        bottom.text(0.5, 0.5, "no round trained yet", transform=bottom.transAxes, ha="center", color="gray")
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("round")
+
+    failed = [line for line in lines if line.get("failed")]
+    for line in failed:
+        for ax in (top, middle, bottom):
+            ax.axvline(line["round"], color="red", linestyle="--", linewidth=1.5)
+        xs.append(line["round"])
+    if failed:
+        fig.suptitle(f"{name}: failed at round {failed[-1]['round']}\n{shortened(str(failed[-1]['failed']))}",
+                     color="red", fontsize=9)
+    else:
+        fig.suptitle(name if lines else f"{name}: no round yet", fontsize=10)
+
+    low, high = (min(xs), max(xs)) if xs else (0, 1)
+    bottom.set_xlim(low - 0.3, max(high, low + 1) + 0.3)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds: no 0.5 or 1.5
+    for ax in (top, middle, bottom):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def shortened(reason: str, limit: int = 100) -> str:
+    """A failure's reason for a title: its first line, at most `limit` characters."""
+    first = reason.strip().splitlines()[0] if reason.strip() else "no reason given"
+    return first if len(first) <= limit else first[:limit - 1] + "…"
+
+
+def save_figure(fig, out: Path) -> Path:
+    """The figure as a PNG, whole or not at all; the figure is closed."""
     atomic_write(out, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    pyplot().close(fig)
     return out
 
 

@@ -28,7 +28,7 @@ from fedcycle.checkpoint import CheckpointError
 from fedcycle.errors import ConfigError, TaskError
 from fedcycle.preflight import PreflightError, preflight, summed_statistics
 from fedcycle.recorder import RoundRecorder, load_resume_point
-from fedcycle.results import RunResults, resolve_run_dir, take_for_resume
+from fedcycle.results import RunResults, resolve_run_dir, take_for_resume, used_run_config
 from fedcycle.round_loop import RoundFailed, initial_round, run_rounds
 from fedcycle.screen import Declared
 from fedcycle.strategies import check_strategy, make_coordinator
@@ -103,7 +103,8 @@ def main(grid: Grid, context: Context) -> None:
         privacy_run=str((extra.get("earlier_run_ids") or [context.run_id])[0]),
         late_nodes=refused,  # their refusal is logged and kept in config.json; no event each round
     )
-    trackers = Trackers(settings, results.path, context.run_config, first_round=0 if ckpt is None else ckpt.round + 1)
+    trackers = Trackers(settings, results.path, used_run_config(settings, context.run_config),
+                        first_round=0 if ckpt is None else ckpt.round + 1)
     recorder = RoundRecorder(settings, task, test, results, trackers, coordinator.metric_names)
     if ckpt is None:
         arrays, first_round = ArrayRecord(model.state_dict()), 1

@@ -2,11 +2,14 @@
 
 The ServerApp alone writes them (the sites need no tracker and no credentials): after each
 round, the same line metrics.jsonl gets, as named series — `global/<metric>`, `global/loss`,
-`swa/<metric>` (the server's mean of cycle ends), `site/<site>/<key>` for each site's train
-loss and metrics, learning rates, update ratio and peer measures, `sites-evaluation/<metric>`
-(the sites' weighted evaluation of the global model, where they evaluate), `round/seconds` — the
-replies left out as text, and the run config as parameters. metrics.jsonl stays the record: a
-tracker that fails (its server down, a full disk) is logged once and dropped; training goes on.
+`swa/<metric>` (the server's mean of cycle ends), `train/loss` (the sites' example-weighted mean
+training loss), `site/<site>/<key>` for each site's train loss and metrics, learning rates,
+update ratio and peer measures, `sites-evaluation/<metric>` (the sites' weighted evaluation of the
+global model, where they evaluate), `round/seconds` — at the round as step; `lr/step`, the
+learning rate at every optimizer step as the sites ran the server's schedule, at the optimizer
+steps trained so far as step (`round_lrs`, which the run's plot draws too); the replies left out
+as text, and the run config as parameters. metrics.jsonl stays the record: a tracker that fails
+(its server down, a full disk) is logged once and dropped; training goes on.
 
 A resumed run continues the same TensorBoard folder (steps after the checkpoint's round are
 purged) and the same MLflow run (its id is kept in the run folder's `tracking.json`; rounds it
@@ -21,12 +24,13 @@ import os
 import time
 from logging import WARNING
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from flwr.common.logger import log
 
 from fedcycle.errors import ConfigError
 from fedcycle.files import atomic_write
+from fedcycle.metrics_lines import finite_number, read_metrics, round_lrs, train_loss
 from fedcycle.wire import SCREEN_EVENTS
 
 TRACKING = ("tensorboard", "mlflow", "both", "off")
@@ -66,18 +70,18 @@ def series(line: Mapping[str, Any]) -> dict[str, float]:
     """A metrics.jsonl line as named numbers (the finite ones)."""
     out: dict[str, Any] = {f"global/{k}": v for k, v in (line.get("metrics") or {}).items()}
     out["global/loss"] = line.get("loss")
+    out["train/loss"] = train_loss(line)
     swa = line.get("swa") or {}
     out.update({f"swa/{k}": v for k, v in (swa.get("metrics") or {}).items()})
     out["swa/loss"] = swa.get("loss")
-    for site in line.get("sites", []):
+    for site in line.get("sites") or []:
         label = site_label(site)
         out.update({f"site/{label}/{k}": v for k, v in site.items() if k not in ("node_id", "site")})
     out.update({f"sites-evaluation/{k}": v for k, v in (line.get("sites_evaluation") or {}).items()})
     out["privacy/site-epsilon"] = line.get("site_epsilon")  # site-level DP; DP-SGD's is each site's row
     out["round/seconds"] = line.get("seconds")
-    out["round/left-out"] = sum(e.get("event") in SCREEN_EVENTS for e in line.get("events", []))
-    return {k: float(v) for k, v in out.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    out["round/left-out"] = sum(e.get("event") in SCREEN_EVENTS for e in line.get("events") or [])
+    return {k: float(v) for k, v in out.items() if finite_number(v)}
 
 
 def events_text(line: Mapping[str, Any]) -> str:
@@ -89,6 +93,14 @@ def events_text(line: Mapping[str, Any]) -> str:
     return "\n".join(["| site | event | reason |", "|---|---|---|", *rows])
 
 
+def earlier_rounds(run_dir: Path, first_round: int) -> list[dict[str, Any]]:
+    """A resumed run's lines in metrics.jsonl before `first_round`; [] when they do not read."""
+    try:
+        return [line for line in read_metrics(run_dir / "metrics.jsonl") if line.get("round", first_round) < first_round]
+    except (OSError, ValueError):
+        return []
+
+
 class TensorBoard:
     def __init__(self, run_dir: Path, run_config: Mapping[str, Any], first_round: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # lazily: the server's, and only if asked for
@@ -98,11 +110,24 @@ class TensorBoard:
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_round or None)
         if not first_round:
             self.writer.add_text("run-config", "```\n" + json.dumps(self.run_config, indent=1, default=str) + "\n```", 0)
+        else:
+            # the purge takes every series' steps from `first_round` on, also `lr/step`'s, whose steps
+            # count optimizer steps: the rates of the rounds kept are written again from there
+            for line in earlier_rounds(run_dir, first_round):
+                self.log_lrs(line, from_step=first_round)
+
+    def log_lrs(self, line: Mapping[str, Any], from_step: int = 0) -> None:
+        """`lr/step`: the round's learning rate at each optimizer step (those from `from_step` on)."""
+        if lrs := round_lrs(line):
+            for step, lr in zip(lrs.global_steps(), lrs.lrs):
+                if step >= from_step:
+                    self.writer.add_scalar("lr/step", lr, step)
 
     def log_round(self, line: Mapping[str, Any]) -> None:
         step = int(line["round"])
         for name, value in series(line).items():
             self.writer.add_scalar(name, value, step)
+        self.log_lrs(line)
         if text := events_text(line):
             self.writer.add_text("events", text, step)
         if line.get("failed"):
@@ -140,13 +165,17 @@ class MLflow:
             self.logged = set()
         self.run_id = run_id
 
-    def log_step(self, step: int, values: Mapping[str, float]) -> None:
+    def log_metrics(self, values: Iterable[tuple[str, float, int]]) -> None:
+        """(name, value, step) triples, in as few calls as MLflow takes."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name, value, now, step) for name, value in values.items()]
+        metrics = [Metric(name, value, now, step) for name, value, step in values]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
+    def log_step(self, step: int, values: Mapping[str, float]) -> None:
+        self.log_metrics((name, value, step) for name, value in values.items())
         self.logged.add(step)
 
     def log_round(self, line: Mapping[str, Any]) -> None:
@@ -155,6 +184,8 @@ class MLflow:
             return
         if text := events_text(line):
             self.client.log_text(self.run_id, text, f"events/round-{step:04d}.md")
+        if lrs := round_lrs(line):
+            self.log_metrics(("lr/step", lr, s) for s, lr in zip(lrs.global_steps(), lrs.lrs))
         self.log_step(step, series(line))
 
     def finish(self, status: str, final: Mapping[str, float], artifacts: list[Path]) -> None:

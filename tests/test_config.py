@@ -7,6 +7,7 @@ import re
 import pytest
 
 from fedcycle.config import DPSettings, ConfigError, RunSettings, SiteSettings
+from fedcycle.results import used_settings
 from fedcycle.site import load_site
 from fedcycle.tasks import load_task
 from fedcycle.tasks.image import check_node_config
@@ -14,7 +15,8 @@ from fedcycle.tasks.image.models import build_model, check_fits
 from fedcycle.tasks.image.settings import ImageSettings
 
 
-def test_defaults_are_valid_and_match_pyproject():
+def declared_run_config() -> dict:
+    """pyproject.toml's declared run config, flat, as Flower gives it to a run: every key's default."""
     import tomllib
     from pathlib import Path
 
@@ -25,6 +27,11 @@ def test_defaults_are_valid_and_match_pyproject():
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
+    return flat
+
+
+def test_defaults_are_valid_and_match_pyproject():
+    flat = declared_run_config()
     settings = RunSettings.from_run_config(flat)
     # The dataclass defaults and pyproject.toml's declared defaults agree.
     assert settings == RunSettings(options=settings.options)
@@ -139,3 +146,16 @@ def test_a_site_reads_only_the_keys_it_owns():
     assert site.train_subset == 10 and not hasattr(site, "round_timeout")
     with pytest.raises(ConfigError, match=re.escape("val-fraction=1.5 must be in [0, 1)")):
         SiteSettings.from_run_config({**server_only, "val-fraction": 1.5})
+
+
+@pytest.mark.parametrize("choices, tables", [
+    ({"task": "tabular"}, {"tabular", "dp"}),
+    ({"task": "tests.user_tasks:BloodPressure", "clinic.hidden": 64}, {"clinic", "dp"}),  # a task's own table
+    ({"partitioner": "dirichlet", "strategy": "fedprox"}, {"image", "dirichlet", "fedprox", "dp"}),
+])
+def test_the_settings_a_run_records_hold_only_the_tables_it_uses(choices, tables):
+    """Flower gives every run every declared default: a regression's config.json said
+    `dataset: fashion-mnist, model: small-cnn`, the image task's, and every strategy's options."""
+    settings = RunSettings.from_run_config({**declared_run_config(), **choices})
+    assert set(used_settings(settings)["options"]) == tables
+    assert used_settings(settings)["options"]["dp"] == settings.options["dp"]

@@ -131,11 +131,13 @@ def test_a_resumed_recorder_replaces_metrics_jsonl_with_the_checkpoints_lines(re
     good, bad = trained(task, epochs=5), untrained(task)
     for server_round, state in enumerate([bad, good, bad]):
         first.record(ended(server_round, state))
-    # round 3 fails, and the run stops: its line is in metrics.jsonl, no checkpoint is
+    # round 3 fails, and the run stops: its line is in metrics.jsonl, no checkpoint is; the plot marks it
+    (results.path / "mae.png").unlink()
     first.record_failed_round(RoundOutcome(3, ArrayRecord(bad), events=[{"event": "round-attempt-failed"}]),
                               "round 3 failed 1 time(s)")
     written = read_metrics(results.metrics_path)
     assert [r["round"] for r in written] == [0, 1, 2, 3] and written[3]["failed"]
+    assert (results.path / "mae.png").exists()
     assert written[3]["events"] == [{"event": "round-attempt-failed"}]
 
     resumed_config = {**regression_config, "resume-from": str(results.path), "num-server-rounds": 6}
