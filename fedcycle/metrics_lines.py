@@ -72,8 +72,7 @@ def round_lrs(line: Mapping[str, Any], points: int | None = None) -> RoundLRs | 
     steps, epochs = site["steps"], site["local-epochs"]
     per_epoch, schedule = steps // epochs, sent.schedule
     # the site's clock, as its trainer set it (fedcycle.trainer.train)
-    start = schedule.start_step(per_epoch, epochs, sent.server_round, sent.epochs_before)
-    cycle, before = schedule.cycle_steps(per_epoch, epochs), sent.epochs_before * per_epoch
+    start, cycle, before = schedule.site_clock(per_epoch, epochs, sent.server_round, sent.epochs_before)
     at = list(range(steps)) if points is None or steps <= points else sorted(
         {round(i * (steps - 1) / (points - 1)) for i in range(points)})
     lrs = [schedule.lr_at(start + j, cycle, steps_before=before + j) for j in at]

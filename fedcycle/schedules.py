@@ -155,6 +155,14 @@ class LRSchedule:
             return (server_round - 1) * epochs_this_round * steps_per_epoch
         return epochs_before * steps_per_epoch
 
+    def site_clock(self, steps_per_epoch: int, epochs_this_round: int, server_round: int,
+                   epochs_before: int) -> tuple[int, int, int]:
+        """Where a site's schedule stands in a round: (its start step, its cycle's length in steps,
+        the optimizer steps it trained before). The trainer builds its scheduler there; the
+        server's screen and the run's plot compute the same rates from it in closed form."""
+        return (self.start_step(steps_per_epoch, epochs_this_round, server_round, epochs_before),
+                self.cycle_steps(steps_per_epoch, epochs_this_round), epochs_before * steps_per_epoch)
+
     def build(
         self, optimizer: torch.optim.Optimizer, cycle_steps: int, start_step: int = 0, steps_before: int | None = None
     ) -> LRScheduler:

@@ -209,8 +209,7 @@ class Screen:
             return (f"steps={steps}, but the server's schedule has {per_epoch * epochs} optimizer steps "
                     f"({epochs} local epochs of {per_epoch} batches of {batch} for num-examples={n})")
         s = sent.schedule
-        start, cycle = s.start_step(per_epoch, epochs, server_round, sent.epochs_before), s.cycle_steps(per_epoch, epochs)
-        before = sent.epochs_before * per_epoch
+        start, cycle, before = s.site_clock(per_epoch, epochs, server_round, sent.epochs_before)
         first = s.lr_at(start, cycle, steps_before=before)
         last = s.lr_at(start + steps - 1, cycle, steps_before=before + steps - 1)
         for key, expected in (("lr-first", first), ("lr-last", last)):

@@ -122,12 +122,8 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
     # under DP-SGD the loop gets Opacus's model, optimizer and loader; the schedule drives its optimizer
     private = private_training(model, optimizer, loader, cfg.dp) if cfg.dp.enabled else None
     step_with = private.optimizer if private else optimizer
-    scheduler = cfg.schedule.build(
-        step_with,
-        cfg.schedule.cycle_steps(spe, cfg.epochs),
-        cfg.schedule.start_step(spe, cfg.epochs, cfg.server_round, cfg.epochs_before),
-        steps_before=cfg.epochs_before * spe,
-    )
+    start, cycle, before = cfg.schedule.site_clock(spe, cfg.epochs, cfg.server_round, cfg.epochs_before)
+    scheduler = cfg.schedule.build(step_with, cycle, start, steps_before=before)
     log = StepLog(optimizer, scheduler)
     net, feed = (private.model, private.loader) if private else (model, loader)
     if task.own_train is not None:

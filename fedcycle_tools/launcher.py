@@ -11,13 +11,15 @@ failed run), prints the results table and stops everything it started.
     python -m fedcycle_tools.launcher prepare-data
 
 It runs the app that fedcycle ships (`shipped_app`), from a source checkout or an installed
-wheel alike, and works in the current folder: `.flwr-home/` and the run's `results/` go there.
+wheel alike, with the task's own run-config keys declared in it, and works in the current folder:
+`.flwr-home/` and the run's `results/` go there.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import os
 import re
@@ -28,12 +30,14 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
+import click
 import httpx
 import torch
 from flwr.common.config import parse_config_args
@@ -42,13 +46,15 @@ from rich.table import Table
 
 import fedcycle
 import fedcycle_tools
+from fedcycle.client_app import SITE_LOG_VARIABLE
 from fedcycle.config import RENAMED_KEYS, RunSettings, current_keys
 from fedcycle.errors import ConfigError, TaskError
 from fedcycle.files import atomic_write
+from fedcycle.metrics_lines import train_loss
 from fedcycle.results import machine, read_metrics, versions
-from fedcycle.site import add_task_path
+from fedcycle.site import NODE_CONFIG_VARIABLE, add_task_path
 from fedcycle.strategies import check_strategy
-from fedcycle.tasks import load_task
+from fedcycle.tasks import load_task, resolve, run_config_defaults
 from fedcycle.tasks.image.datasets import data_root, load
 from fedcycle.tasks.image.settings import ImageSettings
 from fedcycle.tracking import check_tracking
@@ -68,6 +74,7 @@ class RunOutcome:
     status: str
     results_dir: Path | None
     log: str
+    site_errors: Path | None = None  # the sites' tracebacks, when a site's code raised
 
     @property
     def completed(self) -> bool:
@@ -187,19 +194,36 @@ def _group_alive(pgid: int) -> bool:
 
 
 @contextlib.contextmanager
-def app_folder(app_dir: Path | None = None) -> Iterator[Path]:
+def app_folder(app_dir: Path | None = None, task_keys: Mapping[str, Any] | None = None) -> Iterator[Path]:
     """The folder `flwr run` bundles and sends: `app_dir` as it is, or by default the app fedcycle
-    ships, staged in a temporary folder: its pyproject.toml (components and run config) beside a
-    copy of the runtime package `fedcycle`, and nothing else (no tools, tests, data or venv; `flwr
-    run` walks every file of the folder it is given, a checkout's .venv alone is 47,000)."""
+    ships, staged in a temporary folder: its pyproject.toml (components and run config, with
+    `task_keys`, the task's own keys, declared beside fedcycle's: Flower refuses an undeclared
+    key) beside a copy of the runtime package `fedcycle`, and nothing else (no tools, tests, data
+    or venv; `flwr run` walks every file of the folder it is given, a checkout's .venv alone is
+    47,000)."""
     if app_dir is not None:
         yield app_dir
         return
     with tempfile.TemporaryDirectory(prefix="fedcycle-app-") as staged:
-        shutil.copy(project_file("pyproject.toml"), staged)
+        pyproject = project_file("pyproject.toml").read_text(encoding="utf-8")
+        (Path(staged) / "pyproject.toml").write_text(declaring(pyproject, task_keys or {}), encoding="utf-8")
         shutil.copytree(Path(fedcycle.__file__).parent, Path(staged) / "fedcycle",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         yield Path(staged)
+
+
+RUN_CONFIG_TABLE = "[tool.flwr.app.config]\n"
+
+
+def declaring(pyproject: str, task_keys: Mapping[str, Any]) -> str:
+    """pyproject.toml's text with `task_keys` declared first in its run config, as dotted keys
+    like fedcycle's own (`image.model = ...`), so the file stays valid TOML (`task_keys` checks
+    that none is, or nests in, one of fedcycle's keys)."""
+    if not task_keys:
+        return pyproject
+    lines = "".join(f"{key} = {toml_value(value)}\n" for key, value in task_keys.items())
+    header = f"{RUN_CONFIG_TABLE}# the task's own keys (its run_config_defaults)\n"
+    return pyproject.replace(RUN_CONFIG_TABLE, header + lines, 1)
 
 
 class FlwrCli:
@@ -226,9 +250,11 @@ class FlwrCli:
     def _target(self) -> list[str]:
         return [self.connection] if self.connection else []
 
-    def run(self, run_config: str = "", federation_config: str = "", stream: bool = True) -> RunOutcome:
-        """`flwr run` one job to the end; its status comes from `flwr ls`, not the exit code."""
-        with app_folder(self.app_dir) as app:
+    def run(self, run_config: str = "", federation_config: str = "", stream: bool = True,
+            task_keys: Mapping[str, Any] | None = None) -> RunOutcome:
+        """`flwr run` one job to the end; its status comes from `flwr ls`, not the exit code.
+        `task_keys`: the task's own run-config keys, declared in the app fedcycle stages."""
+        with app_folder(self.app_dir, task_keys) as app:
             args = ["run", str(app), *self._target(), "--stream"]
             if federation_config:
                 args += ["--federation-config", federation_config]
@@ -287,14 +313,22 @@ class LocalSimulation:
     own): the simulation, the ServerApp and Ray. Left alone, a SuperExec whose SuperLink was
     stopped went on training for over a minute."""
 
-    def __init__(self, flwr_home: Path, app_dir: Path | None = None, task_path: str = "") -> None:
+    def __init__(self, flwr_home: Path, app_dir: Path | None = None, task_path: str = "",
+                 node_config: Mapping[str, Any] | None = None) -> None:
+        """`node_config`: what every simulated site's node config gets besides its partition,
+        `{partition-id}` in a value filled in with the site's (fedcycle.site.simulated_node_config)."""
         self.flwr_home = Path(flwr_home).resolve()
         self.app_dir = Path(app_dir).resolve() if app_dir else None
+        self.task_path = task_path
         self.port, self.control_port = free_port(), free_port()
+        # where the sites write their tracebacks; emptied before each run, moved into its folder after
+        self.site_log = self.flwr_home / "local-superlink" / "site-errors.log"
         self.env = flwr_env(
             self.flwr_home,
             FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(self.port),
             FLWR_LOCAL_CONTROL_API_PORT=str(self.control_port),
+            **{SITE_LOG_VARIABLE: str(self.site_log),
+               NODE_CONFIG_VARIABLE: json.dumps(dict(node_config or {}))},  # not one this shell set
             **python_path(task_path),
         )
         self.processes = ProcessGroup(self.flwr_home / "local-superlink")
@@ -335,7 +369,22 @@ class LocalSimulation:
         gpus = cuda_devices()
         if gpus:
             federation += f" client-resources-num-gpus={min(1.0, round(gpus / sites, 3))}"
-        return self.flwr.run(run_config, federation, stream=stream)
+        keys = None
+        if self.app_dir is None:  # the staged app declares the task's own keys
+            if self.task_path:
+                add_task_path(self.task_path)
+            keys = task_keys(run_task(parse_pairs(run_config, "--run-config")))
+        self.site_log.unlink(missing_ok=True)
+        return self.keep_site_errors(self.flwr.run(run_config, federation, stream=stream, task_keys=keys))
+
+    def keep_site_errors(self, outcome: RunOutcome) -> RunOutcome:
+        """The sites' tracebacks of this run, if any, moved into its results folder."""
+        if not (self.site_log.exists() and self.site_log.stat().st_size):
+            return outcome
+        outcome.site_errors = self.site_log
+        if outcome.results_dir and outcome.results_dir.is_dir():
+            outcome.site_errors = Path(shutil.move(self.site_log, outcome.results_dir / "site-errors.log"))
+        return outcome
 
 
 def trusting(ca: Path) -> ssl.SSLContext:
@@ -354,20 +403,41 @@ def http_ok(url: str, ca: Path | None = None) -> bool:
         return False
 
 
+def results_table(run_id: int | None, rounds: list[dict]) -> Table:
+    """A run's rounds: the primary metric and loss on the server's test set, or where it has none
+    on the sites' held-out data (`metrics_source`), the sites' training loss; a failed round says so."""
+    metric = rounds[0].get("primary_metric", "accuracy") if rounds else "accuracy"
+    source = next((r["metrics_source"] for r in rounds if r.get("metrics_source")), "server-test")
+    on = "test" if source == "server-test" else "validation"
+    caption = None if on == "test" else "validation: the sites' held-out data, weighted by examples (no test set)"
+    table = Table(title=f"fedcycle run {run_id}", caption=caption)
+    for column in ("round", f"{on} {metric}", f"{on} loss", "train loss", "sites", "left out", "seconds"):
+        table.add_column(column, justify="right")
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for r in rounds:
+        value = "failed" if r.get("failed") else shown(r.get(metric))
+        table.add_row(str(r["round"]), value, shown(r["loss"]), shown(train_loss(r)), str(len(r["sites"])),
+                      str(len(r["events"])), f"{r['seconds']:.1f}")
+    return table
+
+
 def print_results(outcome: RunOutcome) -> None:
     console = Console()
+    if not console.is_terminal:  # a pipe or a log: no terminal's width to fit the table's headers in
+        console.width = max(console.width, 120)
     if outcome.results_dir and (outcome.results_dir / "metrics.jsonl").exists():
         rounds = read_metrics(outcome.results_dir / "metrics.jsonl")
-        metric = rounds[0].get("primary_metric", "accuracy") if rounds else "accuracy"
-        table = Table(title=f"fedcycle run {outcome.run_id}")
-        for column in ("round", f"test {metric}", "test loss", "sites", "left out", "seconds"):
-            table.add_column(column, justify="right")
+        console.print(results_table(outcome.run_id, rounds))
         for r in rounds:
-            value = "-" if r.get(metric) is None else f"{r[metric]:.4f}"
-            loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-            table.add_row(str(r["round"]), value, loss, str(len(r["sites"])), str(len(r["events"])), f"{r['seconds']:.1f}")
-        console.print(table)
+            if r.get("failed"):
+                console.print(f"round {r['round']} failed: {r['failed']}", soft_wrap=True, markup=False,
+                              highlight=False)
         console.print(f"results: {outcome.results_dir}", soft_wrap=True)
+    if outcome.site_errors:
+        console.print(f"sites' tracebacks: {outcome.site_errors}", soft_wrap=True)
     console.print(f"status: {outcome.status}")
 
 
@@ -390,18 +460,61 @@ def prepare_data(run_config: dict | None = None) -> None:
 
 
 def toml_value(value: Any) -> str:
-    """A run-config value as `flwr run --run-config` takes it."""
+    """A run-config value as `flwr run --run-config` and pyproject.toml take it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return f"'{value}'"
+        return f"'{value}'" if "'" not in value and "\n" not in value else json.dumps(value, ensure_ascii=False)
     return repr(value)
+
+
+# a `key=value` pair as Flower's parse_config_args finds them: what it does not match, it drops unsaid
+PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
+def parse_pairs(text: str, option: str) -> dict[str, Any]:
+    """`key=value other='text'` as Flower reads --run-config (or the TOML file it names); text it
+    would drop or cannot read is a ConfigError, one line naming it."""
+    if text.strip().endswith(".toml"):
+        try:
+            return parse_config_args([text.strip()])
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{option} {text.strip()}: {err}") from None
+    stray = PAIR.sub(" ", text).split()
+    if stray:
+        raise ConfigError(f"{option}: {stray[0]!r} is not a key=value pair; write \"key=1 other='text'\" "
+                          "(no spaces around =, text in quotes)")
+    try:
+        return parse_config_args([text]) if text.strip() else {}
+    except click.ClickException:
+        for key, value in PAIR.findall(text):
+            try:
+                tomllib.loads(f"{key} = {value}")
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(f"{option}: {key}={value} does not read as TOML; a value is a number, true or "
+                                  f"false, or text in quotes ({key}='...')") from None
+        raise ConfigError(f"{option}: {text.strip()!r} does not read as TOML (a key given twice?)") from None
+
+
+# node-config keys Flower's simulation sets for each site
+PARTITION_KEYS = ("partition-id", "num-partitions")
+
+
+def sites_node_config(text: str) -> dict[str, Any]:
+    """--node-config: what every simulated site's node config gets; the keys the simulation sets
+    for each site are refused (their values go inside a string: '/data/site-{partition-id}.pt')."""
+    given = parse_pairs(text, "--node-config")
+    for key in PARTITION_KEYS:
+        if key in given:
+            raise ConfigError(f"--node-config: {key!r} is the simulation's, set for each site; write {{{key}}} inside "
+                              f"a value instead, e.g. train-file='/data/site-{{{key}}}/train.pt'")
+    return given
 
 
 def renamed(overrides: str) -> str:
     """The overrides, a key that moved (`dataset`, now `image.dataset`) under its new name, with a
     note: Flower itself refuses a key that pyproject.toml does not declare."""
-    parsed = parse_config_args([overrides]) if overrides.strip() else {}
+    parsed = parse_pairs(overrides, "--run-config")
     moved = [key for key in parsed if key in RENAMED_KEYS]
     if not moved:
         return overrides
@@ -411,33 +524,76 @@ def renamed(overrides: str) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in current_keys(parsed).items())
 
 
-def full_run_config(overrides: str) -> dict:
-    """The run config as the ServerApp will read it: pyproject.toml's defaults with the overrides."""
+def fedcycle_run_config() -> dict[str, Any]:
+    """fedcycle's own run-config keys with their defaults, as pyproject.toml declares them (flat)."""
     def flat(table: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in table.items():
             out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
         return out
 
-    defaults = flat(tomllib.loads(project_file("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
-    return {**defaults, **(parse_config_args([overrides]) if overrides.strip() else {})}
+    return flat(tomllib.loads(project_file("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def run_task(overrides: Mapping[str, Any]) -> str:
+    """The task a run's overrides name, else fedcycle's default."""
+    return str(overrides.get("task", fedcycle_run_config()["task"]))
+
+
+def task_keys(spec: str) -> dict[str, Any]:
+    """A task's own run-config keys with their defaults (its class's `run_config_defaults`; the
+    module must be importable here: add_task_path first). One that is, or nests in or holds, one
+    of fedcycle's keys is refused: the app's pyproject.toml could not declare both."""
+    own = run_config_defaults(resolve(spec), spec)
+    fedcycle_keys = fedcycle_run_config()
+    for key in own:
+        for theirs in fedcycle_keys:
+            if key == theirs or theirs.startswith(f"{key}.") or key.startswith(f"{theirs}."):
+                raise TaskError(f"task={spec!r}: run_config_defaults key {key!r} collides with fedcycle's run-config "
+                                f"key {theirs!r}; give the task's keys a table of its own (e.g. 'clinic.hidden')")
+    return own
+
+
+def unknown_key(key: str, spec: str, fedcycle_keys: list[str], own: list[str]) -> str:
+    """One line for an override that neither fedcycle nor the task declares: close matches, and
+    where keys are declared."""
+    close = difflib.get_close_matches(key, [*fedcycle_keys, *own], n=3, cutoff=0.8)
+    guess = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    return (f"run config key {key!r} is unknown{guess}; fedcycle's keys are declared in its pyproject.toml "
+            f"(docs/configuration.md lists them), a task's own in its class's run_config_defaults "
+            f"(task={spec!r} declares {own or 'none'})")
+
+
+def full_run_config(overrides: str) -> dict:
+    """The run config as the ServerApp will read it: fedcycle's defaults (pyproject.toml), the
+    task's own (its run_config_defaults), the overrides; an override neither declares is a
+    ConfigError naming it (Flower would refuse the run without naming it)."""
+    given = parse_pairs(overrides, "--run-config")
+    declared = fedcycle_run_config()
+    spec = run_task(given)
+    own = task_keys(spec)
+    for key in given:
+        if key not in declared and key not in own:
+            raise ConfigError(unknown_key(key, spec, list(declared), list(own)))
+    return {**declared, **own, **given}
 
 
 def check_run_config(overrides: str, task_path: str = "") -> None:
     """The run config, checked here before anything starts: ConfigError or TaskError with one line."""
 
+    if task_path:
+        add_task_path(task_path)
     run_config = full_run_config(overrides)
     settings = RunSettings.from_run_config(run_config)
     check_strategy(settings)
     check_tracking(settings.tracking)
-    if task_path:
-        add_task_path(task_path)
     load_task(run_config)
 
 
-def centralize(overrides: str, sites: int, epochs: int) -> Path:
+def centralize(overrides: str, sites: int, epochs: int, node_config: Mapping[str, Any] | None = None) -> Path:
     """The centralized baseline of a run config (fedcycle_tools.centralized), printed epoch by epoch
-    and written to <results-dir>/<run-name>/centralized.json."""
+    and written to <results-dir>/<run-name>/centralized.json (run-name by default
+    `<task>-centralized-<time>`). `node_config`: each pooled site's, as `simulate --node-config`."""
 
     run_config = full_run_config(overrides)
     settings = RunSettings.from_run_config(run_config)
@@ -447,30 +603,65 @@ def centralize(overrides: str, sites: int, epochs: int) -> Path:
         shown = " ".join(f"{name} {value:.4f}" for name, value in (("test", test), ("validation", val)) if value is not None)
         print(f"epoch {epoch}/{epochs}: {shown}", flush=True)
 
-    result = train_centralized(run_config, sites, epochs, progress)
-    out = Path(settings.results_dir).expanduser().resolve() / (settings.run_name or "centralized") / "centralized.json"
-    record = {**result, "sites": sites, "epochs": epochs, "run_config": run_config, "versions": versions(),
-              "machine": machine()}
+    result = train_centralized(run_config, sites, epochs, progress, node_config=dict(node_config or {}))
+    label = load_task(run_config).label.replace(":", ".")
+    name = settings.run_name or f"{label}-centralized-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(settings.results_dir).expanduser().resolve() / name / "centralized.json"
+    record = {**result, "sites": sites, "epochs": epochs, "run_config": run_config, "node_config": node_config or {},
+              "versions": versions(), "machine": machine()}
     atomic_write(out, json.dumps(record, indent=1).encode())
     print(f"results: {out}")
     return out
 
 
+NODE_CONFIG_HELP = (
+    "what every simulated site's node config holds (a real site's SuperNode gets its own), written as "
+    "--run-config is: \"train-file='/data/site-{partition-id}/train.pt' val-file='...'\"; in a value, "
+    "{partition-id} becomes the site's number (0 to --sites minus 1) and {num-partitions} the number of sites"
+)
+RUN_CONFIG_HELP = ('run-config overrides, as for flwr run: "k=v k2=\'s\'"; fedcycle\'s keys are in '
+                   "docs/configuration.md, a task's own in its class's run_config_defaults")
+RESULTS_HELP = (
+    "Results: each run gets a folder of its own, named after its task, under results-dir: 'results' in the folder "
+    "you run from unless --run-config \"results-dir='...'\" says otherwise (run-name='...' names the folder)."
+)
+
+
+class WholeWordsHelp(argparse.HelpFormatter):
+    """argparse's, without breaking a line inside a hyphenated word (`{partition-id}`, `--run-config`)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.launcher") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser("simulate", help="run one simulation job to the end and print its results")
+    sim = sub.add_parser("simulate", help="run one simulation job to the end and print its results",
+                         description="Run one simulation job to the end and print its results.",
+                         formatter_class=WholeWordsHelp,
+                         epilog=f"{RESULTS_HELP} It holds metrics.jsonl, config.json, the models and a plot.")
     sim.add_argument("--sites", type=int, default=4, help="simulated data centers (default 4)")
-    sim.add_argument("--run-config", default="", help='run-config overrides, as for flwr run: "k=v k2=\'s\'"')
+    sim.add_argument("--run-config", default="", help=RUN_CONFIG_HELP)
+    sim.add_argument("--node-config", default="", help=NODE_CONFIG_HELP)
     sim.add_argument("--cpus-per-site", type=float, default=1, help="Ray CPUs per ClientApp (default 1)")
     sim.add_argument("--flwr-home", default=".flwr-home", help="FLWR_HOME for this job (default ./.flwr-home)")
     sim.add_argument("--task-path", default="", help="a folder holding the module of the run config's task")
     cen = sub.add_parser("centralize", help="train the centralized baseline: the run config's task on the pooled "
-                                            "data of --sites simulated sites, with one optimizer throughout")
+                                            "data of --sites simulated sites, with one optimizer throughout",
+                         description="Train the centralized baseline: the run config's task on the pooled data of "
+                                     "--sites simulated sites, with one optimizer throughout.",
+                         formatter_class=WholeWordsHelp,
+                         epilog=f"{RESULTS_HELP} It holds centralized.json: the primary metric after every epoch.")
     cen.add_argument("--sites", type=int, default=4, help="the simulated sites whose data is pooled (default 4)")
     cen.add_argument("--epochs", type=int, default=0,
                      help="epochs over the pooled data (default: num-server-rounds x local-epochs, a federated run's)")
-    cen.add_argument("--run-config", default="", help='run-config overrides, as for flwr run: "k=v k2=\'s\'"')
+    cen.add_argument("--run-config", default="", help=RUN_CONFIG_HELP)
+    cen.add_argument("--node-config", default="", help=NODE_CONFIG_HELP)
     cen.add_argument("--task-path", default="", help="a folder holding the module of the run config's task")
     sub.add_parser("prepare-data", help="decode Fashion-MNIST into the data cache")
     args = parser.parse_args(argv)
@@ -481,15 +672,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.la
         return 0
 
     try:
+        node_config = sites_node_config(args.node_config)
         args.run_config = renamed(args.run_config)
         check_run_config(args.run_config, args.task_path)
-    except (ConfigError, TaskError, ValueError) as err:  # ValueError: a run config that does not parse
+    except ValueError as err:  # ConfigError, TaskError, and a schedule's own (fedcycle.schedules)
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.command == "centralize":
-        centralize(args.run_config, args.sites, args.epochs)
+        centralize(args.run_config, args.sites, args.epochs, node_config)
         return 0
-    with LocalSimulation(Path(args.flwr_home), task_path=args.task_path) as sim_link:
+    with LocalSimulation(Path(args.flwr_home), task_path=args.task_path, node_config=node_config) as sim_link:
         outcome = sim_link.run(args.sites, args.run_config, args.cpus_per_site)
     print_results(outcome)
     return 0 if outcome.completed else 1
