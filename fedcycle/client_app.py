@@ -20,6 +20,7 @@ import os
 import time
 import traceback
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -57,6 +58,24 @@ def public_error(err: BaseException, node_config) -> str:
     return policy.public_error(err)
 
 
+# What fails in a task's code but is the machine's, not the code's: it may pass, so the round goes on
+PASSING = (MemoryError, OSError, torch.OutOfMemoryError)
+
+
+def task_fault(err: BaseException) -> bool:
+    """Whether the task's own code failed (a TaskError not caused by memory or a file, which
+    would fail the same way on every try)."""
+    return isinstance(err, TaskError) and not isinstance(err.__cause__, PASSING)
+
+
+def reported_node_config(context: Context) -> dict:
+    """The node config an error names the site by: as the site trained, or Flower's if that is what failed."""
+    try:
+        return simulated_node_config(context.node_config)
+    except ConfigError:
+        return dict(context.node_config)
+
+
 def policy_screened(handler):
     """A handler whose error reaches the server as a failed reply: one line its policy allows,
     coded TASK_FAILED when the task's own code failed (the server stops the run; a retry would
@@ -67,9 +86,8 @@ def policy_screened(handler):
         try:
             return handler(msg, context)
         except Exception as err:  # noqa: BLE001 - every error leaves only as its public text
-            node_config = simulated_node_config(context.node_config)
-            code = TASK_FAILED if isinstance(err, TaskError) else SITE_FAILED
-            return Message(Error(code, public_error(err, node_config)), reply_to=msg)
+            code = TASK_FAILED if task_fault(err) else SITE_FAILED
+            return Message(Error(code, public_error(err, reported_node_config(context))), reply_to=msg)
 
     return screened
 
@@ -80,7 +98,7 @@ def preflight(msg: Message, context: Context) -> Message:
         config = EvaluateConfig.from_record(msg.content["config"])
         report = load_site(context.run_config, context.node_config).report(config.batch_size)
     except Exception as err:  # noqa: BLE001 - a site that cannot take part says why, as its policy allows
-        node_config = simulated_node_config(context.node_config)
+        node_config = reported_node_config(context)
         report = SiteReport(ok=False, error=public_error(err, node_config),
                             refused=isinstance(err, PolicyRefusal), site=site_label(node_config))
     return Message(RecordDict({"report": ConfigRecord(report.to_record())}), reply_to=msg)
@@ -92,6 +110,17 @@ def held_out(site: Site, model, batch_size: int) -> EvaluateReply:
         return EvaluateReply(0.0, {name: 0.0 for name in site.metric_names(batch_size)}, 0)
     loss, metrics = evaluate(site.task, model, site.val, site.device, batch_size, site.num_workers)
     return EvaluateReply(loss, metrics, len(site.val))
+
+
+def own_loop_metrics_as_rehearsed(site: Site, returned: dict, batch_size: int) -> dict[str, float]:
+    """The metrics a task's own train() returned, the same keys as in the pre-flight rehearsal:
+    the server holds every reply to the keys the sites declared."""
+    metrics = own_loop_metrics(site.task, returned, site.metric_names(batch_size))
+    declared = site.train_metric_names(batch_size)
+    if list(metrics) != declared:
+        raise TaskError(f"task={site.task.name!r}: train() returned the metrics {list(metrics)} in this round and "
+                        f"{declared} in pre-flight's rehearsal; return the same keys every time")
+    return metrics
 
 
 @app.train()
@@ -140,8 +169,8 @@ def train_round(msg: Message, context: Context) -> Message:
     reply = TrainReply(
         num_examples=result.num_examples,
         train_loss=result.loss,
-        train_metrics=(result.metrics if site.task.own_train is None
-                       else own_loop_metrics(site.task, result.metrics, site.metric_names(config.batch_size))),
+        train_metrics=result.metrics if site.task.own_train is None else own_loop_metrics_as_rehearsed(
+            site, result.metrics, config.batch_size),
         train_seconds=result.seconds,
         setup_seconds=setup_seconds,
         local_epochs=config.local_epochs,

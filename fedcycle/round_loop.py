@@ -5,7 +5,8 @@ ends a round with whatever came back. fedcycle's loop starts at any round (a res
 gives each round one deadline, `round-timeout` seconds from its start, that covers waiting for
 sites, training, every retry and the sites' evaluation: a round with fewer usable replies than
 `min-replies` / `min-reply-fraction` is tried again, up to `round-retries` times, while its
-deadline allows, and then the run stops with a clear message. Every message lives only until
+deadline allows, and then the run stops with a clear message. A site whose task's own code
+failed stops the run at once (a retry would fail alike). Every message lives only until
 the deadline (a late site does not go on to work on a round the server has given up on). The
 coordinator (`fedcycle.coordinator`: the strategy, the schedule, the screen) does the rest.
 
@@ -48,14 +49,17 @@ class RoundOutcome:
     screen_state: dict[str, Any] = field(default_factory=dict)  # for the checkpoint: the screen memory's plain data
 
 
-def stop_if_task_failed(server_round: int, replies: list[Message], names: dict[int, str]) -> None:
+def stop_if_task_failed(server_round: int, replies: list[Message], names: dict[int, str],
+                        attempts: list[dict] = ()) -> None:
     """TaskFailed when a site says the task's own code failed: it would fail the same way on
-    every retry, so the run stops now, with the site's one line."""
+    every retry, so the run stops now, with the site's one line (`attempts`: the round's
+    failed attempts before this one, kept with it)."""
     failed = [r for r in replies if task_failed(r)]
     if failed:
         node = failed[0].metadata.src_node_id
         more = f" (and {len(failed) - 1} more site(s))" if len(failed) > 1 else ""
-        raise TaskFailed(server_round, f"site {names.get(node, '?')} (node {node}): {failed[0].error.reason}{more}")
+        raise TaskFailed(server_round, f"site {names.get(node, '?')} (node {node}): {failed[0].error.reason}{more}",
+                         attempts)
 
 
 class RoundFailed(RuntimeError):
@@ -69,8 +73,8 @@ class RoundFailed(RuntimeError):
 
 
 class TaskFailed(RoundFailed):
-    """The task's own code failed at a site (its loop, loss or metrics): the run stops at once,
-    no retry, and its message is the site's one line."""
+    """Not too few replies: the task's own code failed at a site (its loop, loss or metrics), so
+    the run stops at once, with no retry, and the message is the site's one line."""
 
 
 # Replies are pulled every tenth of the time waited so far, at least every POLL_MAX_SECONDS (as
@@ -102,9 +106,13 @@ def outcome_of(coordinator: Coordinator, server_round: int, arrays: ArrayRecord,
 def initial_round(grid: Grid, coordinator: Coordinator, settings: RunSettings, arrays: ArrayRecord,
                   sites_evaluate: bool) -> RoundOutcome:
     """Round 0, the initial model: evaluated by the sites when they are the only evaluation there
-    is (no test split on the server)."""
+    is (no test split on the server); TaskFailed, with round 0's outcome, if their task fails."""
     if sites_evaluate:
-        evaluate_on_sites(grid, coordinator, 0, arrays, settings.round_timeout)
+        try:
+            evaluate_on_sites(grid, coordinator, 0, arrays, settings.round_timeout)
+        except RoundFailed as err:
+            err.outcome = outcome_of(coordinator, 0, arrays)
+            raise
     return outcome_of(coordinator, 0, arrays)
 
 
@@ -118,7 +126,8 @@ def run_rounds(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[RoundOutcome]:
     """Rounds `first_round`..`num-server-rounds`, each one's outcome as it ends; RoundFailed,
-    with the failed round's outcome, when a round gets too few usable replies."""
+    with the failed round's outcome, when a round gets too few usable replies (TaskFailed, at
+    once, when a site says the task's own code failed)."""
     log(INFO, "Starting %s, rounds %d to %d:", type(coordinator.strategy).__name__, first_round, settings.num_server_rounds)
     coordinator.strategy.summary()
     for server_round in range(first_round, settings.num_server_rounds + 1):
@@ -213,7 +222,7 @@ def train_round(
             replies, unreachable = superlink_errors(messages, exchange(grid, messages, left, f"Round {server_round}",
                                                                        coordinator.site_names, clock, sleep))
             accepted = coordinator.screen_round(server_round, replies, unreachable)
-            stop_if_task_failed(server_round, replies, coordinator.site_names)
+            stop_if_task_failed(server_round, replies, coordinator.site_names, failed)
             needed = max(settings.min_replies, math.ceil(settings.min_reply_fraction * len(messages)))
             if len(accepted) >= needed:
                 return accepted, failed

@@ -106,21 +106,22 @@ def main(grid: Grid, context: Context) -> None:
     trackers = Trackers(settings, results.path, used_run_config(settings, context.run_config),
                         first_round=0 if ckpt is None else ckpt.round + 1)
     recorder = RoundRecorder(settings, task, test, results, trackers, coordinator.metric_names)
-    if ckpt is None:
-        arrays, first_round = ArrayRecord(model.state_dict()), 1
-        recorder.record(initial_round(grid, coordinator, settings, arrays, sites_evaluate=test is None))
-    else:
-        arrays, first_round = ArrayRecord(ckpt.model), ckpt.round + 1
-        coordinator.restore(ckpt.server_arrays, ckpt.screen_state)
-        random.setstate(ckpt.python_rng)
-        torch.set_rng_state(ckpt.torch_rng)
-        extra["resumed_value"] = recorder.resume(ckpt)
-        log(INFO, "fedcycle: the resumed model's %s, evaluated again: %s", task.primary_metric, extra["resumed_value"])
-    # what each site reported, less its own sums: the server keeps only the sites' totals
-    results.write_config(settings, dict(context.run_config), **extra, refused_sites=refused,
-                         sites={node: replace(report, statistics=None).to_record() for node, report in reports.items()})
-
     try:
+        if ckpt is None:
+            arrays, first_round = ArrayRecord(model.state_dict()), 1
+            recorder.record(initial_round(grid, coordinator, settings, arrays, sites_evaluate=test is None))
+        else:
+            arrays, first_round = ArrayRecord(ckpt.model), ckpt.round + 1
+            coordinator.restore(ckpt.server_arrays, ckpt.screen_state)
+            random.setstate(ckpt.python_rng)
+            torch.set_rng_state(ckpt.torch_rng)
+            extra["resumed_value"] = recorder.resume(ckpt)
+            log(INFO, "fedcycle: the resumed model's %s, evaluated again: %s", task.primary_metric,
+                extra["resumed_value"])
+        # what each site reported, less its own sums: the server keeps only the sites' totals
+        results.write_config(settings, dict(context.run_config), **extra, refused_sites=refused,
+                             sites={node: replace(report, statistics=None).to_record()
+                                    for node, report in reports.items()})
         for outcome in run_rounds(grid, coordinator, settings, arrays, first_round):
             recorder.record(outcome)
     except RoundFailed as err:

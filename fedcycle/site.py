@@ -40,7 +40,15 @@ NODE_CONFIG_VARIABLE = "FEDCYCLE_NODE_CONFIG"
 def simulated_node_config(node_config: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     """The node config with the launcher's (`NODE_CONFIG_VARIABLE`) added, each string value's
     `{partition-id}` and `{num-partitions}` filled in with this site's; the node's own keys win."""
-    return with_given(node_config, json.loads(environ.get(NODE_CONFIG_VARIABLE) or "{}"))
+    text = environ.get(NODE_CONFIG_VARIABLE) or "{}"
+    try:
+        given = json.loads(text)
+    except ValueError:
+        given = None
+    if not isinstance(given, dict):
+        raise ConfigError(f"{NODE_CONFIG_VARIABLE}={text[:80]!r} is not a JSON object of node-config keys; "
+                          "fedcycle simulate --node-config sets it")
+    return with_given(node_config, given)
 
 
 def with_given(node_config: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,11 +116,14 @@ class Site:
 
     def train_metric_names(self, batch_size: int) -> list[str]:
         """The metrics the site reports while training: the task's own train() rehearsed for a
-        couple of batches on a fresh model (once per process); fedcycle's loop reports all."""
+        couple of batches on a fresh model (once per process, kept with the dry run's findings);
+        fedcycle's loop reports all."""
         checked = self.checked(batch_size)
         if "train-metric-names" not in checked:
+            if self.task.own_train is not None:  # this site's own sums stand in for the totals it has yet to get
+                self.task.use_statistics(self.task.statistics(self.train))
             checked["train-metric-names"] = rehearse(self.task, self.new_model(), self.train, batch_size, self.device,
-                                                     checked["metric-names"])
+                                                     checked["metric-names"], self.settings.dp)
         return checked["train-metric-names"]
 
     def report(self, batch_size: int) -> SiteReport:

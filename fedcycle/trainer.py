@@ -109,8 +109,8 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
           epoch_end: Callable[[int], None] | None = None) -> TrainResult:
     """Train `model` in place for `cfg.epochs` epochs over `data`, by the task's own loop if it
     has one, else by fedcycle's, with one optimizer and one scheduler throughout.
-    `epoch_end(epoch)` is called after each epoch of fedcycle's loop (the centralized baseline
-    evaluates there); a task's own loop runs all its epochs in one call."""
+    `epoch_end(epoch)` is called after each epoch (the centralized baseline evaluates there): a
+    task's own loop then runs one epoch a call, else all its epochs in one call."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model.to(device).train()
@@ -177,7 +177,7 @@ def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 outputs = model(inputs)
-                loss = task.loss(outputs, targets)
+                loss = task._call("loss", task.loss, outputs, targets)
             objective = loss
             if anchor is not None:
                 prox = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
@@ -191,7 +191,7 @@ def fit(task: Task, model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
                 continue
             with torch.no_grad():
                 loss_sum += loss.detach() * n
-                tracker.update(detach(outputs), targets)
+                task._call("metrics", tracker.update, detach(outputs), targets)
             seen += n
         if epoch_end is not None:
             epoch_end(epoch)
@@ -224,30 +224,32 @@ def own_loop_metrics(task: Task, returned: dict[str, Any], names: list[str]) -> 
 
 def _number(task: Task, key: str, value: Any) -> float:
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one number
         raise TaskError(f"task={task.name!r}: train() returned {key}={describe(value)}; it must be a number") from None
-    return number
 
 
-# A rehearsal trains this many batches of a site's own train() on a copy of the model.
+# A rehearsal trains this many batches of a site's own train() on a copy of the model, at rates
+# small enough that a loop stable at any run's rates is stable there (a NaN then is the loop's).
 REHEARSAL_BATCHES = 2
+REHEARSAL_SCHEDULE = LRSchedule(lr_min=1e-5, lr_max=1e-4)
 
 
 def rehearse(task: Task, model: nn.Module, data, batch_size: int, device: torch.device,
-             metric_names: list[str]) -> list[str]:
+             metric_names: list[str], dp: DPSettings = DPSettings()) -> list[str]:
     """Run a task's own train() for a couple of batches on `model` (a copy the caller throws
     away) under a cyclical schedule, and check what only training shows: the scheduler stepped
     with every optimizer step, at least one step, a finite loss, keys that are the task's.
     The names of the metrics its loop reports (fedcycle's own loop: all of them). Pre-flight
-    runs it, so a loop's mistake stops the run before round 1, not in it."""
+    runs it, so a loop's mistake stops the run before round 1, not in it; under DP-SGD (`dp`)
+    with Opacus's model, optimizer and loader, as the rounds run it (nothing leaves the site)."""
     if task.own_train is None:
         return list(metric_names)
     sample = Subset(data, range(min(len(data), REHEARSAL_BATCHES * batch_size)))
-    result = train(task, model, sample, TrainConfig(LRSchedule(), epochs=1, batch_size=batch_size), device)
+    result = train(task, model, sample, TrainConfig(REHEARSAL_SCHEDULE, epochs=1, batch_size=batch_size, dp=dp), device)
     if not math.isfinite(result.loss):
         raise TaskError(f"task={task.name!r}: train() returned loss={result.loss} after {result.steps} step(s) at "
-                        "a rate of at most 0.05; the loss must be a finite number")
+                        f"a rate of at most {REHEARSAL_SCHEDULE.lr_max}; the loss must be a finite number")
     if result.steps == 0:
         raise TaskError(f"task={task.name!r}: train() took no optimizer step over {len(sample)} examples; "
                         "it must call optimizer.step() (and then scheduler.step()) for its batches")
@@ -268,7 +270,7 @@ def evaluate(task: Task, model: nn.Module, data, device: torch.device, batch_siz
         outputs = model(inputs)
         outputs = outputs.float() if isinstance(outputs, torch.Tensor) else outputs
         n = batch_size_of(targets)
-        loss_sum += task.loss(outputs, targets).double() * n
-        tracker.update(outputs, targets)
+        loss_sum += task._call("loss", task.loss, outputs, targets).double() * n
+        task._call("metrics", tracker.update, outputs, targets)
         seen += n
     return float(loss_sum) / max(seen, 1), {k: float(v) for k, v in tracker.compute().items()}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
 from flwr.app import Message
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from fedcycle.schedules import LRSchedule
 
@@ -286,7 +286,7 @@ def _json_or_raw(value: Any) -> Any:
 # the task's own code (a TaskError: its loop, loss or metrics) fails the same way every try, so
 # the server stops the run at once; anything else is Flower's code for a ClientApp that raised.
 TASK_FAILED = 4220
-SITE_FAILED = 2  # flwr.common.constant.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+SITE_FAILED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 def task_failed(reply: Message) -> bool:

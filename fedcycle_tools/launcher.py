@@ -498,6 +498,8 @@ def parse_pairs(text: str, option: str) -> dict[str, Any]:
 
 # node-config keys Flower's simulation sets for each site
 PARTITION_KEYS = ("partition-id", "num-partitions")
+# node-config keys that must differ between sites: the name a site is known (and seeded) by, its DP ledger
+OWN_KEYS = ("site-name", "privacy-ledger")
 
 
 def sites_node_config(text: str) -> dict[str, Any]:
@@ -508,6 +510,10 @@ def sites_node_config(text: str) -> dict[str, Any]:
         if key in given:
             raise ConfigError(f"--node-config: {key!r} is the simulation's, set for each site; write {{{key}}} inside "
                               f"a value instead, e.g. train-file='/data/site-{{{key}}}/train.pt'")
+    for key in OWN_KEYS:
+        if key in given and "{partition-id}" not in str(given[key]):
+            raise ConfigError(f"--node-config: {key}={given[key]!r} would be every simulated site's, and each site "
+                              f"needs its own; put {{partition-id}} in it, e.g. {key}='site-{{partition-id}}'")
     return given
 
 
@@ -679,7 +685,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.la
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.command == "centralize":
-        centralize(args.run_config, args.sites, args.epochs, node_config)
+        try:
+            centralize(args.run_config, args.sites, args.epochs, node_config)
+        except ConfigError as err:  # the task's own, naming the method (a TaskError is one)
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         return 0
     with LocalSimulation(Path(args.flwr_home), task_path=args.task_path, node_config=node_config) as sim_link:
         outcome = sim_link.run(args.sites, args.run_config, args.cpus_per_site)

@@ -22,8 +22,10 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from fedcycle.schedules import LRSchedule
+from fedcycle.config import RunSettings
 from fedcycle.coordinator import Coordinator
+from fedcycle.site import load_site
+from fedcycle.strategies import make_coordinator
 from fedcycle.wire import EvaluateConfig, RoundConfig, TrainReply
 
 # The arrays of a tiny model: what the strategy tests aggregate.
@@ -115,6 +117,17 @@ def context(run_config: dict, node_config: dict) -> Context:
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
+def train_message(run_config: dict, node_config: dict | None = None, server_round: int = 1,
+                  privacy_run: str = "run-a") -> Message:
+    """A round's train message to one site, as the server's coordinator makes it: the round's
+    config and the model the site builds."""
+    coordinator = make_coordinator(RunSettings.from_run_config(run_config), num_sites=1, privacy_run=privacy_run)
+    config = ConfigRecord(coordinator.round_config(server_round).to_record())
+    model = load_site(run_config, node_config or {"partition-id": 0}).new_model()
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1,
+                   message_type="train")
+
+
 def start_round(coordinator: Coordinator, server_round: int, arrays: ArrayRecord, nodes) -> dict[str, float]:
     """Open a round as the round loop does (configure_train); the schedule metrics an honest
     site with 10 examples reports for it."""
@@ -127,8 +140,8 @@ def honest_schedule(coordinator: Coordinator, server_round: int, n: int = 10) ->
     its scheduler's rates, step by step."""
     sent = RoundConfig.from_record(coordinator.sent_config[server_round])
     per_epoch, epochs, s = math.ceil(n / sent.batch_size), sent.local_epochs, sent.schedule
-    lrs = s.lrs(s.start_step(per_epoch, epochs, server_round, sent.epochs_before), per_epoch * epochs,
-                s.cycle_steps(per_epoch, epochs), steps_before=sent.epochs_before * per_epoch)
+    start, cycle, before = s.site_clock(per_epoch, epochs, server_round, sent.epochs_before)
+    lrs = s.lrs(start, per_epoch * epochs, cycle, steps_before=before)
     return {"steps": float(per_epoch * epochs), "lr-first": lrs[0], "lr-peak": max(lrs), "lr-last": lrs[-1]}
 
 

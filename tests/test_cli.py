@@ -107,6 +107,9 @@ def test_the_node_config_reads_as_flower_reads_a_run_config():
                               "true or false, or text in quotes (train-file='...')"),
     ("train-file = '/data/a.pt'", "--node-config: 'train-file' is not a key=value pair"),
     ("a=1 a=2", "--node-config: 'a=1 a=2' does not read as TOML (a key given twice?)"),
+    ("site-name='ward'", "--node-config: site-name='ward' would be every simulated site's, and each site needs its "
+                         "own; put {partition-id} in it, e.g. site-name='site-{partition-id}'"),
+    ("privacy-ledger='/tmp/l.json'", "--node-config: privacy-ledger='/tmp/l.json' would be every simulated site's"),
 ])
 def test_a_node_config_it_cannot_use_is_one_line_before_anything_starts(verb, text, message, tmp_path, capsys):
     assert main([verb, "--node-config", text, "--flwr-home" if verb == "simulate" else "--epochs",

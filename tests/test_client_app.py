@@ -15,7 +15,7 @@ from fedcycle.config import RunSettings
 from fedcycle.site import load_site
 from fedcycle.strategies import make_coordinator
 from fedcycle.trainer import evaluate
-from tests.fakes import Sites, context
+from tests.fakes import Sites, context, train_message
 from fedcycle.wire import TASK_FAILED
 from tests.user_tasks import BloodPressure
 
@@ -57,23 +57,15 @@ class MisspellsAMetric(TracksOneMetric):
     key = "MAE"
 
 
-def train_message_for(run_config: dict, node: dict) -> Message:
-    settings = RunSettings.from_run_config(run_config)
-    config = ConfigRecord({**make_coordinator(settings, num_sites=1).round_config(1).to_record(), "server-round": 1})
-    model = load_site(run_config, node).new_model()
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1,
-                   message_type="train")
-
-
 def test_a_sites_own_loop_reports_the_metrics_it_tracks_and_a_key_not_the_tasks_fails_the_run(task_identity):
     node = {"partition-id": 0}
     tracks_one = {"task": f"{TracksOneMetric.__module__}:TracksOneMetric", "batch-size": 100, "local-epochs": 1}
-    metrics = client_app.train_round(train_message_for(tracks_one, node), context(tracks_one, node)).content["metrics"]
+    metrics = client_app.train_round(train_message(tracks_one, node), context(tracks_one, node)).content["metrics"]
     assert metrics["train-mae"] == 0.5 and "train-mse" not in metrics  # 'mse' it does not track: not reported
 
     name = f"{MisspellsAMetric.__module__}:MisspellsAMetric"
     misspells = {**tracks_one, "task": name}
-    reply = client_app.train_round(train_message_for(misspells, node), context(misspells, node))
+    reply = client_app.train_round(train_message(misspells, node), context(misspells, node))
     # a failed reply, not an exception: coded as the task's own failure (the server stops the run),
     # its reason the TaskError's one line, as the default policy lets it go
     assert reply.has_error() and reply.error.code == TASK_FAILED

@@ -7,12 +7,15 @@ through `fedcycle simulate` in tests/test_tasks.py. The tasks are tests/user_tas
 from __future__ import annotations
 
 import pytest
+import torch
 
-from fedcycle import site
-from fedcycle.errors import TaskError
+from fedcycle import client_app, site
+from fedcycle.client_app import task_fault
+from fedcycle.errors import ConfigError, TaskError
 from fedcycle.site import load_site
+from fedcycle.wire import TASK_FAILED
 from fedcycle_tools.centralized import train_centralized
-from tests import user_tasks
+from tests.fakes import context, train_message
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +49,7 @@ def test_a_newcomers_mistake_is_one_line_in_the_preflight_report(task, message):
 
 def test_a_loop_that_tracks_only_its_loss_reports_no_training_metrics():
     assert report_of("BloodPressure").train_metric_names == ["mae", "mse"]  # fedcycle's loop: all of them
-    assert report_of("FailsInTraining").train_metric_names == []  # its own loop: the loss alone
+    assert report_of("DigitsOwnLoop").train_metric_names == []  # its own loop: the loss alone
     assert report_of("Digits").train_metric_names == ["accuracy"]
 
 
@@ -59,3 +62,39 @@ def test_the_centralized_baseline_trains_a_task_with_its_own_loop_epoch_by_epoch
     validation = result["validation"]
     assert len(validation) == 4 and result["test"] == [None] * 4  # the task has no test set
     assert validation[0] < 0.3 and validation[-1] > 0.8  # 10 classes: it learned
+
+
+def test_a_loop_whose_metrics_change_after_the_rehearsal_fails_as_the_tasks_fault(task_identity):
+    run_config = {"task": "tests.user_tasks:ChangesItsKeys", "batch-size": 50, "local-epochs": 2}
+    node = {"partition-id": 0}
+    assert load_site(run_config, node).report(50).train_metric_names == []  # one epoch: the loss alone
+    reply = client_app.train_round(train_message(run_config, node), context(run_config, node))
+    assert reply.has_error() and reply.error.code == TASK_FAILED
+    assert reply.error.reason == ("task='tests.user_tasks:ChangesItsKeys': train() returned the metrics ['mae'] in "
+                                  "this round and [] in pre-flight's rehearsal; return the same keys every time")
+
+
+def test_a_task_that_runs_out_of_memory_or_loses_a_file_is_not_the_tasks_fault():
+    def raised_in_task(cause: BaseException) -> TaskError:
+        try:
+            raise TaskError("task='t': train() raised ...") from cause
+        except TaskError as err:
+            return err
+
+    assert task_fault(raised_in_task(ValueError("a bug")))
+    assert not task_fault(raised_in_task(torch.OutOfMemoryError("CUDA out of memory")))
+    assert not task_fault(raised_in_task(FileNotFoundError("/data/site-0.pt")))
+    assert not task_fault(ConfigError("device='cuda:3' is not available"))
+
+
+def test_a_node_config_variable_that_is_not_a_json_object_is_one_line(monkeypatch):
+    for text in ("{not json", "[1, 2]"):
+        monkeypatch.setenv(site.NODE_CONFIG_VARIABLE, text)
+        with pytest.raises(ConfigError, match="is not a JSON object of node-config keys"):
+            site.simulated_node_config({"partition-id": 0})
+    monkeypatch.setenv(site.NODE_CONFIG_VARIABLE, '{"data-file": "/d/site-{partition-id}.csv", "partition-id": 9}')
+    assert site.simulated_node_config({"partition-id": 1}) == {"data-file": "/d/site-1.csv", "partition-id": 1}
+
+
+def test_a_binary_classifier_may_give_one_logit():
+    assert report_of("OneLogitTriage").train_metric_names == ["accuracy"]

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule
@@ -22,11 +22,10 @@ from fedcycle import client_app
 from fedcycle.config import DPSettings, RunSettings
 from fedcycle.errors import ConfigError
 from fedcycle.privacy import private_training
-from fedcycle.site import load_site
 from fedcycle.strategies import make_coordinator
 from fedcycle.tasks import Task
 from fedcycle.wire import SITE_FAILED
-from tests.fakes import context
+from tests.fakes import context, train_message
 from tests.user_tasks import BloodPressure
 
 NOISE, BATCH = 1.1, 100  # BloodPressure: 500 train records a site, 5 batches an epoch
@@ -35,14 +34,6 @@ NOISE, BATCH = 1.1, 100  # BloodPressure: 500 train records a site, 5 batches an
 def dp_run_config(task: type = BloodPressure, **extra) -> dict:
     return {"task": f"{task.__module__}:{task.__name__}", "batch-size": BATCH, "local-epochs": 1,
             "dp.noise-multiplier": NOISE, "dp.max-grad-norm": 1.0, "dp.delta": 1e-5, **extra}
-
-
-def train_message(run_config: dict, server_round: int, privacy_run: str = "run-a") -> Message:
-    coordinator = make_coordinator(RunSettings.from_run_config(run_config), num_sites=1, privacy_run=privacy_run)
-    config = ConfigRecord(coordinator.round_config(server_round).to_record())
-    model = load_site(run_config, {"partition-id": 0}).new_model()
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1,
-                   message_type="train")
 
 
 def test_dp_sgd_clips_every_examples_gradient_to_max_grad_norm():
@@ -74,7 +65,7 @@ def test_the_epsilon_a_site_reports_is_opacus_accountant_for_the_steps_it_took(t
     node = {"partition-id": 0, "privacy-ledger": str(tmp_path / "ledger.json")}
     accountant = RDPAccountant()
     for server_round in (1, 2):
-        reply = client_app.train_round(train_message(run_config, server_round), context(run_config, node))
+        reply = client_app.train_round(train_message(run_config, None, server_round), context(run_config, node))
         metrics = reply.content["metrics"]
         steps, sample_rate = int(metrics["steps"]), 1 / 5
         assert steps == 5
@@ -82,11 +73,12 @@ def test_the_epsilon_a_site_reports_is_opacus_accountant_for_the_steps_it_took(t
             accountant.step(noise_multiplier=NOISE, sample_rate=sample_rate)
         assert metrics["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
     # a resumed run (the same run key) continues the accountant; another run starts its own
-    resumed = client_app.train_round(train_message(run_config, 3), context(run_config, node)).content["metrics"]
+    resumed = client_app.train_round(train_message(run_config, None, 3), context(run_config, node)).content["metrics"]
     for _ in range(5):
         accountant.step(noise_multiplier=NOISE, sample_rate=1 / 5)
     assert resumed["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
-    other = client_app.train_round(train_message(run_config, 1, "run-b"), context(run_config, node)).content["metrics"]
+    other_run = train_message(run_config, None, 1, privacy_run="run-b")
+    other = client_app.train_round(other_run, context(run_config, node)).content["metrics"]
     assert other["epsilon"] < metrics["epsilon"]
 
 
@@ -101,10 +93,10 @@ def test_a_site_refuses_the_round_that_would_pass_its_ceiling(tmp_path, task_ide
                       f"max-epsilon = {ceiling}\ndelta = 1e-5\n")
     ledger = tmp_path / "ledger.json"
     node = {"partition-id": 0, "privacy-ledger": str(ledger), "policy-file": str(policy)}
-    first = client_app.train_round(train_message(run_config, 1), context(run_config, node)).content["metrics"]
+    first = client_app.train_round(train_message(run_config, None, 1), context(run_config, node)).content["metrics"]
     assert first["epsilon"] == pytest.approx(one_round.get_epsilon(1e-5))
     written = ledger.read_text()
-    refused = client_app.train_round(train_message(run_config, 2), context(run_config, node))
+    refused = client_app.train_round(train_message(run_config, None, 2), context(run_config, node))
     assert refused.has_error() and refused.error.code == SITE_FAILED  # a refusal, not the task's failure
     message = refused.error.reason
     assert "(dp.max-epsilon)" in message and f"max-epsilon={ceiling}" in message
@@ -112,7 +104,7 @@ def test_a_site_refuses_the_round_that_would_pass_its_ceiling(tmp_path, task_ide
     assert ledger.read_text() == written  # nothing trained, nothing spent
     # a run without DP is refused by the same policy before anything is read
     no_dp = {**run_config, "dp.noise-multiplier": 0.0}
-    assert "(dp.required)" in client_app.train_round(train_message(no_dp, 1), context(no_dp, node)).error.reason
+    assert "(dp.required)" in client_app.train_round(train_message(no_dp, None, 1), context(no_dp, node)).error.reason
 
 
 class RecordsWhatItGets(BloodPressure):
@@ -135,8 +127,9 @@ class RecordsWhatItGets(BloodPressure):
 def test_a_sites_own_loop_trains_the_private_model_optimizer_and_loader(tmp_path, task_identity):
     run_config = dp_run_config(RecordsWhatItGets)
     node = {"partition-id": 0, "privacy-ledger": str(tmp_path / "ledger.json")}
-    metrics = client_app.train_round(train_message(run_config, 1), context(run_config, node)).content["metrics"]
-    assert RecordsWhatItGets.got == [(GradSampleModule, DPOptimizer, DPDataLoader)]
+    metrics = client_app.train_round(train_message(run_config, None, 1), context(run_config, node)).content["metrics"]
+    # pre-flight's rehearsal (on the site's first message of the run) and the round: both private
+    assert RecordsWhatItGets.got == [(GradSampleModule, DPOptimizer, DPDataLoader)] * 2
     assert metrics["steps"] == 5 and metrics["epsilon"] > 0
 
 

@@ -68,8 +68,8 @@ def test_the_marker_convention_refuses_an_unknown_kind(tmp_path):
     assert examples(doc) == ({"a.py": "pass\n"}, ["echo hi\n"])
 
 
-def test_the_tasks_page_has_a_runnable_example():
-    assert ROOT / "docs" / "tasks.md" in runnable()
+def test_the_readme_has_a_runnable_example():
+    assert ROOT / "README.md" in runnable()
 
 
 def better(run: Path) -> tuple[float, float]:

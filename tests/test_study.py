@@ -96,7 +96,8 @@ def test_an_interrupted_study_continues_without_redoing_finished_runs(tmp_path, 
     assert ours["swa_accuracy"][0] is None and ours["swa_accuracy"][1] == ours["final_accuracy"]
     assert 0 < ours["final_val_accuracy"] == ours["swa_val_accuracy"] <= 1
     assert "## fedcycle's recipe, cell by cell" in report
-    assert ours["screened"] == {"rejected": 0, "clipped": 0, "weight-capped": 0, "missing": 0} and ours["replies"] == 2  # 2 sites, 1 round
+    assert ours["screened"] == {"rejected": 0, "clipped": 0, "weight-capped": 0, "failed": 0,
+                                "missing": 0} and ours["replies"] == 2  # 2 sites, 1 round
     assert "## The reply screen on honest runs" in report
     # every run is also in the study's MLflow experiment, once, by its key: the centralized ones
     # per epoch, the federated ones per round; those finished before the store was deleted,

@@ -294,7 +294,7 @@ def test_a_sites_own_loop_follows_the_servers_schedule_in_simulation(superlink, 
     expected = {r: schedule_for(TrainConfig(schedule, epochs=2, server_round=r, epochs_before=2 * (r - 1)), per_epoch=10)
                 for r in (1, 2)}
     logs = [json.loads(p.read_text()) for p in task_dir.glob("lrs-*.json")]
-    rehearsals = [used for used in logs if used == [0.005, 0.05]]  # pre-flight's two batches, a triangle's ends
+    rehearsals = [used for used in logs if used == pytest.approx([1e-5, 1e-4])]  # pre-flight's two batches
     assert len(rehearsals) == 2 and len(logs) == 6  # and 2 sites x 2 rounds, each every step of its round
     matched = sorted(r for used in logs for r, want in expected.items() if used == pytest.approx(want, rel=1e-12))
     assert matched == [1, 1, 2, 2]

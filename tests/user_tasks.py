@@ -195,3 +195,36 @@ class DigitsOwnLoop(Digits):
                 scheduler.step()
                 total, n = total + loss.item() * len(y), n + len(y)
         return {"loss": total / n}
+
+
+class ChangesItsKeys(BloodPressure):
+    """A loop that tracks its MAE only when it trains more than one epoch (pre-flight rehearses one)."""
+
+    def train(self, model, loader, optimizer, scheduler, epochs, device):
+        for _ in range(epochs):
+            for x, y in loader:
+                loss = F.mse_loss(model(x.to(device)), y.to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+        return {"loss": loss.item(), **({"mae": 0.5} if epochs > 1 else {})}
+
+
+class OneLogitTriage(Digits):
+    """A binary classifier with one logit (a zero against the other digits), trained with BCE."""
+
+    classes = ["other", "zero"]
+    outputs = 1
+
+    def site_data(self, node_config: dict):
+        train, val = super().site_data(node_config)
+        x, y = train.dataset.tensors
+        zeros = TensorDataset(x, (y == 0).long())
+        return Subset(zeros, train.indices), Subset(zeros, val.indices)
+
+    def loss(self, outputs, targets):
+        return F.binary_cross_entropy_with_logits(outputs[:, 0], targets.float())
+
+    def metrics(self, outputs, targets):
+        return {"accuracy": ((outputs[:, 0] > 0).long() == targets).float().mean()}

@@ -343,7 +343,9 @@ class Task:
         classes = self.classes if self.classes is not None else data_classes
         if not (classes is not None and isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
             return
-        if outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point() and outputs.shape[1] != len(classes):
+        one_logit_binary = len(classes) == 2 and outputs.shape[-1:] == (1,)  # BCE with logits: allowed
+        if (outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
+                and outputs.shape[1] != len(classes) and not one_logit_binary):
             raise TaskError(
                 f"task={self.name!r}: the model gives {outputs.shape[1]} outputs per example for {len(classes)} classes "
                 f"{_short_list(list(classes))}; a classifier gives one logit per class: make its last layer's "
@@ -356,7 +358,7 @@ class Task:
         nothing, with a warning lost in a site's log."""
         for warning in warned:
             text = str(warning.message)
-            if issubclass(warning.category, UserWarning) and ("size" in text or "broadcast" in text):
+            if issubclass(warning.category, UserWarning) and ("target size" in text or "broadcast" in text):
                 raise TaskError(
                     f"task={self.name!r}: loss() or metrics() of outputs {describe(outputs)} against targets "
                     f"{describe(targets)} (a batch) broadcasts them: {text.splitlines()[0]} Give the targets the "
