@@ -112,14 +112,14 @@ def held_out(site: Site, model, batch_size: int) -> EvaluateReply:
     return EvaluateReply(loss, metrics, len(site.val))
 
 
-def own_loop_metrics_as_rehearsed(site: Site, returned: dict, batch_size: int) -> dict[str, float]:
-    """The metrics a task's own train() returned, the same keys as in the pre-flight rehearsal:
-    the server holds every reply to the keys the sites declared."""
-    metrics = own_loop_metrics(site.task, returned, site.metric_names(batch_size))
-    declared = site.train_metric_names(batch_size)
-    if list(metrics) != declared:
+def own_loop_metrics_as_declared(site: Site, returned: dict, config: RoundConfig) -> dict[str, float]:
+    """The metrics a task's own train() returned, the keys the sites' rehearsals declared in
+    pre-flight (the round config says which): the server holds every reply to those."""
+    metrics = own_loop_metrics(site.task, returned, site.metric_names(config.batch_size))
+    declared = config.train_metrics
+    if declared is not None and tuple(metrics) != declared:
         raise TaskError(f"task={site.task.name!r}: train() returned the metrics {list(metrics)} in this round and "
-                        f"{declared} in pre-flight's rehearsal; return the same keys every time")
+                        f"{list(declared)} in pre-flight's rehearsal; return the same keys every time")
     return metrics
 
 
@@ -169,8 +169,8 @@ def train_round(msg: Message, context: Context) -> Message:
     reply = TrainReply(
         num_examples=result.num_examples,
         train_loss=result.loss,
-        train_metrics=result.metrics if site.task.own_train is None else own_loop_metrics_as_rehearsed(
-            site, result.metrics, config.batch_size),
+        train_metrics=(result.metrics if site.task.own_train is None
+                       else own_loop_metrics_as_declared(site, result.metrics, config)),
         train_seconds=result.seconds,
         setup_seconds=setup_seconds,
         local_epochs=config.local_epochs,

@@ -58,6 +58,7 @@ class Coordinator:
         self.privacy_run = privacy_run  # the run's first id: what the sites' DP ledgers file its rounds under
         self.late_nodes = set(late_nodes)  # never sent work: connected late, or refused by their policy
         self.expected_evaluate = EvaluateReply.keys(self.metric_names)
+        self.train_metric_names = None if train_metric_names is None else tuple(train_metric_names)
         keys = TrainReply.keys(self.metric_names, self.evaluates_received, settings.dp.enabled, train_metric_names)
         self.screen = Screen(settings, self.sites, keys, {**METRIC_RANGES, **(ranges or {})})
         self.events: dict[int, list[dict]] = defaultdict(list)  # round -> replies left out, sites missing
@@ -89,6 +90,7 @@ class Coordinator:
             evaluate_received=self.evaluates_received,
             task_statistics=self.task_statistics,
             privacy_run=self.privacy_run,
+            train_metrics=self.train_metric_names,
         )
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:

@@ -64,6 +64,7 @@ class RoundConfig:
     proximal_mu: float = 0.0  # FedProx's term, which Flower's FedProx adds to the config itself
     task_statistics: dict[str, list[float]] | None = None  # the sites' summed task statistics
     privacy_run: str = ""  # the run a site's DP ledger files this round under (a resumed run keeps it)
+    train_metrics: tuple[str, ...] | None = None  # what the sites' training loops declared in pre-flight (None: all)
 
     def to_record(self) -> dict[str, Any]:
         record = {
@@ -82,6 +83,8 @@ class RoundConfig:
         }
         if self.task_statistics is not None:
             record["task-statistics"] = json.dumps(self.task_statistics)
+        if self.train_metrics is not None:  # JSON: a ConfigRecord cannot hold an empty list
+            record["train-metrics"] = json.dumps(list(self.train_metrics))
         return record
 
     @classmethod
@@ -100,6 +103,7 @@ class RoundConfig:
             proximal_mu=float(record.get("proximal-mu", 0.0)),
             task_statistics=_statistics(record),
             privacy_run=str(record.get("privacy-run", "")),
+            train_metrics=tuple(json.loads(str(record["train-metrics"]))) if "train-metrics" in record else None,
         )
 
 

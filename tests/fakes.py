@@ -117,11 +117,11 @@ def context(run_config: dict, node_config: dict) -> Context:
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
-def train_message(run_config: dict, node_config: dict | None = None, server_round: int = 1,
-                  privacy_run: str = "run-a") -> Message:
-    """A round's train message to one site, as the server's coordinator makes it: the round's
-    config and the model the site builds."""
-    coordinator = make_coordinator(RunSettings.from_run_config(run_config), num_sites=1, privacy_run=privacy_run)
+def train_message(run_config: dict, node_config: dict | None = None, server_round: int = 1, **known) -> Message:
+    """A round's train message to one site, as the server's coordinator makes it (`known`: what
+    pre-flight told it, see Coordinator): the round's config and the model the site builds."""
+    known.setdefault("privacy_run", "run-a")
+    coordinator = make_coordinator(RunSettings.from_run_config(run_config), num_sites=1, **known)
     config = ConfigRecord(coordinator.round_config(server_round).to_record())
     model = load_site(run_config, node_config or {"partition-id": 0}).new_model()
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}), dst_node_id=1,

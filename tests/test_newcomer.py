@@ -67,8 +67,10 @@ def test_the_centralized_baseline_trains_a_task_with_its_own_loop_epoch_by_epoch
 def test_a_loop_whose_metrics_change_after_the_rehearsal_fails_as_the_tasks_fault(task_identity):
     run_config = {"task": "tests.user_tasks:ChangesItsKeys", "batch-size": 50, "local-epochs": 2}
     node = {"partition-id": 0}
-    assert load_site(run_config, node).report(50).train_metric_names == []  # one epoch: the loss alone
-    reply = client_app.train_round(train_message(run_config, node), context(run_config, node))
+    declared = load_site(run_config, node).report(50).train_metric_names
+    assert declared == []  # the rehearsal's one epoch: the loss alone
+    reply = client_app.train_round(train_message(run_config, node, train_metric_names=declared),
+                                   context(run_config, node))
     assert reply.has_error() and reply.error.code == TASK_FAILED
     assert reply.error.reason == ("task='tests.user_tasks:ChangesItsKeys': train() returned the metrics ['mae'] in "
                                   "this round and [] in pre-flight's rehearsal; return the same keys every time")

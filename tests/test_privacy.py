@@ -22,6 +22,7 @@ from fedcycle import client_app
 from fedcycle.config import DPSettings, RunSettings
 from fedcycle.errors import ConfigError
 from fedcycle.privacy import private_training
+from fedcycle.site import load_site
 from fedcycle.strategies import make_coordinator
 from fedcycle.tasks import Task
 from fedcycle.wire import SITE_FAILED
@@ -127,8 +128,9 @@ class RecordsWhatItGets(BloodPressure):
 def test_a_sites_own_loop_trains_the_private_model_optimizer_and_loader(tmp_path, task_identity):
     run_config = dp_run_config(RecordsWhatItGets)
     node = {"partition-id": 0, "privacy-ledger": str(tmp_path / "ledger.json")}
+    load_site(run_config, node).report(RunSettings.from_run_config(run_config).batch_size)  # pre-flight
     metrics = client_app.train_round(train_message(run_config, None, 1), context(run_config, node)).content["metrics"]
-    # pre-flight's rehearsal (on the site's first message of the run) and the round: both private
+    # pre-flight's rehearsal and the round: both private
     assert RecordsWhatItGets.got == [(GradSampleModule, DPOptimizer, DPDataLoader)] * 2
     assert metrics["steps"] == 5 and metrics["epsilon"] > 0
 

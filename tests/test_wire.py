@@ -24,12 +24,12 @@ from tests.fakes import Sites
 STATISTICS = {"sum": [1.5, -2.0], "count": [3.0]}
 
 
-@pytest.mark.parametrize("statistics", [None, STATISTICS])
-def test_a_round_config_round_trips_through_a_config_record(statistics):
+@pytest.mark.parametrize("statistics, train_metrics", [(None, None), (STATISTICS, ()), (None, ("mae",))])
+def test_a_round_config_round_trips_through_a_config_record(statistics, train_metrics):
     config = RoundConfig(
         server_round=3, schedule=LRSchedule("exp_range", 0.001, 0.07, "epochs", 1.5, 0.99), local_epochs=4,
         epochs_before=8, batch_size=32, optimizer="adamw", momentum=0.8, weight_decay=1e-4, mixed_precision=True,
-        evaluate_received=False, proximal_mu=0.01, task_statistics=statistics,
+        evaluate_received=False, proximal_mu=0.01, task_statistics=statistics, train_metrics=train_metrics,
     )
     assert RoundConfig.from_record(ConfigRecord(config.to_record())) == config
 
