@@ -95,33 +95,35 @@ class BloodPressureFixedRate(BloodPressure):
 
 # -- a newcomer's mistakes: each passes a glance and is refused before round 1 -----------------
 
+def plain_loop(loss_fn, model, loader, optimizer, scheduler, epochs, device, step_scheduler=True) -> float:
+    """The loop most PyTorch users have, with the one line fedcycle asks (`step_scheduler`); the
+    mean loss over the examples it trained on."""
+    total, n = 0.0, 0
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step_scheduler:
+                scheduler.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+    return total / n
+
+
 class ForgetsTheScheduler(BloodPressure):
     """The plain loop most PyTorch users have: it never calls scheduler.step()."""
 
     def train(self, model, loader, optimizer, scheduler, epochs, device):
-        total, n = 0.0, 0
-        for _ in range(epochs):
-            for x, y in loader:
-                loss = F.mse_loss(model(x.to(device)), y.to(device))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total, n = total + loss.item() * len(y), n + len(y)
-        return {"loss": total / n}
+        return {"loss": plain_loop(F.mse_loss, model, loader, optimizer, scheduler, epochs, device,
+                                   step_scheduler=False)}
 
 
 class ReturnsItsOwnKey(BloodPressure):
     """A loop that names its loss as it likes, not 'loss'."""
 
     def train(self, model, loader, optimizer, scheduler, epochs, device):
-        for _ in range(epochs):
-            for x, y in loader:
-                loss = F.mse_loss(model(x.to(device)), y.to(device))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-        return {"mse_loss": loss.item()}
+        return {"mse_loss": plain_loop(F.mse_loss, model, loader, optimizer, scheduler, epochs, device)}
 
 
 class FailsInTraining(BloodPressure):
@@ -131,13 +133,7 @@ class FailsInTraining(BloodPressure):
     def train(self, model, loader, optimizer, scheduler, epochs, device):
         if epochs > 1:
             raise ValueError(f"this loop was written for one epoch, not {epochs}")
-        for x, y in loader:
-            loss = F.mse_loss(model(x.to(device)), y.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        return {"loss": loss.item()}
+        return {"loss": plain_loop(F.mse_loss, model, loader, optimizer, scheduler, epochs, device)}
 
 
 class FlatTargets(BloodPressure):
@@ -185,30 +181,15 @@ class DigitsOwnLoop(Digits):
     """The digits classifier with the plain loop a PyTorch user has: it tracks its loss alone."""
 
     def train(self, model, loader, optimizer, scheduler, epochs, device):
-        total, n = 0.0, 0
-        for _ in range(epochs):
-            for x, y in loader:
-                loss = F.cross_entropy(model(x.to(device)), y.to(device))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total, n = total + loss.item() * len(y), n + len(y)
-        return {"loss": total / n}
+        return {"loss": plain_loop(F.cross_entropy, model, loader, optimizer, scheduler, epochs, device)}
 
 
 class ChangesItsKeys(BloodPressure):
     """A loop that tracks its MAE only when it trains more than one epoch (pre-flight rehearses one)."""
 
     def train(self, model, loader, optimizer, scheduler, epochs, device):
-        for _ in range(epochs):
-            for x, y in loader:
-                loss = F.mse_loss(model(x.to(device)), y.to(device))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-        return {"loss": loss.item(), **({"mae": 0.5} if epochs > 1 else {})}
+        loss = plain_loop(F.mse_loss, model, loader, optimizer, scheduler, epochs, device)
+        return {"loss": loss, **({"mae": 0.5} if epochs > 1 else {})}
 
 
 class OneLogitTriage(Digits):
