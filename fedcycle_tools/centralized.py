@@ -79,5 +79,5 @@ def train_centralized(config: dict[str, Any], sites: int, epochs: int,
     if not trained.steps:
         raise TaskError(f"task={task.name!r}: {epochs} epoch(s) over {len(train_data)} pooled examples took no "
                         "optimizer step; nothing was trained")
-    return {"metric": task.primary_metric, "test": test_values, "validation": val_values, "seconds": seconds,
-            "wall_seconds": time.perf_counter() - started}
+    return {"task": task.label, "metric": task.primary_metric, "test": test_values, "validation": val_values,
+            "seconds": seconds, "wall_seconds": time.perf_counter() - started}

@@ -610,7 +610,7 @@ def centralize(overrides: str, sites: int, epochs: int, node_config: Mapping[str
         print(f"epoch {epoch}/{epochs}: {shown}", flush=True)
 
     result = train_centralized(run_config, sites, epochs, progress, node_config=dict(node_config or {}))
-    label = load_task(run_config).label.replace(":", ".")
+    label = result["task"].replace(":", ".")
     name = settings.run_name or f"{label}-centralized-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(settings.results_dir).expanduser().resolve() / name / "centralized.json"
     record = {**result, "sites": sites, "epochs": epochs, "run_config": run_config, "node_config": node_config or {},
