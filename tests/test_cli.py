@@ -180,7 +180,8 @@ def test_centralize_hands_the_pooled_sites_the_node_config(tmp_path, monkeypatch
 
     def pooled(config, sites, epochs, progress=None, node_config=None):
         seen.update(sites=sites, node_config=node_config)
-        return {"task": "fashion-mnist", "metric": "accuracy", "test": [0.1], "validation": [0.1], "seconds": [0.0], "wall_seconds": 0.0}
+        return {"task": "fashion-mnist", "metric": "accuracy", "test": [0.1], "validation": [0.1], "seconds": [0.0],
+                "wall_seconds": 0.0}
 
     monkeypatch.setattr(launcher, "train_centralized", pooled)
     assert main(["centralize", "--sites", "3", "--epochs", "1", "--node-config", "data-dir='/d/{partition-id}'",
