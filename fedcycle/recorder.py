@@ -130,6 +130,8 @@ class RoundRecorder:
             "timing": {"aggregate_seconds": outcome.aggregate_seconds, "evaluate_seconds": now - started},
             "sites": outcome.sites,
             "events": outcome.events,
+            # each site's bytes of arrays received and sent this round, in training and in evaluation
+            "bytes": outcome.traffic,
         }
         if self.swa is not None:
             line["swa"] = self._average(server_round, state)
@@ -202,6 +204,7 @@ class RoundRecorder:
             "round": outcome.server_round, "primary_metric": self.metric, self.metric: None, "loss": None,
             "metrics": None, "metrics_source": None, "seconds": round(time.perf_counter() - self.last, 3),
             "failed": reason, "train_config": outcome.train_config, "sites": outcome.sites, "events": outcome.events,
+            "bytes": outcome.traffic,
         }
         self.results.append_round(line)
         self.trackers.log_round(line)

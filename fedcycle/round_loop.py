@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 
 from fedcycle.config import RunSettings
 from fedcycle.coordinator import Coordinator
-from fedcycle.wire import superlink_errors, task_failed
+from fedcycle.wire import add_traffic, superlink_errors, task_failed, traffic
 
 
 @dataclass
@@ -47,6 +47,7 @@ class RoundOutcome:
     aggregate_seconds: float | None = None
     server_arrays: dict[str, torch.Tensor] = field(default_factory=dict)  # for the checkpoint: the strategy's and the screen's
     screen_state: dict[str, Any] = field(default_factory=dict)  # for the checkpoint: the screen memory's plain data
+    traffic: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # "train"/"evaluate" -> site -> bytes
 
 
 def stop_if_task_failed(server_round: int, replies: list[Message], names: dict[int, str],
@@ -85,7 +86,7 @@ PROGRESS_SECONDS = 60.0  # a longer exchange says, once a minute, which sites ha
 
 
 def outcome_of(coordinator: Coordinator, server_round: int, arrays: ArrayRecord,
-               events: list[dict] = ()) -> RoundOutcome:
+               events: list[dict] = (), traffic: dict[str, dict[str, dict[str, int]]] | None = None) -> RoundOutcome:
     """The round's outcome: `arrays`, and what the coordinator recorded of the round (taken out of
     it), with the loop's own `events`."""
     evaluation = coordinator.evaluate_metrics.pop(server_round, None)
@@ -100,6 +101,7 @@ def outcome_of(coordinator: Coordinator, server_round: int, arrays: ArrayRecord,
         aggregate_seconds=coordinator.aggregate_seconds.pop(server_round, None),
         server_arrays=server_arrays,
         screen_state=screen_state,
+        traffic=traffic or {},
     )
 
 
@@ -107,13 +109,14 @@ def initial_round(grid: Grid, coordinator: Coordinator, settings: RunSettings, a
                   sites_evaluate: bool) -> RoundOutcome:
     """Round 0, the initial model: evaluated by the sites when they are the only evaluation there
     is (no test split on the server); TaskFailed, with round 0's outcome, if their task fails."""
-    if sites_evaluate:
-        try:
-            evaluate_on_sites(grid, coordinator, 0, arrays, settings.round_timeout)
-        except RoundFailed as err:
-            err.outcome = outcome_of(coordinator, 0, arrays)
-            raise
-    return outcome_of(coordinator, 0, arrays)
+    if not sites_evaluate:
+        return outcome_of(coordinator, 0, arrays)
+    try:
+        _, exchanged = evaluate_on_sites(grid, coordinator, 0, arrays, settings.round_timeout)
+    except RoundFailed as err:
+        err.outcome = outcome_of(coordinator, 0, arrays)
+        raise
+    return outcome_of(coordinator, 0, arrays, traffic={"evaluate": exchanged})
 
 
 def run_rounds(
@@ -135,31 +138,34 @@ def run_rounds(
         log(INFO, "[ROUND %d/%d]", server_round, settings.num_server_rounds)
         deadline = clock() + settings.round_timeout
         try:
-            arrays, events = one_round(grid, coordinator, settings, server_round, arrays, deadline, clock, sleep)
+            arrays, events, exchanged = one_round(grid, coordinator, settings, server_round, arrays, deadline, clock, sleep)
         except RoundFailed as err:
             err.outcome = outcome_of(coordinator, server_round, arrays, err.attempts)
             raise
-        yield outcome_of(coordinator, server_round, arrays, events)
+        yield outcome_of(coordinator, server_round, arrays, events, exchanged)
 
 
 def one_round(grid: Grid, coordinator: Coordinator, settings: RunSettings, server_round: int, arrays: ArrayRecord,
-              deadline: float, clock: Callable[[], float], sleep: Callable[[float], None]) -> tuple[ArrayRecord, list[dict]]:
+              deadline: float, clock: Callable[[], float], sleep: Callable[[float], None],
+              ) -> tuple[ArrayRecord, list[dict], dict[str, dict[str, dict[str, int]]]]:
     """A round's training, aggregation and (where the sites evaluate) evaluation: the global
-    model after it, and the loop's events."""
-    accepted, events = train_round(grid, coordinator, settings, server_round, arrays, deadline, clock, sleep)
+    model after it, the loop's events, and each site's bytes received and sent, by exchange."""
+    accepted, events, trained = train_round(grid, coordinator, settings, server_round, arrays, deadline, clock, sleep)
     aggregated = coordinator.aggregate(server_round, accepted)
     if aggregated is not None:
         arrays = aggregated
+    exchanged = {"train": trained}
     if coordinator.evaluates_on_sites:
         left = deadline - clock()
         if left > 0:
-            metrics = evaluate_on_sites(grid, coordinator, server_round, arrays, left, clock, sleep)
+            metrics, exchanged["evaluate"] = evaluate_on_sites(grid, coordinator, server_round, arrays, left, clock,
+                                                               sleep)
         else:
             events.append(
                 {"event": "evaluation-skipped", "reason": f"round-timeout={settings.round_timeout}s spent on training"})
             metrics = coordinator.aggregate_evaluate(server_round, [])
         log(INFO, "Round %d: the sites' evaluation of the global model: %s", server_round, metrics)
-    return arrays, events
+    return arrays, events, exchanged
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, what: str, names: dict[int, str],
@@ -189,26 +195,29 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, what: str, nam
 
 def evaluate_on_sites(grid: Grid, coordinator: Coordinator, server_round: int, arrays: ArrayRecord, seconds: float,
                       clock: Callable[[], float] = time.monotonic,
-                      sleep: Callable[[float], None] = time.sleep) -> MetricRecord | None:
-    """The sites' evaluation of `arrays`, aggregated by the coordinator; a site the SuperLink
-    answered for is recorded as missing with its reason."""
+                      sleep: Callable[[float], None] = time.sleep,
+                      ) -> tuple[MetricRecord | None, dict[str, dict[str, int]]]:
+    """The sites' evaluation of `arrays`, aggregated by the coordinator, and its traffic; a site
+    the SuperLink answered for is recorded as missing with its reason."""
     messages = _with_lifetime(coordinator.configure_evaluate(server_round, arrays, grid), seconds)
     replies, unreachable = superlink_errors(messages, exchange(grid, messages, seconds, f"Round {server_round} evaluation",
                                                                coordinator.site_names, clock, sleep))
+    exchanged = traffic(messages, replies, coordinator.site_names)
     for node in sorted(unreachable):
         coordinator.record_missing(server_round, node, "missing-evaluation", unreachable)
     metrics = coordinator.aggregate_evaluate(server_round, replies)
     stop_if_task_failed(server_round, replies, coordinator.site_names)
-    return metrics
+    return metrics, exchanged
 
 
 def train_round(
     grid: Grid, coordinator: Coordinator, settings: RunSettings, server_round: int, arrays: ArrayRecord,
     deadline: float, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-) -> tuple[list[Message], list[dict]]:
-    """The round's usable train replies, retried while too few and the deadline allows, and an
-    event for each attempt that failed; RoundFailed (its `attempts`: those events) in the end."""
-    attempts, failed = settings.round_retries + 1, []
+) -> tuple[list[Message], list[dict], dict[str, dict[str, int]]]:
+    """The round's usable train replies, retried while too few and the deadline allows, an
+    event for each attempt that failed, and every attempt's traffic; RoundFailed (its
+    `attempts`: those events) in the end."""
+    attempts, failed, exchanged = settings.round_retries + 1, [], {}
     for attempt in range(1, attempts + 1):
         connected = wait_for_sites(grid, settings.min_replies, deadline, clock, sleep)
         left = deadline - clock()
@@ -221,11 +230,12 @@ def train_round(
             messages = _with_lifetime(coordinator.configure_train(server_round, arrays, grid), left)
             replies, unreachable = superlink_errors(messages, exchange(grid, messages, left, f"Round {server_round}",
                                                                        coordinator.site_names, clock, sleep))
+            exchanged = add_traffic(exchanged, traffic(messages, replies, coordinator.site_names))
             accepted = coordinator.screen_round(server_round, replies, unreachable)
             stop_if_task_failed(server_round, replies, coordinator.site_names, failed)
             needed = max(settings.min_replies, math.ceil(settings.min_reply_fraction * len(messages)))
             if len(accepted) >= needed:
-                return accepted, failed
+                return accepted, failed, exchanged
             shortfall = (
                 f"{len(accepted)} usable repl{'y' if len(accepted) == 1 else 'ies'} of {len(messages)} sampled site(s), "
                 f"at least {needed} needed (min-replies={settings.min_replies}, "

@@ -312,3 +312,35 @@ def superlink_errors(sent: Iterable[Message], replies: Iterable[Message]) -> tup
         else:
             own.append(reply)
     return own, unreachable
+
+
+def array_bytes(message: Message) -> int:
+    """The bytes of the arrays a message carries, as they travel (the serialized tensors; its
+    config and metrics, a few hundred bytes, not counted). A failed reply carries none."""
+    if not message.has_content():
+        return 0
+    return sum(len(array.data) for record in message.content.array_records.values() for array in record.values())
+
+
+def traffic(sent: Iterable[Message], replies: Iterable[Message], names: Mapping[int, str]) -> dict[str, dict[str, int]]:
+    """Each site's bytes in one exchange, from the site's side: `received` (what the server sent
+    it) and `sent` (its reply)."""
+    out: dict[str, dict[str, int]] = {}
+    for kind, node_of, messages in (("received", lambda m: m.metadata.dst_node_id, sent),
+                                    ("sent", lambda m: m.metadata.src_node_id, replies)):
+        for message in messages:
+            node = node_of(message)
+            site = out.setdefault(str(names.get(node, f"node {node}")), {"received": 0, "sent": 0})
+            site[kind] += array_bytes(message)
+    return out
+
+
+def add_traffic(*exchanges: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """The sum of several exchanges' traffic, site by site."""
+    total: dict[str, dict[str, int]] = {}
+    for exchange in exchanges:
+        for site, counts in exchange.items():
+            into = total.setdefault(site, {"received": 0, "sent": 0})
+            for kind, n in counts.items():
+                into[kind] += n
+    return total

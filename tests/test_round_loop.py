@@ -118,6 +118,10 @@ def test_the_sites_evaluation_gets_what_is_left_of_the_round(task_identity):
     assert outcome.server_round == 1 and len(outcome.sites) == 2 and outcome.sites_evaluation is None
     assert grid.timeouts == [100.0, pytest.approx(100.0 - grid.pushed_at[1])] and clock.now == 100.0
     assert grid.pushed_at[1] == pytest.approx(69.0, abs=3.0)  # once the training replies are pulled
+    # each site received the model to train and sent it back, and received it to evaluate
+    size = sum(len(a.data) for a in model.values())
+    assert outcome.traffic == {"train": {f"node {n}": {"received": size, "sent": size} for n in (1, 2)},
+                               "evaluate": {f"node {n}": {"received": size, "sent": 0} for n in (1, 2)}}
 
 
 def test_a_site_the_superlink_answers_for_is_named_missing_with_the_superlinks_reason(task_identity):
@@ -141,7 +145,7 @@ def test_a_site_the_superlink_answers_for_is_named_missing_with_the_superlinks_r
                     replies.append(reply(node, weights, 10, to=m, **honest_schedule(strategy, 1)))
             return 0.0, replies
 
-    accepted, _ = train_round(OneNodeGone([2, 3, 4], clock), strategy, settings, 1, model, deadline=100, clock=clock,
+    accepted, *_ = train_round(OneNodeGone([2, 3, 4], clock), strategy, settings, 1, model, deadline=100, clock=clock,
                            sleep=clock.sleep)
     assert sorted(m.metadata.src_node_id for m in accepted) == [2, 3]
     assert [(e["node_id"], e["site"], e["event"]) for e in strategy.events[1]] == [(4, "site c", "missing")]
@@ -169,7 +173,7 @@ def test_a_long_round_says_once_a_minute_which_sites_have_replied(task_identity,
             return ids
 
     with caplog.at_level(logging.INFO):
-        accepted, _ = train_round(OneSlowSite([1, 2], clock), strategy, settings, 1, model, deadline=1000, clock=clock,
+        accepted, *_ = train_round(OneSlowSite([1, 2], clock), strategy, settings, 1, model, deadline=1000, clock=clock,
                                sleep=clock.sleep)
     assert len(accepted) == 2 and 150.0 <= clock.now <= 153.0  # pulled at least every 3 s
     progress = [m for m in caplog.messages if "sites replied" in m]
@@ -192,7 +196,7 @@ def test_replies_that_come_quickly_are_pulled_quickly(task_identity):
                 replies.append(reply(node, weights, 10, to=m, **honest_schedule(strategy, 1)))
             return 1.0, replies
 
-    accepted, _ = train_round(QuickSites([1, 2], clock), strategy, settings, 1, model, deadline=1000, clock=clock,
+    accepted, *_ = train_round(QuickSites([1, 2], clock), strategy, settings, 1, model, deadline=1000, clock=clock,
                            sleep=clock.sleep)
     assert len(accepted) == 2 and 1.0 <= clock.now <= 1.1  # pulled within a tenth of the time waited
 
