@@ -15,7 +15,11 @@ Methods: `centralized-constant` and `centralized-cyclical` (fedcycle's trainer o
 data of all sites, one optimizer for the whole run), `fedavg-constant`, `fedavg-cyclical` (the
 paper's: a cycle per round) and, where the study file has a `fedcycle` grid, `fedcycle`: a
 server-side recipe (an envelope on the peak, cycles across rounds, server momentum, the
-server's mean of cycle ends). `--pilot EPOCHS` runs only centralized training, to choose the
+server's mean of cycle ends), and `fedavgm` / `fedadam` (Flower's server optimizers). A study
+file with `rounds` asks the paper's question at fixed communication instead: every federated
+method runs that many rounds whatever its local epochs, each tuned in every split at its own
+local epochs, and the report says how many rounds and bytes each needs to come within 1 point
+of centralized (studies/paper.yaml). `--pilot EPOCHS` runs only centralized training, to choose the
 epoch budget from where validation accuracy flattens.
 
 Federated runs go through fedcycle's own ServerApp, strategy, ClientApp and trainer in
@@ -33,6 +37,7 @@ import sys
 from fedcycle_tools.launcher import exit_on_termination
 from fedcycle_tools.study.plan import Study, StudyError
 from fedcycle_tools.study.report import write_report
+from fedcycle_tools.study.rounds_report import write_rounds_report
 from fedcycle_tools.study.runs import run_pilot, run_study
 
 
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.st
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = write_report(study, command=" ".join([prog, *(argv if argv is not None else sys.argv[1:])]))
+    command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
+    report = (write_rounds_report if study.rounds else write_report)(study, command=command)
     print(f"report: {report}" + (f" ({missing} runs still to do; run the same command to continue)" if missing else ""))
     return 0
 

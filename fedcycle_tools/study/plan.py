@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,16 @@ import yaml
 from fedcycle.config import current_keys
 from fedcycle.tasks import load_task
 
-METHODS = ("centralized-constant", "centralized-cyclical", "fedavg-constant", "fedavg-cyclical", "fedcycle")
+METHODS = ("centralized-constant", "centralized-cyclical", "fedavg-constant", "fedavg-cyclical", "fedcycle",
+           "fedavgm", "fedadam")
 # method -> the lr_grid entry it is tuned on; `fedcycle` (a server-side recipe: schedule
 # envelope, cycles across rounds, server momentum, averaging of cycle ends) only where a
-# study file has a `fedcycle` grid
+# study file has a `fedcycle` grid, and so for the server optimizers
 GRID_OF = {"centralized-constant": "constant", "centralized-cyclical": "cyclical", "fedavg-constant": "constant",
-           "fedavg-cyclical": "cyclical", "fedcycle": "fedcycle"}
+           "fedavg-cyclical": "cyclical", "fedcycle": "fedcycle", "fedavgm": "fedavgm", "fedadam": "fedadam"}
+# Flower's server optimizers, as methods: a constant local rate (`lr-max`) and the strategy's
+# own options as `<strategy>.<option>` (server momentum, server learning rate, eta, tau)
+SERVER_OPTIMIZERS = ("fedavgm", "fedadam")
 # the keys a `fedcycle` recipe may set, besides lr-min/lr-max/cycle-rounds: run-config keys,
 # `strategy` and its `<strategy>.<option>` keys, and when the server starts averaging cycle
 # ends as a fraction of the run's rounds
@@ -59,6 +64,18 @@ class Study:
     output: str = ""
     tracking: str = "mlflow"  # every run into one MLflow experiment per profile, or "off"
     mlflow_tracking_uri: str = ""  # default: a SQLite store in the study's output folder
+    # Fixed communication (the paper's constraint): every federated run takes `rounds` rounds
+    # whatever its local epochs, and centralized runs take `epoch_budget` epochs. 0: the
+    # epoch budget (federated runs take epoch_budget / local epochs rounds).
+    rounds: int = 0
+    # the methods to run (a study file's `methods`: method -> the local epochs it runs at, [] for
+    # a centralized one); default: every method whose grid the file has, at every local epochs
+    method_local_epochs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # tune every method in every split at each of its local epochs, not once at the tuning cell
+    tune_every_cell: bool = False
+    # more seeds for the two best federated methods of a repeat cell when, after its repeat
+    # seeds, they differ by less than two standard errors (of the paired difference)
+    close_call_seeds: tuple[int, ...] = ()
 
     @classmethod
     def load(cls, path: str | Path) -> "Study":
@@ -83,10 +100,17 @@ class Study:
                 raise StudyError(f"{path}: each of 'splits' needs 'name' and 'partitioner', got {item!r}")
             splits.append(Split(item["name"], item["partitioner"], item.get("alpha")))
         grid = need("lr_grid", dict)
-        if not {"constant", "cyclical"} <= set(grid) <= {"constant", "cyclical", "fedcycle"}:
+        optional = {"fedcycle", *SERVER_OPTIMIZERS}
+        if not {"constant", "cyclical"} <= set(grid) <= {"constant", "cyclical", *optional}:
             raise StudyError(
-                f"{path}: 'lr_grid' needs 'constant' and 'cyclical', and may have 'fedcycle'; got {sorted(grid)}"
+                f"{path}: 'lr_grid' needs 'constant' and 'cyclical', and may have {sorted(optional)}; got {sorted(grid)}"
             )
+        for name in SERVER_OPTIMIZERS:
+            for setting in grid.get(name, []):
+                unknown = [k for k in setting if k != "lr-max" and not k.startswith(f"{name}.")]
+                if "lr-max" not in setting or unknown:
+                    raise StudyError(f"{path}: lr_grid.{name}: each setting has 'lr-max' (the sites' constant rate) "
+                                     f"and '{name}.<option>' keys; got {setting!r}")
         for recipe in grid.get("fedcycle", []):
             unknown = [k for k in recipe if k not in RECIPE_KEYS and "." not in k]
             if unknown:
@@ -109,12 +133,27 @@ class Study:
             output=raw.get("output", ""),
             tracking=raw.get("tracking", "mlflow"),
             mlflow_tracking_uri=raw.get("mlflow_tracking_uri", ""),
+            rounds=raw.get("rounds", 0),
+            method_local_epochs={m: tuple(les) for m, les in (raw.get("methods") or {}).items()},
+            tune_every_cell=raw.get("tune_every_cell", False),
+            close_call_seeds=tuple(raw.get("close_call_seeds", [])),
         )
         if study.tracking not in ("mlflow", "off"):
             raise StudyError(f"{path}: 'tracking' is {study.tracking!r}; choose 'mlflow' or 'off'")
+        if not isinstance(study.rounds, int) or study.rounds < 0:
+            raise StudyError(f"{path}: 'rounds' is {study.rounds!r}; give a positive number of rounds, or 0 for the epoch budget")
         for le in study.local_epochs:
-            if not isinstance(le, int) or le < 1 or study.epoch_budget % le:
+            if not isinstance(le, int) or le < 1 or (not study.rounds and study.epoch_budget % le):
                 raise StudyError(f"{path}: local_epochs {le} must be a positive divisor of epoch_budget={study.epoch_budget}")
+        for method, les in study.method_local_epochs.items():
+            if method not in METHODS or GRID_OF[method] not in study.grid:
+                raise StudyError(f"{path}: methods: {method!r} is not a method with a grid in lr_grid; the methods are "
+                                 f"{list(METHODS)}, each tuned on lr_grid.<{'|'.join(sorted(set(GRID_OF.values())))}>")
+            if method.startswith("centralized") and les:
+                raise StudyError(f"{path}: methods.{method}: a centralized method has no local epochs; give []")
+            if not set(les) <= set(study.local_epochs):
+                raise StudyError(f"{path}: methods.{method}: local epochs {list(les)} not all among local_epochs "
+                                 f"{list(study.local_epochs)}")
         unknown = set(study.repeat_splits) - {s.name for s in study.splits}
         if unknown:
             raise StudyError(f"{path}: repeat_splits {sorted(unknown)} are not among the splits")
@@ -128,7 +167,26 @@ class Study:
 
     @property
     def methods(self) -> tuple[str, ...]:
+        if self.method_local_epochs:
+            return tuple(m for m in METHODS if m in self.method_local_epochs)
         return tuple(m for m in METHODS if GRID_OF[m] in self.grid)
+
+    def local_epochs_of(self, method: str) -> tuple[int, ...]:
+        return self.method_local_epochs.get(method) or self.local_epochs
+
+    def rounds_of(self, run: "PlannedRun") -> int:
+        """Rounds of a federated run (the fixed `rounds`, or the epoch budget over its local
+        epochs); epochs of a centralized one."""
+        if not run.federated:
+            return self.epoch_budget
+        return self.rounds or self.epoch_budget // run.local_epochs
+
+    def tuning_cell(self, method: str, split: str, local_epochs: int) -> str:
+        """The name a method's chosen setting goes by: the method, or with `tune_every_cell` the
+        method in that split at those local epochs (centralized: pooled, tuned once)."""
+        if not self.tune_every_cell or method.startswith("centralized"):
+            return method
+        return f"{method}/{split}/le{local_epochs}"
 
     def output_dir(self) -> Path:
         """`output` if the profile names one, else `docs/results` for the default profile and
@@ -160,47 +218,80 @@ class PlannedRun:
         where = f"{self.split.name}-s{self.sites}-le{self.local_epochs}" if self.federated else "pooled"
         return f"{self.method}-{where}-seed{self.seed}-{lr}"
 
-    def rounds(self, budget: int) -> int:
-        return budget // self.local_epochs if self.federated else budget
-
 
 def tuning_plan(study: Study) -> list[PlannedRun]:
+    """Every method's grid at the tuning cell (iid, `tuning_sites`, its fewest local epochs,
+    the first seed), or with `tune_every_cell` in every split at each of its local epochs."""
     iid = next(s for s in study.splits if s.name == "iid")
     runs = []
     for method in study.methods:
-        grid = study.grid[GRID_OF[method]]
-        le = min(study.local_epochs)
-        for lr in grid:
-            runs.append(PlannedRun(method, iid, study.tuning_sites, le, study.seeds[0], dict(lr)))
+        if method.startswith("centralized") or not study.tune_every_cell:
+            cells = [(iid, min(study.local_epochs_of(method)))]
+        else:
+            cells = [(split, le) for split in study.splits for le in study.local_epochs_of(method)]
+        for split, le in cells:
+            for lr in study.grid[GRID_OF[method]]:
+                runs.append(PlannedRun(method, split, study.tuning_sites, le, study.seeds[0], dict(lr)))
     return runs
 
 
-def comparison_plan(study: Study, chosen: dict[str, dict]) -> list[PlannedRun]:
+def comparison_plan(study: Study, chosen: dict[str, dict], done: dict[str, dict] | None = None) -> list[PlannedRun]:
+    """Every method in every cell with the setting chosen for it (`chosen`: by tuning cell);
+    given the runs `done`, also the close calls' extra seeds (see `close_calls`)."""
     runs = []
     iid = next(s for s in study.splits if s.name == "iid")
-    for method in study.methods[:2]:  # centralized: the pooled data of the tuning cell's sites, whatever the split
-        for seed in sorted(set(study.seeds) | set(study.repeat_seeds)):
-            runs.append(PlannedRun(method, iid, study.tuning_sites, 1, seed, chosen[method]))
+    federated = [m for m in study.methods if not m.startswith("centralized")]
+    for method in study.methods:  # centralized: the pooled data of the tuning cell's sites, whatever the split
+        if method.startswith("centralized"):
+            for seed in sorted(set(study.seeds) | set(study.repeat_seeds)):
+                runs.append(PlannedRun(method, iid, study.tuning_sites, 1, seed, chosen[method]))
     for split in study.splits:
         for sites in study.sites:
             repeat = split.name in study.repeat_splits and sites == study.tuning_sites
             seeds = study.repeat_seeds if repeat else study.seeds
             for le in study.local_epochs:
-                for method in study.methods[2:]:
-                    for seed in seeds:
-                        runs.append(PlannedRun(method, split, sites, le, seed, chosen[method]))
-    return runs
+                for method in federated:
+                    if le not in study.local_epochs_of(method):
+                        continue
+                    setting = chosen[study.tuning_cell(method, split.name, le)]
+                    runs.extend(PlannedRun(method, split, sites, le, seed, setting) for seed in seeds)
+    return runs + close_calls(study, runs, done) if done is not None else runs
+
+
+def close_calls(study: Study, runs: list[PlannedRun], done: dict[str, dict]) -> list[PlannedRun]:
+    """`close_call_seeds` runs of the two best federated methods of each cell whose runs are all
+    done and where those two differ (paired by seed, final test accuracy) by less than two
+    standard errors: three seeds cannot tell them apart."""
+    extra = []
+    cells: dict[tuple, dict[tuple, list[PlannedRun]]] = {}
+    for run in runs:
+        if run.federated:
+            cells.setdefault((run.split.name, run.sites), {}).setdefault((run.method, run.local_epochs), []).append(run)
+    for methods in cells.values():
+        if not study.close_call_seeds or any(r.key not in done for group in methods.values() for r in group):
+            continue
+        finals = {m: {r.seed: done[r.key]["final_accuracy"] for r in group} for m, group in methods.items()}
+        best, second = sorted(finals, key=lambda m: -statistics.fmean(finals[m].values()))[:2]
+        diffs = [finals[best][s] - finals[second][s] for s in finals[best].keys() & finals[second].keys()]
+        if len(diffs) > 1 and statistics.fmean(diffs) < 2 * statistics.stdev(diffs) / math.sqrt(len(diffs)):
+            for method in (best, second):
+                first = methods[method][0]
+                extra += [replace(first, seed=seed) for seed in study.close_call_seeds if seed not in finals[method]]
+    return extra
+
+
+def tuning_cells(study: Study) -> list[str]:
+    return list(dict.fromkeys(study.tuning_cell(r.method, r.split.name, r.local_epochs) for r in tuning_plan(study)))
 
 
 def choose(study: Study, summaries: dict[str, dict]) -> dict[str, dict]:
-    """Per method, the lr setting with the best final validation accuracy in tuning."""
-    chosen = {}
-    for method in study.methods:
-        tried = [(summaries[r.key]["final_val_accuracy"], i, r.lr) for i, r in enumerate(tuning_plan(study))
-                 if r.method == method and r.key in summaries]
-        if tried:
-            chosen[method] = max(tried, key=lambda t: (t[0], -t[1]))[2]
-    return chosen
+    """Per tuning cell, the lr setting with the best final validation accuracy in tuning."""
+    tried: dict[str, list] = {}
+    for i, run in enumerate(tuning_plan(study)):
+        if run.key in summaries:
+            cell = study.tuning_cell(run.method, run.split.name, run.local_epochs)
+            tried.setdefault(cell, []).append((summaries[run.key]["final_val_accuracy"], i, run.lr))
+    return {cell: max(runs, key=lambda t: (t[0], -t[1]))[2] for cell, runs in tried.items()}
 
 
 def lr_run_config(run: PlannedRun, rounds: int) -> dict[str, Any]:
@@ -219,6 +310,8 @@ def lr_run_config(run: PlannedRun, rounds: int) -> dict[str, Any]:
             **recipe,
             **({"swa-start": max(1, math.ceil(run.lr["swa-start-fraction"] * rounds))} if "swa-start-fraction" in run.lr else {}),
         }
+    if run.method in SERVER_OPTIMIZERS:
+        return {"lr-schedule": "constant", "lr-min": 0.0, "strategy": run.method, **run.lr}
     if GRID_OF[run.method] == "constant":
         return {"lr-schedule": "constant", "lr-max": run.lr["lr-max"], "lr-min": 0.0}
     unit, length = ("round", run.lr.get("cycle-rounds", 1)) if run.federated else ("epochs", run.lr.get("cycle-epochs", 1))
@@ -238,11 +331,11 @@ def run_config_for(study: Study, run: PlannedRun, data_root: str) -> dict[str, A
         "partitioner": run.split.partitioner,
         "seed": run.seed,
         "local-epochs": run.local_epochs,
-        "num-server-rounds": run.rounds(study.epoch_budget),
+        "num-server-rounds": study.rounds_of(run),
         "site-eval": "evaluate-round",  # the validation accuracy that tuning reads
         **({"data-root": data_root} if data_root else {}),
         **study.run_config,
-        **lr_run_config(run, run.rounds(study.epoch_budget)),
+        **lr_run_config(run, study.rounds_of(run)),
     }
     if run.split.alpha is not None:
         config[f"{run.split.partitioner}.alpha"] = float(run.split.alpha)
@@ -279,5 +372,5 @@ def load_done(runs_dir: Path) -> dict[str, dict]:
 def missing_runs(study: Study, done: dict) -> int:
     tuning = tuning_plan(study)
     if any(r.key not in done for r in tuning):
-        return sum(r.key not in done for r in tuning) + len(comparison_plan(study, {m: {} for m in study.methods}))
-    return sum(r.key not in done for r in comparison_plan(study, choose(study, done)))
+        return sum(r.key not in done for r in tuning) + len(comparison_plan(study, {c: {} for c in tuning_cells(study)}))
+    return sum(r.key not in done for r in comparison_plan(study, choose(study, done), done))

@@ -5,6 +5,7 @@ Flower's simulation, centralized with the same trainer on the pooled data; each 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -81,6 +82,9 @@ def run_federated(study: Study, run: PlannedRun, sim, data_root: str, scratch: P
                      for kind in SCREEN_EVENTS},
         "replies": sum(len(r.get("sites", [])) for r in rounds) + sum(
             1 for r in rounds for e in r.get("events", []) if e["event"] == "rejected"),
+        # every site's bytes of arrays, received and sent, per round (round 0: the initial evaluation)
+        "bytes": [{exchange: sum(n for site in sites.values() for n in site.values())
+                   for exchange, sites in (r.get("bytes") or {}).items()} for r in rounds],
     }
     if config.get("swa-start"):
         # The server's mean of cycle ends is the model this recipe delivers; its validation
@@ -104,7 +108,7 @@ def run_centralized(study: Study, run: PlannedRun, data_root: str) -> dict:
     """fedcycle_tools.centralized's baseline on the run's pooled data, evaluated after every epoch."""
 
     config = run_config_for(study, run, data_root)
-    result = train_centralized(config, run.sites, run.rounds(study.epoch_budget))
+    result = train_centralized(config, run.sites, study.rounds_of(run))
     if study.tracking == "mlflow":
 
         uri, artifacts = mlflow_store(study)
@@ -156,7 +160,8 @@ def summarize(study: Study, run: PlannedRun, measured: dict, bytes_per_model: in
     return {
         "key": run.key, "profile": study.profile, "method": run.method, "split": run.split.name,
         "sites": run.sites if run.federated else None, "local_epochs": run.local_epochs if run.federated else None,
-        "seed": run.seed, "lr": run.lr, "rounds": run.rounds(study.epoch_budget), "epochs": study.epoch_budget,
+        "seed": run.seed, "lr": run.lr, "rounds": study.rounds_of(run),
+        "epochs": study.rounds_of(run) * run.local_epochs if run.federated else study.epoch_budget,
         "accuracy": accuracy, "val_accuracy": measured["val_accuracy"], "seconds": measured["seconds"],
         **averaged,
         **{k: measured[k] for k in ("screened", "replies") if k in measured},
@@ -166,10 +171,19 @@ def summarize(study: Study, run: PlannedRun, measured: dict, bytes_per_model: in
         # training traffic: each round a site receives the global model and sends its own back
         # (the study's per-round evaluation message adds one more download, not counted here)
         "bytes_per_site_per_round": 2 * bytes_per_model if run.federated else 0,
+        **({} if "bytes" not in measured else {
+            "bytes": measured["bytes"],
+            # all sites' training traffic in a round, as measured: what a round costs the federation
+            "bytes_per_round": statistics.fmean(b.get("train", 0) for b in measured["bytes"][1:]),
+        }),
         # how the centralized baseline was trained (summaries made before had a new optimizer every epoch)
         **({} if run.federated else {"optimizer": "one for the whole run"}),
         "run_config": measured["run_config"], "versions": versions(), "machine": machine(),
     }
+
+
+def planned(study: Study, phase: str, done: dict[str, dict]) -> list[PlannedRun]:
+    return tuning_plan(study) if phase == "tuning" else comparison_plan(study, choose(study, done), done)
 
 
 def run_study(study: Study, data_root: str = "", max_runs: int | None = None, log=print) -> int:
@@ -185,12 +199,17 @@ def run_study(study: Study, data_root: str = "", max_runs: int | None = None, lo
             LocalSimulation(Path(scratch) / "flwr-home") as sim, \
             Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         for phase in ("tuning", "comparison"):
-            plan = tuning_plan(study) if phase == "tuning" else comparison_plan(study, choose(study, done))
-            task = bar.add_task(f"{study.profile} {phase}", total=len(plan), completed=sum(r.key in done for r in plan))
-            for run in plan:
+            task = bar.add_task(f"{study.profile} {phase}")
+            for run in planned(study, phase, done):
                 if run.key in done:
                     check_same_config(study, run, done[run.key], data_root)
-                    continue
+            # planned again after every run: the comparison grows where its finished runs are too close to call
+            while True:
+                plan = planned(study, phase, done)
+                bar.update(task, total=len(plan), completed=sum(r.key in done for r in plan))
+                run = next((r for r in plan if r.key not in done), None)
+                if run is None:
+                    break
                 if budget <= 0:
                     return missing_runs(study, done)
                 bar.update(task, description=f"{study.profile} {phase}: {run.key}")
@@ -199,7 +218,6 @@ def run_study(study: Study, data_root: str = "", max_runs: int | None = None, lo
                 done[run.key] = summarize(study, run, measured, bytes_per_model)
                 write_summary(runs_dir / f"{run.key}.json", done[run.key])
                 budget -= 1
-                bar.advance(task)
                 log(f"{run.key}: final accuracy {done[run.key]['final_accuracy']:.4f} in {measured['wall_seconds']:.0f} s")
     return missing_runs(study, done)
 
