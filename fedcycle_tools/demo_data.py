@@ -107,6 +107,11 @@ def audio(out: Path, speeds: tuple[int, ...] = (130, 160, 190), pitches: tuple[i
                         if not wav.exists():
                             subprocess.run([espeak, "-v", f"{accent}+{variant}", "-s", str(speed), "-p", str(pitch),
                                             "-w", str(wav), digit], check=True, capture_output=True)
+    return audio_run_config(out)
+
+
+def audio_run_config(out: Path) -> str:
+    """The run config of the spoken digits that `audio(out)` makes."""
     return (f"task='audio' audio.data-dir='{out}/site-{{partition-id}}' audio.test-dir='{out / 'test'}' "
             f"audio.sample-rate=22050 classes='{','.join(DIGITS)}'")
 

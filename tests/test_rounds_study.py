@@ -149,7 +149,7 @@ def test_the_report_says_how_many_rounds_and_bytes_each_method_needs_to_come_wit
     assert behind["mean_points"] == pytest.approx(-1.0) and behind["tie"] is False
     report = (study.output_dir() / "REPORT.md").read_text()
     assert "| fedavg-constant, 5 local epochs | 0.9010 ± 0.0010 (3) | 2 (seeds: 2, 2, 2) | 1.00 | 2.0 |" in report
-    assert (study.output_dir() / "accuracy_vs_bytes.png").exists()
+    assert (study.output_dir() / "rounds_accuracy_vs_bytes.png").exists()
 
 
 def test_two_methods_too_close_to_call_get_more_seeds(tmp_path):
@@ -169,3 +169,18 @@ def test_two_methods_too_close_to_call_get_more_seeds(tmp_path):
         ("iid", "fedavg-constant", 5, 3), ("iid", "fedavg-constant", 5, 4), ("iid", "fedavgm", 5, 3), ("iid", "fedavgm", 5, 4)]
     unfinished = {k: v for k, v in done.items() if not k.startswith("fedavgm-iid-s2-le5-seed2")}
     assert {r.key for r in comparison_plan(study, chosen, unfinished)} == set(done)  # a cell is judged once all in
+
+
+def test_a_study_on_the_demo_data_joins_the_report_of_the_study_that_names_it(tmp_path):
+    """studies/paper.yaml names paper-audio.yaml: one report, a section and records per task;
+    where the demo data was made is not what a run computed."""
+    from fedcycle_tools.study.plan import check_same_config
+
+    study = Study.load("studies/paper.yaml")
+    (audio,) = study.parts
+    assert audio.demo_data == "audio" and audio.tuning_split.name == "accents" and audio.rounds == study.rounds
+    assert audio.output_dir().parent == study.output_dir()
+    run = tuning_plan(audio)[-1]
+    config = {**run_config_for(audio, run, str(tmp_path / "here")), "audio.data-dir": "/elsewhere/site-{partition-id}"}
+    assert config["task"] == "audio" and config["num-server-rounds"] == 20
+    check_same_config(audio, run, {"run_config": config}, str(tmp_path / "here"))

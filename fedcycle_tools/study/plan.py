@@ -17,6 +17,8 @@ import yaml
 
 from fedcycle.config import current_keys
 from fedcycle.tasks import load_task
+from fedcycle_tools import demo_data
+from fedcycle_tools.launcher import parse_pairs
 
 METHODS = ("centralized-constant", "centralized-cyclical", "fedavg-constant", "fedavg-cyclical", "fedcycle",
            "fedavgm", "fedadam")
@@ -49,7 +51,7 @@ class Split:
 @dataclass(frozen=True)
 class Study:
     profile: str
-    dataset: str
+    dataset: str  # an image task's (`image.dataset`, `image.model`); "" with `demo_data`
     model: str
     epoch_budget: int
     sites: tuple[int, ...]
@@ -76,6 +78,11 @@ class Study:
     # more seeds for the two best federated methods of a repeat cell when, after its repeat
     # seeds, they differ by less than two standard errors (of the paired difference)
     close_call_seeds: tuple[int, ...] = ()
+    # another built-in task instead of an image one: fedcycle_tools.demo_data's `audio` (spoken
+    # digits, one accent per site: non-IID by nature) or `text`, made under the data root
+    demo_data: str = ""
+    # more studies whose records join this one's report (study files, relative to this one)
+    parts: tuple["Study", ...] = ()
 
     @classmethod
     def load(cls, path: str | Path) -> "Study":
@@ -118,8 +125,8 @@ class Study:
                                  "and '<strategy>.<option>'")
         study = cls(
             profile=need("profile", str),
-            dataset=need("dataset", str),
-            model=need("model", str),
+            dataset="" if raw.get("demo_data") else need("dataset", str),
+            model="" if raw.get("demo_data") else need("model", str),
             epoch_budget=need("epoch_budget", int),
             sites=tuple(need("sites", list)),
             local_epochs=tuple(need("local_epochs", list)),
@@ -137,7 +144,11 @@ class Study:
             method_local_epochs={m: tuple(les) for m, les in (raw.get("methods") or {}).items()},
             tune_every_cell=raw.get("tune_every_cell", False),
             close_call_seeds=tuple(raw.get("close_call_seeds", [])),
+            demo_data=raw.get("demo_data", ""),
+            parts=tuple(cls.load(path.parent / part) for part in raw.get("also", [])),
         )
+        if study.demo_data and study.demo_data not in DEMO_TASKS:
+            raise StudyError(f"{path}: demo_data={study.demo_data!r}; choose one of {list(DEMO_TASKS)}")
         if study.tracking not in ("mlflow", "off"):
             raise StudyError(f"{path}: 'tracking' is {study.tracking!r}; choose 'mlflow' or 'off'")
         if not isinstance(study.rounds, int) or study.rounds < 0:
@@ -157,8 +168,8 @@ class Study:
         unknown = set(study.repeat_splits) - {s.name for s in study.splits}
         if unknown:
             raise StudyError(f"{path}: repeat_splits {sorted(unknown)} are not among the splits")
-        if study.tuning_sites not in study.sites or "iid" not in {s.name for s in study.splits}:
-            raise StudyError(f"{path}: the tuning cell (tuning_sites={study.tuning_sites}, split 'iid') must be in the grid")
+        if study.tuning_sites not in study.sites:
+            raise StudyError(f"{path}: the tuning cell (tuning_sites={study.tuning_sites}) must be among the sites")
         return study
 
     @property
@@ -170,6 +181,32 @@ class Study:
         if self.method_local_epochs:
             return tuple(m for m in METHODS if m in self.method_local_epochs)
         return tuple(m for m in METHODS if GRID_OF[m] in self.grid)
+
+    @property
+    def tuning_split(self) -> Split:
+        """Where a method is tuned (without `tune_every_cell`) and centralized pools its sites:
+        the iid split, or the first where there is none (a task whose sites are its own folders)."""
+        return next((s for s in self.splits if s.name == "iid"), self.splits[0])
+
+    def demo_data_folder(self, data_root: str) -> Path:
+        return Path(data_root or "~/.cache/fedcycle").expanduser().resolve() / "study" / self.demo_data
+
+    def make_demo_data(self, data_root: str) -> None:
+        """The demo data under `data_root`, made where it is not yet (a few minutes, once)."""
+        if self.demo_data:
+            self.demo_data_folder(data_root).mkdir(parents=True, exist_ok=True)
+            DEMO_TASKS[self.demo_data][0](self.demo_data_folder(data_root))
+
+    def task_config(self, data_root: str) -> dict[str, Any]:
+        """The run-config keys of the study's task: the image dataset and model, or the demo
+        data's task and where its data is (`make_demo_data` makes it)."""
+        if not self.demo_data:
+            return {"image.dataset": self.dataset, "image.model": self.model}
+        return parse_pairs(DEMO_TASKS[self.demo_data][1](self.demo_data_folder(data_root)), f"demo_data {self.demo_data}")
+
+    @property
+    def task_name(self) -> str:
+        return f"{self.dataset}/{self.model}" if not self.demo_data else f"{self.demo_data} (fedcycle_tools.demo_data)"
 
     def local_epochs_of(self, method: str) -> tuple[int, ...]:
         return self.method_local_epochs.get(method) or self.local_epochs
@@ -222,11 +259,11 @@ class PlannedRun:
 def tuning_plan(study: Study) -> list[PlannedRun]:
     """Every method's grid at the tuning cell (iid, `tuning_sites`, its fewest local epochs,
     the first seed), or with `tune_every_cell` in every split at each of its local epochs."""
-    iid = next(s for s in study.splits if s.name == "iid")
+    tuning_split = study.tuning_split
     runs = []
     for method in study.methods:
         if method.startswith("centralized") or not study.tune_every_cell:
-            cells = [(iid, min(study.local_epochs_of(method)))]
+            cells = [(tuning_split, min(study.local_epochs_of(method)))]
         else:
             cells = [(split, le) for split in study.splits for le in study.local_epochs_of(method)]
         for split, le in cells:
@@ -239,12 +276,12 @@ def comparison_plan(study: Study, chosen: dict[str, dict], done: dict[str, dict]
     """Every method in every cell with the setting chosen for it (`chosen`: by tuning cell);
     given the runs `done`, also the close calls' extra seeds (see `close_calls`)."""
     runs = []
-    iid = next(s for s in study.splits if s.name == "iid")
+    tuning_split = study.tuning_split
     federated = [m for m in study.methods if not m.startswith("centralized")]
     for method in study.methods:  # centralized: the pooled data of the tuning cell's sites, whatever the split
         if method.startswith("centralized"):
             for seed in sorted(set(study.seeds) | set(study.repeat_seeds)):
-                runs.append(PlannedRun(method, iid, study.tuning_sites, 1, seed, chosen[method]))
+                runs.append(PlannedRun(method, tuning_split, study.tuning_sites, 1, seed, chosen[method]))
     for split in study.splits:
         for sites in study.sites:
             repeat = split.name in study.repeat_splits and sites == study.tuning_sites
@@ -326,8 +363,7 @@ def lr_run_config(run: PlannedRun, rounds: int) -> dict[str, Any]:
 
 def run_config_for(study: Study, run: PlannedRun, data_root: str) -> dict[str, Any]:
     config = {
-        "image.dataset": study.dataset,
-        "image.model": study.model,
+        **study.task_config(data_root),
         "partitioner": run.split.partitioner,
         "seed": run.seed,
         "local-epochs": run.local_epochs,
@@ -343,19 +379,24 @@ def run_config_for(study: Study, run: PlannedRun, data_root: str) -> dict[str, A
 
 
 def model_bytes(study: Study) -> int:
-    model = load_task({"image.dataset": study.dataset, "image.model": study.model}).build_model()
+    model = load_task(study.task_config("")).build_model()
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 # where a run ran and where it was watched, not what it computed
 VOLATILE_KEYS = ("results-dir", "run-name", "data-root", "tracking", "mlflow-tracking-uri", "mlflow-experiment")
+# the demo data a study can run on: kind -> (what makes it in a folder, its run config there), and
+# the keys that say where the data was made (not what it is)
+DEMO_TASKS = {"audio": (demo_data.audio, demo_data.audio_run_config)}
+DEMO_DATA_PATHS = ("audio.data-dir", "audio.test-dir")
 
 
 def check_same_config(study: Study, run: PlannedRun, summary: dict, data_root: str) -> None:
     """Refuse to reuse a finished run that was made with another study file (budget, data, model)."""
-    planned = {k: v for k, v in run_config_for(study, run, data_root).items() if k not in VOLATILE_KEYS}
+    volatile = (*VOLATILE_KEYS, *DEMO_DATA_PATHS)
+    planned = {k: v for k, v in run_config_for(study, run, data_root).items() if k not in volatile}
     # a summary written before a key moved names it the old way
-    saved = {k: v for k, v in current_keys(summary.get("run_config", {})).items() if k not in VOLATILE_KEYS}
+    saved = {k: v for k, v in current_keys(summary.get("run_config", {})).items() if k not in volatile}
     if planned != saved:
         differ = sorted(k for k in planned.keys() | saved.keys() if planned.get(k) != saved.get(k))
         raise StudyError(

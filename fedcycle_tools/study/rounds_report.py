@@ -46,15 +46,11 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
             "tie": bool(mean - half <= 0 <= mean + half)}
 
 
-def task_name(study: Study) -> str:
-    return f"{study.dataset}/{study.model}"
-
-
 def centralized_record(study: Study, runs: list[dict]) -> dict:
     finals = {r["seed"]: r["final_accuracy"] for r in runs}
     val_curve = _mean_curve([r["val_accuracy"] for r in runs])
     return {
-        "method": runs[0]["method"], "split": "pooled", "task": task_name(study), "sites": None, "local_epochs": None,
+        "method": runs[0]["method"], "split": "pooled", "task": study.task_name, "sites": None, "local_epochs": None,
         "epochs": runs[0]["rounds"], "lr": runs[0]["lr"], "seeds": {str(s): a for s, a in sorted(finals.items())},
         "final_accuracy_mean": statistics.fmean(finals.values()), "final_accuracy_std": _std(list(finals.values())),
         # where the validation curve (the seeds' mean) stopped improving by 0.2 points or more
@@ -72,7 +68,7 @@ def federated_record(study: Study, runs: list[dict], central: dict | None) -> di
         if any("bytes_per_round" in r for r in runs) else None
     reached = None if level is None else rounds_to(curve, level)
     return {
-        "method": first["method"], "split": first["split"], "task": task_name(study), "sites": first["sites"],
+        "method": first["method"], "split": first["split"], "task": study.task_name, "sites": first["sites"],
         "local_epochs": first["local_epochs"], "rounds": first["rounds"], "lr": first["lr"],
         "seeds": {str(s): a for s, a in sorted(finals.items())},
         "final_accuracy_mean": statistics.fmean(finals.values()), "final_accuracy_std": _std(list(finals.values())),
@@ -139,7 +135,7 @@ def table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot(records: list[dict], out_dir: Path) -> list[Path]:
+def plot(records: list[dict], out_dir: Path, name: str) -> list[Path]:
     """Test accuracy against rounds and against all sites' training megabytes, one panel per
     split; centralized's final accuracy, and 1 point below it, as lines."""
     import matplotlib  # lazily: the Agg backend must be chosen before pyplot is imported
@@ -149,6 +145,8 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
 
     central = max((r for r in records if r["split"] == "pooled"), key=lambda r: r["final_accuracy_mean"], default=None)
     splits = sorted({r["split"] for r in records if r["split"] != "pooled"})
+    # from where the curves are after their first rounds: the differences that matter are at the top
+    bottom = max(0.0, min(min(r["accuracy_curve"][3:] or r["accuracy_curve"]) for r in records) - 0.02)
     paths = []
     for axis, label in (("round", "round"), ("bytes", "MB sent and received, all sites (training)")):
         fig, axes = plt.subplots(1, max(len(splits), 1), figsize=(6 * max(len(splits), 1), 4.5), dpi=110, squeeze=False)
@@ -161,14 +159,15 @@ def plot(records: list[dict], out_dir: Path) -> list[Path]:
                 rounds = range(len(r["accuracy_curve"]))
                 xs = list(rounds) if axis == "round" else [i * (r["bytes_per_round"] or 0) / 1e6 for i in rounds]
                 ax.plot(xs, r["accuracy_curve"], marker=".", label=f"{_name(r)} (n={len(r['seeds'])})")
-            ax.set_title(f"{split}, {records[-1]['sites']} sites: test accuracy, mean over seeds")
+            ax.set_title(f"{records[-1]['task']}, {split}, {records[-1]['sites']} sites: test accuracy, mean over seeds",
+                         fontsize=9)
             ax.set_xlabel(label)
             ax.set_ylabel("test accuracy")
-            ax.set_ylim(bottom=0.75)
+            ax.set_ylim(bottom=bottom)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        path = out_dir / f"accuracy_vs_{axis}.png"
+        path = out_dir / f"{name}_accuracy_vs_{axis}.png"
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)
@@ -186,45 +185,58 @@ def tuning_table(study: Study, done: dict[str, dict], chosen: dict[str, dict]) -
     return lines
 
 
-def write_rounds_report(study: Study, command: str) -> Path:
-    out = study.output_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    done = load_done(out / "runs")
+def task_section(study: Study, out: Path) -> tuple[list[dict], list[str]]:
+    """One task's records and its part of REPORT.md: centralized, a table per split, the plots
+    (named after the task's profile in `out`), the set-up and the tuning table."""
+    done = load_done(study.output_dir() / "runs")
     chosen = choose(study, done)
     cells = tuning_cells(study)
     tuned = [c for c in cells if c in chosen and all(
         r.key in done for r in tuning_plan(study) if study.tuning_cell(r.method, r.split.name, r.local_epochs) == c)]
     planned = comparison_plan(study, {c: chosen.get(c, {}) for c in cells}, done)
-    compared = [done[r.key] for r in planned if r.key in done and study.tuning_cell(r.method, r.split.name, r.local_epochs) in tuned]
+    compared = [done[r.key] for r in planned
+                if r.key in done and study.tuning_cell(r.method, r.split.name, r.local_epochs) in tuned]
     records = summarize(study, compared)
-    (out / "summary.json").write_text(json.dumps(records, indent=1) + "\n")
-    plots = plot(records, out) if records else []
     central = next((r for r in records if r["split"] == "pooled"), None)
-    text = [f"# fedcycle at fixed communication: profile `{study.profile}`", "",
-            f"Generated by `{command}` from the run summaries in `runs/` ({len(done)} runs; {len(tuned)} of "
-            f"{len(cells)} tuning cells tuned; {len(compared)} of {len(planned)} comparison runs done).", "",
-            "## The question", "",
-            f"Every federated method runs {study.rounds} rounds: the same communication. How many rounds, and bytes, "
-            f"does each need to come within {WITHIN_POINTS:g} point of centralized training's final test accuracy? "
-            "Differences are paired by seed, in accuracy points, with 95% intervals (t); 'tie' where the interval "
-            "holds 0.", ""]
+    text = [f"## {study.task_name}", "",
+            f"{len(done)} runs in `{study.output_dir().name}/runs/`: {len(tuned)} of {len(cells)} tuning cells tuned, "
+            f"{len(compared)} of {len(planned)} comparison runs done.", ""]
     if central is not None:
         text += [f"Centralized ({_name(central)}, `{central['lr']}`): {central['final_accuracy_mean']:.4f} ± "
                  f"{central['final_accuracy_std']:.4f} after {central['epochs']} epochs (seeds {list(central['seeds'])}); "
                  f"its validation curve flattened at epoch {central['flattened_epoch']}.", ""]
     for split in sorted({r["split"] for r in records if r["split"] != "pooled"}):
-        text += [f"## {split}", "", table([r for r in records if r["split"] == split]), ""]
-    for path in plots:
+        text += [f"### {split}", "", table([r for r in records if r["split"] == split]), ""]
+    for path in plot(records, out, study.profile) if records else []:
         text += [f"![{path.stem}]({path.name})", ""]
-    text += ["## Set-up", "",
-             f"{task_name(study)}; {list(study.sites)} sites; splits {[s.name for s in study.splits]}; "
-             f"{study.rounds} rounds for every federated method, {study.epoch_budget} epochs for centralized; "
-             f"seeds {list(study.repeat_seeds)}. Shared run config: `{study.run_config}`. Traffic is measured: the bytes "
-             "of the arrays each site received and sent in the round's training (`bytes` in each run's metrics.jsonl; "
-             "the study's per-round evaluation on the sites' validation data is not counted).", "",
-             "## Tuning (seed 0, final validation accuracy on the sites' held-out data; never the test set)", ""]
-    text += tuning_table(study, done, chosen)
-    text += ["", "## Versions and machine", "", f"```\n{json.dumps({'versions': versions(), 'machine': machine()}, indent=1)}\n```", ""]
+    text += [f"Set-up: {list(study.sites)} sites; splits {[s.name for s in study.splits]}; {study.rounds} rounds for "
+             f"every federated method, {study.epoch_budget} epochs for centralized; seeds {list(study.repeat_seeds)}"
+             f"{f' ({list(study.close_call_seeds)} too where two methods are too close to call)' if study.close_call_seeds else ''}. "
+             f"Shared run config: `{study.run_config}`.", "",
+             "Tuning (seed 0, final validation accuracy on the sites' held-out data; never the test set):", ""]
+    return records, text + tuning_table(study, done, chosen) + [""]
+
+
+def write_rounds_report(study: Study, command: str) -> Path:
+    """REPORT.md, summary.json and the plots of a study at fixed communication and its parts."""
+    out = study.output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    text = [f"# fedcycle at fixed communication: profile `{study.profile}`", "",
+            f"Generated by `{command}` from the run summaries alone.", "",
+            "## The question", "",
+            f"Every federated method runs the same rounds: the same communication. How many rounds, and bytes, does "
+            f"each need to come within {WITHIN_POINTS:g} point of centralized training's final test accuracy? "
+            "Differences are paired by seed, in accuracy points, with 95% intervals (t); 'tie' where the interval "
+            "holds 0. Traffic is measured: the bytes of the arrays all sites received and sent in a round's training "
+            "(`bytes` in each run's metrics.jsonl; the study's per-round evaluation on the sites' validation data is "
+            "not counted).", ""]
+    records = []
+    for part in (study, *study.parts):
+        got, section = task_section(part, out)
+        records += got
+        text += section
+    (out / "summary.json").write_text(json.dumps(records, indent=1) + "\n")
+    text += ["## Versions and machine", "", f"```\n{json.dumps({'versions': versions(), 'machine': machine()}, indent=1)}\n```", ""]
     report = out / "REPORT.md"
     report.write_text("\n".join(text))
     return report

@@ -187,14 +187,25 @@ def planned(study: Study, phase: str, done: dict[str, dict]) -> list[PlannedRun]
 
 
 def run_study(study: Study, data_root: str = "", max_runs: int | None = None, log=print) -> int:
-    """Run what is not done yet; return how many runs are still missing."""
+    """Run what is not done yet, the study's then its parts'; return how many runs are still missing."""
+    budget, missing = max_runs if max_runs is not None else sys.maxsize, 0
+    for part in (study, *study.parts):
+        before = len(load_done(part.output_dir() / "runs"))
+        if budget <= 0:
+            missing += missing_runs(part, load_done(part.output_dir() / "runs"))
+            continue
+        missing += run_one_study(part, data_root, budget, log)
+        budget -= len(load_done(part.output_dir() / "runs")) - before
+    return missing
 
+
+def run_one_study(study: Study, data_root: str, budget: int, log) -> int:
     out = study.output_dir()
     runs_dir = out / "runs"
     done = load_done(runs_dir)
     log_missing_to_mlflow(study, done)
     bytes_per_model = model_bytes(study)
-    budget = max_runs if max_runs is not None else sys.maxsize
+    study.make_demo_data(data_root)
     with tempfile.TemporaryDirectory(prefix="fedcycle-study-") as scratch, \
             LocalSimulation(Path(scratch) / "flwr-home") as sim, \
             Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
