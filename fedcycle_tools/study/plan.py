@@ -79,7 +79,7 @@ class Study:
     # seeds, they differ by less than two standard errors (of the paired difference)
     close_call_seeds: tuple[int, ...] = ()
     # another built-in task instead of an image one: fedcycle_tools.demo_data's `audio` (spoken
-    # digits, one accent per site: non-IID by nature) or `text`, made under the data root
+    # digits, one accent per site: non-IID by nature), made under the data root
     demo_data: str = ""
     # more studies whose records join this one's report (study files, relative to this one)
     parts: tuple["Study", ...] = ()
