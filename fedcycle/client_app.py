@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedcycle.distributed import train_on_processes
 from fedcycle.errors import ConfigError, PolicyRefusal, TaskError
 from fedcycle.policy import SitePolicy, load_policy
 from fedcycle.privacy import clip_update
@@ -141,27 +142,27 @@ def train_round(msg: Message, context: Context) -> Message:
 
     # a site without held-out data reports 0 examples
     received = held_out(site, model, config.batch_size) if config.evaluate_received else None
-    result = train(
-        site.task,
-        model,
-        site.train,
-        TrainConfig(
-            schedule=config.schedule,
-            epochs=config.local_epochs,
-            server_round=config.server_round,
-            epochs_before=config.epochs_before,
-            batch_size=config.batch_size,
-            optimizer=config.optimizer,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            proximal_mu=config.proximal_mu,
-            mixed_precision=config.mixed_precision,
-            seed=site.seed(config.server_round),
-            num_workers=site.num_workers,
-            dp=dp,
-        ),
-        site.device,
+    train_config = TrainConfig(
+        schedule=config.schedule,
+        epochs=config.local_epochs,
+        server_round=config.server_round,
+        epochs_before=config.epochs_before,
+        batch_size=config.batch_size,
+        optimizer=config.optimizer,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        proximal_mu=config.proximal_mu,
+        mixed_precision=config.mixed_precision,
+        seed=site.seed(config.server_round),
+        num_workers=site.num_workers,
+        dp=dp,
     )
+    if site.processes > 1:
+        result, trained = train_on_processes(context.run_config, context.node_config, start, train_config,
+                                             config.task_statistics, site.processes)
+    else:
+        result = train(site.task, model, site.train, train_config, site.device)
+        trained = {k: v.cpu() for k, v in model.state_dict().items()}
     spent_epsilon = None
     if dp.enabled:
         spent_epsilon = site.spend(spent, {**planned, "round": config.server_round, "sample-rate": result.sample_rate,
@@ -180,8 +181,8 @@ def train_round(msg: Message, context: Context) -> Message:
         lr_last=result.lr_last,
         received=received,
         epsilon=spent_epsilon,
+        processes=site.processes,
     )
-    trained = {k: v.cpu() for k, v in model.state_dict().items()}
     if dp.site_level:  # site-level DP: the update leaves clipped; the server adds the noise
         trained = clip_update(trained, start, dp.site_clip_norm)
     return Message(

@@ -1,8 +1,8 @@
 """One data center as the ClientApp sees it: its settings (the run config's keys a site owns,
 `SiteSettings`), task, device and data, loaded once.
 
-Knows the node config (`site-name`, `device`, `num-workers`, `task-path`, `policy-file`,
-`privacy-ledger`, and whatever the task reads: `partition-id`/`num-partitions`, or a site's
+Knows the node config (`site-name`, `device`, `num-workers`, `nproc-per-site`, `task-path`,
+`policy-file`, `privacy-ledger`, and whatever the task reads: `partition-id`/`num-partitions`, or a site's
 own `data-dir` or `data-file`) but nothing of Flower's messages, so the pre-flight report and
 the trainer calls stay testable without a network. The site's policy (`fedcycle.policy`) is
 applied here, before the task's module is imported and after its data is read.
@@ -35,6 +35,8 @@ from fedcycle.wire import SiteReport
 # hands a site only its partition-id and num-partitions, and this variable reaches the ClientApps
 # from the launcher that starts the simulation (never from the coordinator of a deployment).
 NODE_CONFIG_VARIABLE = "FEDCYCLE_NODE_CONFIG"
+# How many processes a site trains on (`fedcycle.distributed`): one per GPU, or CPU shares
+PROCESSES_KEY = "nproc-per-site"
 
 
 def simulated_node_config(node_config: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -87,6 +89,7 @@ class Site:
     train: Any  # torch Datasets
     val: Any
     policy: SitePolicy = SitePolicy()
+    processes: int = 1  # `nproc-per-site`: processes of one DistributedDataParallel training
     dry_runs: dict[int, dict[str, Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -184,6 +187,7 @@ def _load_site(settings: SiteSettings, run_items: tuple, node_items: tuple) -> S
     workers = node_config.get("num-workers", 0)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"num-workers={workers!r} in the node config must be an integer of at least 0")
+    processes = processes_of(node_config, device, settings.dp.enabled)
     policy = load_policy(node_config)
     if node_config.get("task-path"):  # on the path first (nothing runs), so the policy sees where a module would come from
         add_task_path(str(node_config["task-path"]))
@@ -194,7 +198,21 @@ def _load_site(settings: SiteSettings, run_items: tuple, node_items: tuple) -> S
     train, val = task.site_data(node_config)
     policy.check_records("train split", len(train))
     policy.check_records("held-out split", len(val))
-    return Site(settings, node_config, task, device, train, val, policy)
+    return Site(settings, node_config, task, device, train, val, policy, processes)
+
+
+def processes_of(node_config: Mapping[str, Any], device: torch.device, private: bool) -> int:
+    """The site's `nproc-per-site` (1 by default); ConfigError if it is not a count the site can run."""
+    n = node_config.get(PROCESSES_KEY, 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{PROCESSES_KEY}={n!r} in the node config must be an integer of at least 1")
+    if device.type == "cuda" and n > torch.cuda.device_count():
+        raise ConfigError(f"{PROCESSES_KEY}={n} in the node config, but this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s): one process per GPU")
+    if n > 1 and private:
+        raise ConfigError(f"{PROCESSES_KEY}={n} in the node config with DP-SGD (dp.noise-multiplier > 0): a site's "
+                          "private training runs on one process; set nproc-per-site = 1")
+    return n
 
 
 def add_task_path(folder: str) -> None:

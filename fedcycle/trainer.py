@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -106,17 +106,20 @@ class StepLog:
 
 
 def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.device,
-          epoch_end: Callable[[int], None] | None = None) -> TrainResult:
+          epoch_end: Callable[[int], None] | None = None, loader: Iterable | None = None) -> TrainResult:
     """Train `model` in place for `cfg.epochs` epochs over `data`, by the task's own loop if it
     has one, else by fedcycle's, with one optimizer and one scheduler throughout.
     `epoch_end(epoch)` is called after each epoch (the centralized baseline evaluates there): a
-    task's own loop then runs one epoch a call, else all its epochs in one call."""
+    task's own loop then runs one epoch a call, else all its epochs in one call. `loader`: the
+    batches to train on, where the caller cuts them (one process's share of a site's batches,
+    `fedcycle.distributed`); by default all of `data`'s, shuffled by the seed."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = batches(data, cfg.batch_size, device, shuffle=True, generator=generator, num_workers=cfg.num_workers,
-                     plain=cfg.dp.enabled)
+    if loader is None:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        loader = batches(data, cfg.batch_size, device, shuffle=True, generator=generator,
+                         num_workers=cfg.num_workers, plain=cfg.dp.enabled)
     spe = len(loader)
     optimizer = make_optimizer(cfg, model.parameters())
     # under DP-SGD the loop gets Opacus's model, optimizer and loader; the schedule drives its optimizer

@@ -147,15 +147,16 @@ class TrainReply:
     lr_last: float
     received: "EvaluateReply | None" = None  # the received model on the held-out split
     epsilon: float | None = None  # under DP-SGD: the epsilon the site has spent in this run so far
+    processes: int = 1  # the processes it trained on (`nproc-per-site`)
 
     SCALARS = ("num-examples", "train-loss", "train-seconds", "setup-seconds", "local-epochs", "steps",
-               "lr-first", "lr-peak", "lr-last")
+               "lr-first", "lr-peak", "lr-last", "processes")
 
     def to_record(self) -> dict[str, float | int]:
         record: dict[str, float | int] = {
             "num-examples": self.num_examples, "train-loss": self.train_loss, "train-seconds": self.train_seconds,
             "setup-seconds": self.setup_seconds, "local-epochs": self.local_epochs, "steps": self.steps,
-            "lr-first": self.lr_first, "lr-peak": self.lr_peak, "lr-last": self.lr_last,
+            "lr-first": self.lr_first, "lr-peak": self.lr_peak, "lr-last": self.lr_last, "processes": self.processes,
             **{f"train-{k}": v for k, v in self.train_metrics.items()},
         }
         if self.epsilon is not None:
@@ -179,7 +180,7 @@ class TrainReply:
             train_metrics={n: record[f"train-{n}"] for n in trained}, train_seconds=record["train-seconds"],
             setup_seconds=record["setup-seconds"], local_epochs=record["local-epochs"], steps=record["steps"],
             lr_first=record["lr-first"], lr_peak=record["lr-peak"], lr_last=record["lr-last"], received=received,
-            epsilon=record.get("epsilon"),
+            epsilon=record.get("epsilon"), processes=int(record["processes"]),
         )
 
     @staticmethod

@@ -204,7 +204,7 @@ def test_site_level_dp_clips_at_the_site_noises_the_unweighted_mean_and_rejects_
         schedule = honest_schedule(strategy, 1)
         metrics = {"num-examples": examples, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 1.0,
                    "setup-seconds": 0.1, "local-epochs": strategy.sent_config[1]["local-epochs"], **schedule,
-                   "received-loss": 1.0, "received-accuracy": 0.5, "val-examples": 10}
+                   "received-loss": 1.0, "received-accuracy": 0.5, "val-examples": 10, "processes": 1}
         content = RecordDict({"arrays": ArrayRecord({"w": Array(np.asarray(update, dtype=np.float32))}),
                               "metrics": MetricRecord(metrics)})
         msg = Message(content, dst_node_id=0, message_type="train")

@@ -209,3 +209,23 @@ class OneLogitTriage(Digits):
 
     def metrics(self, outputs, targets):
         return {"accuracy": ((outputs[:, 0] > 0).long() == targets).float().mean()}
+
+
+# -- a site that trains on several processes (nproc-per-site) -----------------------------------
+
+class FailsOnRankOne(BloodPressure):
+    """A loop that raises on its second process only."""
+
+    def train(self, model, loader, optimizer, scheduler, epochs, device):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            raise ValueError("rank one has no data")
+        return {"loss": plain_loop(F.mse_loss, model, loader, optimizer, scheduler, epochs, device)}
+
+
+class DiesOnRankOne(BloodPressure):
+    """A second process that dies outright (as one killed for memory would)."""
+
+    def train(self, model, loader, optimizer, scheduler, epochs, device):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            os._exit(3)
+        return {"loss": plain_loop(F.mse_loss, model, loader, optimizer, scheduler, epochs, device)}
