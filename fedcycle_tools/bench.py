@@ -13,7 +13,9 @@ several runs, with its spread (min to max).
 5. the trainer's two input paths on real data: the in-memory fast path against the DataLoader
    path (a plain torch Dataset) and a minimal hand-written loop;
 6. a site whose data set is several times a memory cap: a memory-mapped synthetic set trained
-   through the DataLoader path in a child process, the child's peak resident memory against the cap.
+   through the DataLoader path in a child process, the child's peak resident memory against the cap;
+7. one site on 1 process against all its processes (`nproc-per-site`, fedcycle.distributed): gloo
+   on this machine's CPU cores (2 processes), NCCL on all GPUs where there are several.
 
 `--only loaders,memmap` runs some sections alone (written to bench-<sections>.{json,md}, so a
 full run's bench.json is kept).
@@ -44,6 +46,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.data import DataLoader
 
 from fedcycle.batches import batches
+from fedcycle.distributed import GlobalBatches, train_on_processes
 from fedcycle.config import RunSettings
 from fedcycle.results import machine, read_metrics, versions
 from fedcycle.schedules import LRSchedule
@@ -53,6 +56,7 @@ from fedcycle.tasks.image.datasets import DATASETS, load
 from fedcycle.tasks.image.in_memory import DeviceBatches, InMemoryImages
 from fedcycle.tasks.image.models import build_model
 from fedcycle.tasks.image.settings import ImageSettings
+from fedcycle.site import load_site
 from fedcycle.trainer import TrainConfig, evaluate, train
 from fedcycle.wire import TrainReply
 from fedcycle_tools.launcher import LocalSimulation, exit_on_termination
@@ -478,6 +482,49 @@ def bench_round(rounds: int, data_root: str) -> dict:
     }
 
 
+# -- 7. one site on several processes -----------------------------------------------------
+
+
+def bench_processes(repeat: int, data_root: str, samples: int = 6000, epochs: int = 2) -> dict:
+    """Samples per second of one site's training (Fashion-MNIST, small CNN): on 1 process by its
+    fast path and by the batches the ranks take, and on N processes (2 on a CPU, every GPU where
+    there are several), training alone (rank 0's clock) and the whole call with the processes'
+    start, each round's cost in a deployment."""
+    cuda = torch.cuda.device_count() > 1
+    processes = torch.cuda.device_count() if cuda else 2
+    run_config = {"data-root": data_root, "train-subset": samples, "val-fraction": 0.0}
+    node = {"partition-id": 0, "num-partitions": 1, "device": "cuda" if cuda else "cpu"}
+    site = load_site(run_config, node)
+    cfg = TrainConfig(LRSchedule(), epochs=epochs, batch_size=64)
+    n = len(site.train) * epochs
+    start = site.new_model().state_dict()
+
+    def one(loader=None) -> float:
+        return train(site.task, site.new_model(), site.train, cfg, site.device, loader=loader).seconds
+
+    def ranks_share():  # what one rank of one takes: the DataLoader path the processes use
+        return DataLoader(site.train, batch_sampler=GlobalBatches(len(site.train), 64, 0, 1, cfg.seed))
+
+    fast = [one() for _ in range(repeat)]
+    loader = [one(ranks_share()) for _ in range(repeat)]
+    training, whole = [], []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result, _ = train_on_processes(run_config, {**node, "nproc-per-site": processes}, start, cfg, None, processes)
+        whole.append(time.perf_counter() - started)
+        training.append(result.seconds)
+    return {
+        "job": f"fashion-mnist {len(site.train)} x {epochs} epochs, small-cnn, batch 64",
+        "backend": "nccl" if cuda else "gloo", "processes": processes,
+        "one_process_fast_path_samples_per_s": spread([n / t for t in fast]),
+        "one_process_dataloader_samples_per_s": spread([n / t for t in loader]),
+        "processes_training_samples_per_s": spread([n / t for t in training]),
+        "processes_whole_call_samples_per_s": spread([n / t for t in whole]),
+        "start_seconds": spread([w - t for w, t in zip(whole, training)]),
+        "cuda": "not measured: fewer than 2 CUDA devices on this machine" if not cuda else "",
+    }
+
+
 def table(result: dict) -> str:
     """The markdown table of the sections `result` holds."""
     miss = lambda ok: "met" if ok else "**missed**"  # noqa: E731
@@ -537,6 +584,18 @@ def table(result: dict) -> str:
         setup = [x["setup_max"] for x in r["rounds"]]
         rows.append(f"| site set-up before first step, simulation (round 1 / later), s | {setup[0]:.2f} / {max(setup[1:] or [0]):.2f} | | | "
                     f"< 0.5: {miss(max(setup) < 0.5)} |")
+    p = result.get("processes")
+    if p:
+        how = f"{p['processes']} processes ({p['backend']}), {p['job']}"
+        rows += [
+            f"| one site on {how}, training, samples/s | {fmt(p['processes_training_samples_per_s'], '.0f')} | "
+            f"1 process, same batches {fmt(p['one_process_dataloader_samples_per_s'], '.0f')} | "
+            f"{p['processes_training_samples_per_s']['median'] / p['one_process_dataloader_samples_per_s']['median']:.2f} | |",
+            f"| the same, with the processes' start (every round in a deployment), samples/s / start, s | "
+            f"{fmt(p['processes_whole_call_samples_per_s'], '.0f')} / {fmt(p['start_seconds'])} | "
+            f"1 process, in-memory fast path {fmt(p['one_process_fast_path_samples_per_s'], '.0f')} | "
+            f"{p['processes_whole_call_samples_per_s']['median'] / p['one_process_fast_path_samples_per_s']['median']:.2f} | |",
+        ]
     s = result.get("startup")
     if s:
         rows += [
@@ -547,7 +606,7 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("aggregation", "trainer", "loaders", "memmap", "startup", "round")
+SECTIONS = ("aggregation", "trainer", "loaders", "memmap", "startup", "round", "processes")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.bench") -> int:
@@ -591,6 +650,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.be
     if "round" in run:
         print("round anatomy ...", flush=True)
         result["round"] = bench_round(args.rounds, args.data_root)
+    if "processes" in run:
+        print("one site on several processes ...", flush=True)
+        result["processes"] = bench_processes(max(3, args.repeat // 2), args.data_root)
     OUT.mkdir(parents=True, exist_ok=True)
     stem = "bench" if run == set(SECTIONS) else "bench-" + "-".join(s for s in SECTIONS if s in run)
     (OUT / f"{stem}.json").write_text(json.dumps(result, indent=1))
