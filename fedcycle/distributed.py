@@ -94,8 +94,9 @@ def _rank_error(folder: Path, rank: int, processes: int) -> Exception:
     if not written.exists():
         return RuntimeError(f"rank {rank} of {processes} ({PROCESSES_KEY}) failed; the others were stopped")
     error = json.loads(written.read_text())
-    kind = TaskError if error["task"] else RuntimeError
-    return kind(f"rank {rank} of {processes} ({PROCESSES_KEY}): {error['line']}")
+    failed = (TaskError if error["task"] else RuntimeError)(f"rank {rank} of {processes} ({PROCESSES_KEY}): {error['line']}")
+    failed.add_note(f"rank {rank}'s traceback:\n{error['traceback']}")  # for the site's log, not the reply
+    return failed
 
 
 def _rank(rank: int, world: int, folder: str, run_config: dict, node_config: dict, cfg: TrainConfig,
