@@ -116,13 +116,18 @@ def _rank(rank: int, world: int, folder: str, run_config: dict, node_config: dic
             model = site.new_model()
             model.load_state_dict(load_file(f"{folder}/start.safetensors"))
             model.to(device)
-            net = DistributedDataParallel(model, device_ids=[rank] if cuda else None)
-            sampler = GlobalBatches(len(site.train), cfg.batch_size, rank, world, cfg.seed)
-            loader = DataLoader(site.train, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=cuda,
-                                persistent_workers=cfg.num_workers > 0)
+            if cfg.dp.enabled:  # Opacus's own DDP around the model and its Poisson sample of the whole site
+                net, weight = model, 1
+                loader = DataLoader(site.train, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+            else:
+                net = DistributedDataParallel(model, device_ids=[rank] if cuda else None)
+                sampler = GlobalBatches(len(site.train), cfg.batch_size, rank, world, cfg.seed)
+                loader = DataLoader(site.train, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=cuda,
+                                    persistent_workers=cfg.num_workers > 0)
+                weight = sampler.examples()
             result = train(site.task, net, site.train, cfg, device, loader=loader)
             shares = [None] * world
-            dist.all_gather_object(shares, (result.lrs, result.loss, result.metrics, sampler.examples()))
+            dist.all_gather_object(shares, (result.lrs, result.loss, result.metrics, weight))
             if rank == 0:
                 _write_result(Path(folder), model, result, shares)
         finally:

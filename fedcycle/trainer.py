@@ -123,7 +123,8 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
     spe = len(loader)
     optimizer = make_optimizer(cfg, model.parameters())
     # under DP-SGD the loop gets Opacus's model, optimizer and loader; the schedule drives its optimizer
-    private = private_training(model, optimizer, loader, cfg.dp) if cfg.dp.enabled else None
+    private = (private_training(model, optimizer, loader, cfg.dp, distributed=torch.distributed.is_initialized())
+               if cfg.dp.enabled else None)
     step_with = private.optimizer if private else optimizer
     start, cycle, before = cfg.schedule.site_clock(spe, cfg.epochs, cfg.server_round, cfg.epochs_before)
     scheduler = cfg.schedule.build(step_with, cycle, start, steps_before=before)

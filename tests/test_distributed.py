@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,12 +53,10 @@ def test_rank_zero_refuses_ranks_that_stepped_other_learning_rates(tmp_path):
 
 def test_a_site_says_which_process_counts_it_cannot_run():
     cpu = torch.device("cpu")
-    assert processes_of({}, cpu, private=False) == 1 and processes_of({"nproc-per-site": 4}, cpu, private=False) == 4
+    assert processes_of({}, cpu) == 1 and processes_of({"nproc-per-site": 4}, cpu) == 4
     for bad in (0, "2", 1.5, True):
         with pytest.raises(ConfigError, match=f"nproc-per-site={bad!r} in the node config must be an integer"):
-            processes_of({"nproc-per-site": bad}, cpu, private=False)
-    with pytest.raises(ConfigError, match="with DP-SGD"):
-        processes_of({"nproc-per-site": 2}, cpu, private=True)
+            processes_of({"nproc-per-site": bad}, cpu)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +99,23 @@ def test_two_processes_take_one_process_steps_at_its_rates_on_the_whole_site(tas
     assert two.num_examples == len(site.train) == 500
     assert set(trained) == set(start) and any(not torch.equal(trained[k], start[k]) for k in start)
     assert two.loss < 1.5 * one.loss and not children()
+
+
+@pytest.mark.e2e  # starts processes (torch.multiprocessing, gloo over a file rendezvous)
+def test_dp_sgd_on_two_processes_takes_one_process_steps_at_its_sample_rate(task_dir, monkeypatch):
+    """Opacus's own DDP: each rank clips its examples, the noise is added once; the site spends
+    what one process would (same sample rate, same steps, so the same epsilon)."""
+    monkeypatch.syspath_prepend(str(task_dir))
+    run_config = {"task": "clinic_tasks:BloodPressure", "batch-size": 32, "dp.noise-multiplier": 1.0,
+                  "dp.max-grad-norm": 1.0}
+    node = {"partition-id": 0, "num-partitions": 2, "device": "cpu"}
+    site = load_site(run_config, node)
+    private = replace(CONFIG, dp=site.settings.dp)
+    start = site.new_model().state_dict()
+    one = train(site.task, site.new_model(), site.train, private, site.device)
+    two, trained = train_on_processes(run_config, {**node, "nproc-per-site": 2}, start, private, None, 2)
+    assert one.sample_rate == two.sample_rate == 1 / 16 and two.steps == one.steps == 32 and two.lrs == one.lrs
+    assert any(not torch.equal(trained[k], start[k]) for k in start) and not children()
 
 
 @pytest.mark.e2e  # starts processes (torch.multiprocessing, gloo over a file rendezvous)
