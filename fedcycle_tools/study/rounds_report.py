@@ -174,14 +174,17 @@ def plot(records: list[dict], out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def tuning_table(study: Study, done: dict[str, dict], chosen: dict[str, dict]) -> list[str]:
+def tuning_table(study: Study, done: dict[str, dict], chosen: dict[str, dict], tuned: list[str]) -> list[str]:
+    """Every tuning run and its validation accuracy; the chosen setting of each cell ("so far"
+    while the cell's runs are not all in)."""
     lines = ["| method | split | local epochs | setting | final validation accuracy | chosen |", "|---|---|---|---|---|---|"]
     for run in tuning_plan(study):
         got = done.get(run.key)
         cell = study.tuning_cell(run.method, run.split.name, run.local_epochs)
         where = ("pooled", "-") if not run.federated else (run.split.name, run.local_epochs)
+        mark = "" if not got or chosen.get(cell) != run.lr else "yes" if cell in tuned else "so far"
         lines.append(f"| {run.method} | {where[0]} | {where[1]} | `{run.lr}` | {_fmt(got and got['final_val_accuracy'])} | "
-                     f"{'yes' if got and chosen.get(cell) == run.lr else ''} |")
+                     f"{mark} |")
     return lines
 
 
@@ -214,7 +217,7 @@ def task_section(study: Study, out: Path) -> tuple[list[dict], list[str]]:
              f"{f' ({list(study.close_call_seeds)} too where two methods are too close to call)' if study.close_call_seeds else ''}. "
              f"Shared run config: `{study.run_config}`.", "",
              "Tuning (seed 0, final validation accuracy on the sites' held-out data; never the test set):", ""]
-    return records, text + tuning_table(study, done, chosen) + [""]
+    return records, text + tuning_table(study, done, chosen, tuned) + [""]
 
 
 def write_rounds_report(study: Study, command: str) -> Path:
