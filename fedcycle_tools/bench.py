@@ -15,7 +15,8 @@ several runs, with its spread (min to max).
 6. a site whose data set is several times a memory cap: a memory-mapped synthetic set trained
    through the DataLoader path in a child process, the child's peak resident memory against the cap;
 7. one site on 1 process against all its processes (`nproc-per-site`, fedcycle.distributed): gloo
-   on this machine's CPU cores (2 processes), NCCL on all GPUs where there are several.
+   on this machine's CPU cores (2 processes), NCCL on all GPUs where there are several; and
+   (`processes_accuracy`) the accuracy of the same simulation both ways, over 3 seeds.
 
 `--only loaders,memmap` runs some sections alone (written to bench-<sections>.{json,md}, so a
 full run's bench.json is kept).
@@ -525,6 +526,26 @@ def bench_processes(repeat: int, data_root: str, samples: int = 6000, epochs: in
     }
 
 
+def bench_processes_accuracy(data_root: str, seeds: tuple[int, ...] = (0, 1, 2), rounds: int = 3) -> dict:
+    """Test accuracy after `rounds` rounds of 2 simulated sites on 1 process each and on 2 each
+    (every GPU each, where there are several), per seed: the same training, so it should agree
+    within the seeds' spread."""
+    processes = torch.cuda.device_count() if torch.cuda.device_count() > 1 else 2
+    finals: dict[str, list[float]] = {}
+    for n in (1, processes):
+        with tempfile.TemporaryDirectory(prefix="fedcycle-bench-") as scratch, \
+                LocalSimulation(Path(scratch) / "flwr-home", node_config={"nproc-per-site": n}) as sim:
+            for seed in seeds:
+                outcome = sim.run(2, f"num-server-rounds={rounds} train-subset=1500 test-subset=2000 seed={seed} "
+                                     f"data-root='{data_root}' results-dir='{scratch}' run-name='p{n}-s{seed}'",
+                                  stream=False)
+                if not outcome.completed:
+                    raise RuntimeError(f"bench run ended {outcome.status}:\n{outcome.log[-2000:]}")
+                finals.setdefault(str(n), []).append(read_metrics(outcome.results_dir / "metrics.jsonl")[-1]["accuracy"])
+    return {"job": f"2 sites x 1,500 fashion-mnist images, {rounds} rounds, 2,000 test images", "seeds": list(seeds),
+            "processes": processes, "final_accuracy": finals}
+
+
 def table(result: dict) -> str:
     """The markdown table of the sections `result` holds."""
     miss = lambda ok: "met" if ok else "**missed**"  # noqa: E731
@@ -596,6 +617,12 @@ def table(result: dict) -> str:
             f"1 process, in-memory fast path {fmt(p['one_process_fast_path_samples_per_s'], '.0f')} | "
             f"{p['processes_whole_call_samples_per_s']['median'] / p['one_process_fast_path_samples_per_s']['median']:.2f} | |",
         ]
+    acc = result.get("processes_accuracy")
+    if acc:
+        one, many = acc["final_accuracy"]["1"], acc["final_accuracy"][str(acc["processes"])]
+        rows.append(f"| test accuracy, sites on {acc['processes']} processes ({acc['job']}; seeds {acc['seeds']}) | "
+                    f"{' / '.join(f'{a:.4f}' for a in many)} | 1 process {' / '.join(f'{a:.4f}' for a in one)} | "
+                    f"{statistics.fmean(many) - statistics.fmean(one):+.4f} | |")
     s = result.get("startup")
     if s:
         rows += [
@@ -606,7 +633,7 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("aggregation", "trainer", "loaders", "memmap", "startup", "round", "processes")
+SECTIONS = ("aggregation", "trainer", "loaders", "memmap", "startup", "round", "processes", "processes_accuracy")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.bench") -> int:
@@ -653,6 +680,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m fedcycle_tools.be
     if "processes" in run:
         print("one site on several processes ...", flush=True)
         result["processes"] = bench_processes(max(3, args.repeat // 2), args.data_root)
+    if "processes_accuracy" in run:
+        print("the same sites on 1 process and on several: accuracy ...", flush=True)
+        result["processes_accuracy"] = bench_processes_accuracy(args.data_root)
     OUT.mkdir(parents=True, exist_ok=True)
     stem = "bench" if run == set(SECTIONS) else "bench-" + "-".join(s for s in SECTIONS if s in run)
     (OUT / f"{stem}.json").write_text(json.dumps(result, indent=1))
