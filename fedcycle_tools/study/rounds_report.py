@@ -142,6 +142,7 @@ def plot(records: list[dict], out_dir: Path, name: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     central = max((r for r in records if r["split"] == "pooled"), key=lambda r: r["final_accuracy_mean"], default=None)
     splits = sorted({r["split"] for r in records if r["split"] != "pooled"})
@@ -162,6 +163,8 @@ def plot(records: list[dict], out_dir: Path, name: str) -> list[Path]:
             ax.set_title(f"{records[-1]['task']}, {split}, {records[-1]['sites']} sites: test accuracy, mean over seeds",
                          fontsize=9)
             ax.set_xlabel(label)
+            if axis == "round":
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_ylabel("test accuracy")
             ax.set_ylim(bottom=bottom)
             ax.grid(alpha=0.3)
