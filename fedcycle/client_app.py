@@ -20,7 +20,6 @@ import os
 import time
 import traceback
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -29,7 +28,7 @@ from fedcycle.errors import ConfigError, PolicyRefusal, TaskError
 from fedcycle.policy import SitePolicy, load_policy
 from fedcycle.privacy import clip_update
 from fedcycle.site import Site, load_site, simulated_node_config, site_label
-from fedcycle.trainer import TrainConfig, evaluate, own_loop_metrics, train
+from fedcycle.trainer import TrainConfig, evaluate, own_loop_metrics, task_fault, train
 from fedcycle.wire import SITE_FAILED, TASK_FAILED, EvaluateConfig, EvaluateReply, RoundConfig, SiteReport, TrainReply
 
 app = ClientApp()
@@ -57,16 +56,6 @@ def public_error(err: BaseException, node_config) -> str:
     except ConfigError:
         policy = SitePolicy.strict("the unreadable policy-file")
     return policy.public_error(err)
-
-
-# What fails in a task's code but is the machine's, not the code's: it may pass, so the round goes on
-PASSING = (MemoryError, OSError, torch.OutOfMemoryError)
-
-
-def task_fault(err: BaseException) -> bool:
-    """Whether the task's own code failed (a TaskError not caused by memory or a file, which
-    would fail the same way on every try)."""
-    return isinstance(err, TaskError) and not isinstance(err.__cause__, PASSING)
 
 
 def reported_node_config(context: Context) -> dict:

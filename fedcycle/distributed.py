@@ -7,14 +7,19 @@ on the CPU with gloo (each process a 1/N share of the cores). The ClientApp stay
 speaks to: it hands the processes the global model (a safetensors file in a private temporary
 folder) and the round's settings, and reads back the trained model and the result rank 0 wrote.
 
-The server's schedule holds exactly: the processes cut the site's data into the same global
-batches of `batch-size` examples as one process would (the same seeded order), each taking its
-slice of every batch, and DDP averages their gradients; so the site takes the same optimizer
-steps at the same learning rates as with one process, and reports its whole example count.
-Every rank's learning rates are compared before the result is written.
+The server's schedule holds exactly: the processes cut the site's data into global batches of
+`batch-size` examples, as one process would (one seeded order, the same on every rank), each
+taking its slice of every batch, and DDP averages their gradients; so the site takes one
+process's optimizer steps at the same learning rates, and reports its whole example count.
+Every rank's learning rates are compared before the result is written. DDP averages the ranks'
+mean gradients: where `batch-size` does not divide by N (or in an epoch's last batch) the
+slices differ by an example and weigh alike, close to but not exactly one process's mean; and
+BatchNorm layers keep statistics of their rank's slice, as under any DDP.
 
 A rank that fails fails the site's round in one line naming the rank (a task's own error stays
-the task's); `start_processes` ends the others, and the next round starts new processes.
+the task's, as the site's policy lets it leave); `start_processes` ends the others, and the next
+round starts new ones. The ranks exchange nothing but tensors through torch.distributed; what
+they report they write as JSON and safetensors to the private folder.
 Flower starts a new ClientApp process for every message in a deployment, so the processes
 cannot outlive a round there: each round pays their start (measured in docs/bench.md).
 """
@@ -27,6 +32,7 @@ import os
 import tempfile
 import traceback
 from dataclasses import asdict, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -37,9 +43,13 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from fedcycle.errors import TaskError
+from fedcycle.errors import ConfigError, TaskError
 from fedcycle.site import PROCESSES_KEY, load_site
-from fedcycle.trainer import TrainConfig, TrainResult, train
+from fedcycle.trainer import TrainConfig, TrainResult, task_fault, train
+
+# how long a rank waits on its peers in one collective (a lost peer is found by start_processes
+# at once; this bounds a peer that hangs)
+RANKS_TIMEOUT = timedelta(minutes=30)
 
 
 class GlobalBatches(Sampler[list[int]]):
@@ -89,12 +99,18 @@ def train_on_processes(run_config: Mapping[str, Any], node_config: Mapping[str, 
 
 
 def _rank_error(folder: Path, rank: int, processes: int) -> Exception:
-    """The failed rank's own one line (written by `_rank`), a TaskError where the task failed."""
-    written = folder / f"rank-{rank}.error.json"
-    if not written.exists():
+    """The failure to report: a rank's own error where the task failed (its peers then fail too,
+    waiting on it, and may be the one torch names), else the named rank's; as the error it was,
+    so that the site's policy and the server judge it as they would on one process."""
+    written = {int(p.name.split("-")[1].split(".")[0]): json.loads(p.read_text()) for p in folder.glob("rank-*.error.json")}
+    if not written:
         return RuntimeError(f"rank {rank} of {processes} ({PROCESSES_KEY}) failed; the others were stopped")
-    error = json.loads(written.read_text())
-    failed = (TaskError if error["task"] else RuntimeError)(f"rank {rank} of {processes} ({PROCESSES_KEY}): {error['line']}")
+    rank = next((r for r, e in sorted(written.items()) if e["task_fault"]), rank if rank in written else min(written))
+    error = written[rank]
+    prefix = f"rank {rank} of {processes} ({PROCESSES_KEY}): "
+    hidden = None if error["without_values"] is None else prefix + error["without_values"]
+    kind = TaskError if error["task_fault"] else ConfigError if error["config"] else RuntimeError
+    failed = kind(prefix + error["line"], **({"without_values": hidden} if kind is not RuntimeError else {}))
     failed.add_note(f"rank {rank}'s traceback:\n{error['traceback']}")  # for the site's log, not the reply
     return failed
 
@@ -104,51 +120,49 @@ def _rank(rank: int, world: int, folder: str, run_config: dict, node_config: dic
     try:
         site = load_site(run_config, node_config)  # the process's own: its data, task and device
         cuda = site.device.type == "cuda"
-        device = torch.device("cuda", rank) if cuda else site.device
+        device = torch.device("cuda", (site.device.index or 0) + rank) if cuda else site.device
         if cuda:
             torch.cuda.set_device(device)
         else:  # a share of the cores each, not every process on all of them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder}/rendezvous",
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, timeout=RANKS_TIMEOUT)
         try:
             site.task.use_statistics(statistics)
             model = site.new_model()
             model.load_state_dict(load_file(f"{folder}/start.safetensors"))
             model.to(device)
-            if cfg.dp.enabled:  # Opacus's own DDP around the model and its Poisson sample of the whole site
-                net, weight = model, 1
-                loader = DataLoader(site.train, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-            else:
-                net = DistributedDataParallel(model, device_ids=[rank] if cuda else None)
-                sampler = GlobalBatches(len(site.train), cfg.batch_size, rank, world, cfg.seed)
-                loader = DataLoader(site.train, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=cuda,
-                                    persistent_workers=cfg.num_workers > 0)
-                weight = sampler.examples()
+            net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+            sampler = GlobalBatches(len(site.train), cfg.batch_size, rank, world, cfg.seed)
+            loader = DataLoader(site.train, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=cuda,
+                                persistent_workers=cfg.num_workers > 0)
             result = train(site.task, net, site.train, cfg, device, loader=loader)
-            shares = [None] * world
-            dist.all_gather_object(shares, (result.lrs, result.loss, result.metrics, weight))
+            share = {"lrs": result.lrs, "loss": result.loss, "metrics": result.metrics, "examples": sampler.examples()}
+            (Path(folder) / f"rank-{rank}.json").write_text(json.dumps(share))
+            dist.barrier()
             if rank == 0:
+                shares = [json.loads((Path(folder) / f"rank-{r}.json").read_text()) for r in range(world)]
                 _write_result(Path(folder), model, result, shares)
         finally:
             dist.destroy_process_group()
     except BaseException as err:
-        (Path(folder) / f"rank-{rank}.error.json").write_text(json.dumps(
-            {"task": isinstance(err, TaskError), "line": str(err).splitlines()[0] if str(err) else type(err).__name__,
-             "traceback": traceback.format_exc()}))
+        (Path(folder) / f"rank-{rank}.error.json").write_text(json.dumps({
+            "task_fault": task_fault(err), "config": isinstance(err, ConfigError),
+            "line": str(err).splitlines()[0] if str(err) else type(err).__name__,
+            "without_values": getattr(err, "without_values", None), "traceback": traceback.format_exc()}))
         raise
 
 
-def _write_result(folder: Path, model: torch.nn.Module, result: TrainResult, shares: list) -> None:
+def _write_result(folder: Path, model: torch.nn.Module, result: TrainResult, shares: list[dict]) -> None:
     """Rank 0: every rank stepped the same learning rates; the site's loss and metrics are the
     ranks' means weighted by the examples each trained on."""
-    for rank, (lrs, *_rest) in enumerate(shares):
-        if lrs != shares[0][0]:
-            raise RuntimeError(f"rank {rank} stepped other learning rates than rank 0 ({len(lrs)} steps against "
-                               f"{len(shares[0][0])}); the ranks must follow one schedule")
-    total = sum(n for *_rest, n in shares) or 1
-    loss = sum(share_loss * n for _lrs, share_loss, _m, n in shares) / total
-    metrics = {k: sum(m[k] * n for _lrs, _l, m, n in shares) / total for k in result.metrics}
+    for rank, share in enumerate(shares):
+        if share["lrs"] != shares[0]["lrs"]:
+            raise RuntimeError(f"rank {rank} stepped other learning rates than rank 0 ({len(share['lrs'])} steps "
+                               f"against {len(shares[0]['lrs'])}); the ranks must follow one schedule")
+    total = sum(share["examples"] for share in shares) or 1
+    loss = sum(share["loss"] * share["examples"] for share in shares) / total
+    metrics = {k: sum(share["metrics"][k] * share["examples"] for share in shares) / total for k in result.metrics}
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(folder / "trained.safetensors"))
     (folder / "result.json").write_text(json.dumps(asdict(replace(result, loss=loss, metrics=metrics))))

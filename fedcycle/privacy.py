@@ -61,30 +61,23 @@ class PrivateTraining:
         self.model._close()
 
 
-def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader, dp: DPSettings,
-                     distributed: bool = False) -> PrivateTraining:
+def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader, dp: DPSettings) -> PrivateTraining:
     """Opacus around a site's model, optimizer and DataLoader. The noise and the Poisson sample
     come from a generator seeded by the operating system, not by the run's seed: a coordinator
-    who knows the seed could otherwise draw the same noise and take it off the update.
-    `distributed`: this process is one rank of a site on several (fedcycle.distributed): Opacus's
-    own DDP, each rank Poisson-sampling its share of the site's data at the same rate and
-    clipping its examples, the noise added once to the ranks' sum; the same sample rate and steps
-    as one process, so the same epsilon."""
+    who knows the seed could otherwise draw the same noise and take it off the update."""
     from opacus import GradSampleModule  # lazily: DP runs only
     from opacus.data_loader import DPDataLoader
-    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
-    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+    from opacus.optimizers import DPOptimizer
 
     def secret(device: torch.device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
-    private_loader = DPDataLoader.from_data_loader(loader, generator=secret(torch.device("cpu")), distributed=distributed)
+    private_loader = DPDataLoader.from_data_loader(loader, generator=secret(torch.device("cpu")))
     sample_rate = 1 / len(loader)
-    world = torch.distributed.get_world_size() if distributed else 1
-    private_model = GradSampleModule(DifferentiallyPrivateDistributedDataParallel(model) if distributed else model)
-    private_optimizer = (DistributedDPOptimizer if distributed else DPOptimizer)(
-        optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=loader.batch_size // world, generator=secret(next(model.parameters()).device))
+    private_model = GradSampleModule(model)
+    private_optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                    expected_batch_size=loader.batch_size,
+                                    generator=secret(next(model.parameters()).device))
     return PrivateTraining(private_model, private_optimizer, private_loader, sample_rate)
 
 

@@ -27,6 +27,16 @@ from fedcycle.schedules import LRSchedule
 from fedcycle.tasks import Task
 
 
+# What fails in a task's code but is the machine's, not the code's: it may pass, so the round goes on
+PASSING = (MemoryError, OSError, torch.OutOfMemoryError)
+
+
+def task_fault(err: BaseException) -> bool:
+    """Whether the task's own code failed (a TaskError not caused by memory or a file, which
+    would fail the same way on every try)."""
+    return isinstance(err, TaskError) and not isinstance(err.__cause__, PASSING)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One call's training: the round's values (`fedcycle.wire.RoundConfig`, or the centralized
@@ -123,8 +133,7 @@ def train(task: Task, model: nn.Module, data, cfg: TrainConfig, device: torch.de
     spe = len(loader)
     optimizer = make_optimizer(cfg, model.parameters())
     # under DP-SGD the loop gets Opacus's model, optimizer and loader; the schedule drives its optimizer
-    private = (private_training(model, optimizer, loader, cfg.dp, distributed=torch.distributed.is_initialized())
-               if cfg.dp.enabled else None)
+    private = private_training(model, optimizer, loader, cfg.dp) if cfg.dp.enabled else None
     step_with = private.optimizer if private else optimizer
     start, cycle, before = cfg.schedule.site_clock(spe, cfg.epochs, cfg.server_round, cfg.epochs_before)
     scheduler = cfg.schedule.build(step_with, cycle, start, steps_before=before)

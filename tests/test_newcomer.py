@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fedcycle import client_app, site
-from fedcycle.client_app import task_fault
 from fedcycle.errors import ConfigError, TaskError
 from fedcycle.site import load_site
+from fedcycle.trainer import task_fault
 from fedcycle.wire import TASK_FAILED
 from fedcycle_tools.centralized import train_centralized
 from tests.fakes import context, train_message
