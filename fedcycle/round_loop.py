@@ -68,9 +68,10 @@ class RoundFailed(RuntimeError):
     its failed attempts; out of `run_rounds`, `outcome` holds all the round got."""
 
     def __init__(self, server_round: int, message: str, attempts: list[dict] = (),
-                 outcome: RoundOutcome | None = None) -> None:
+                 outcome: RoundOutcome | None = None, traffic: dict[str, dict[str, int]] | None = None) -> None:
         super().__init__(message)
         self.server_round, self.attempts, self.outcome = server_round, list(attempts), outcome
+        self.traffic = traffic or {}  # the failed attempts' bytes, site by site
 
 
 class TaskFailed(RoundFailed):
@@ -140,7 +141,8 @@ def run_rounds(
         try:
             arrays, events, exchanged = one_round(grid, coordinator, settings, server_round, arrays, deadline, clock, sleep)
         except RoundFailed as err:
-            err.outcome = outcome_of(coordinator, server_round, arrays, err.attempts)
+            err.outcome = outcome_of(coordinator, server_round, arrays, err.attempts,
+                                     {"train": err.traffic} if err.traffic else None)
             raise
         yield outcome_of(coordinator, server_round, arrays, events, exchanged)
 
@@ -252,6 +254,7 @@ def train_round(
         "The checkpoints of the finished rounds are kept: bring the sites back and resume the run with "
         "resume-from, or lower min-replies / min-reply-fraction",
         failed,
+        traffic=exchanged,
     )
 
 

@@ -214,3 +214,5 @@ def test_a_round_is_one_value_and_a_failed_round_carries_all_it_got(task_identit
     assert sorted(e["event"] for e in outcome.events) == ["rejected"] * 4 + ["round-attempt-failed"] * 2
     assert outcome.train_config["server-round"] == 1 and outcome.train_config["local-epochs"] == settings.local_epochs
     assert 1 not in strategy.events and 1 not in strategy.sent_config
+    size = sum(len(a.data) for a in model.values())  # both attempts' bytes are kept
+    assert outcome.traffic == {"train": {f"node {n}": {"received": 2 * size, "sent": 2 * size} for n in (1, 2)}}
