@@ -126,7 +126,7 @@ def test_the_report_says_how_many_rounds_and_bytes_each_method_needs_to_come_wit
     curves = {"centralized-constant": [0.1, 0.80, 0.85, 0.88, 0.90],  # 4 epochs
               ("fedavg-constant", 1): [0.1, 0.70, 0.80, 0.85],
               ("fedavg-constant", 5): [0.1, 0.85, 0.895, 0.90],  # within 1 point of 0.90 from round 2
-              ("fedavgm", 5): [0.1, 0.80, 0.88, 0.89]}
+              ("fedavgm", 5): [0.1, 0.893, 0.88, 0.895]}  # within from round 1, back out, within again
     for run in comparison_plan(study, chosen):
         curve = curves[run.method if not run.federated else (run.method, run.local_epochs)]
         noise = 0.001 * run.seed
@@ -146,9 +146,11 @@ def test_the_report_says_how_many_rounds_and_bytes_each_method_needs_to_come_wit
     assert federated[("fedavg-constant", "iid", 1)]["rounds_to_within_1pt"] is None  # never
     assert five["vs_best_in_split"] is None  # it is the best
     behind = federated[("fedavgm", "iid", 5)]["vs_best_in_split"]
-    assert behind["mean_points"] == pytest.approx(-1.0) and behind["tie"] is False
+    assert behind["mean_points"] == pytest.approx(-0.5) and behind["tie"] is False
     report = (study.output_dir() / "REPORT.md").read_text()
-    assert "| fedavg-constant, 5 local epochs | 0.9010 ± 0.0010 (3) | 2 (seeds: 2, 2, 2) | 1.00 | 2.0 |" in report
+    assert "| fedavg-constant, 5 local epochs | 0.9010 ± 0.0010 (3) | 2 (2) (seeds: 2, 2, 2) | 1.00 | 2.0 |" in report
+    dipped = federated[("fedavgm", "iid", 5)]
+    assert dipped["rounds_to_within_1pt"] == 1 and dipped["rounds_to_stay_within_1pt"] == 3
     assert (study.output_dir() / "rounds_accuracy_vs_bytes.png").exists()
 
 

@@ -308,6 +308,8 @@ def close_calls(study: Study, runs: list[PlannedRun], done: dict[str, dict]) -> 
         if not study.close_call_seeds or any(r.key not in done for group in methods.values() for r in group):
             continue
         finals = {m: {r.seed: done[r.key]["final_accuracy"] for r in group} for m, group in methods.items()}
+        if len(finals) < 2:
+            continue
         best, second = sorted(finals, key=lambda m: -statistics.fmean(finals[m].values()))[:2]
         diffs = [finals[best][s] - finals[second][s] for s in finals[best].keys() & finals[second].keys()]
         if len(diffs) > 1 and statistics.fmean(diffs) < 2 * statistics.stdev(diffs) / math.sqrt(len(diffs)):
