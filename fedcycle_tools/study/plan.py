@@ -280,7 +280,7 @@ def comparison_plan(study: Study, chosen: dict[str, dict], done: dict[str, dict]
     federated = [m for m in study.methods if not m.startswith("centralized")]
     for method in study.methods:  # centralized: the pooled data of the tuning cell's sites, whatever the split
         if method.startswith("centralized"):
-            for seed in sorted(set(study.seeds) | set(study.repeat_seeds)):
+            for seed in study.repeat_seeds:
                 runs.append(PlannedRun(method, tuning_split, study.tuning_sites, 1, seed, chosen[method]))
     for split in study.splits:
         for sites in study.sites:
