@@ -14,7 +14,9 @@ process's optimizer steps at the same learning rates, and reports its whole exam
 Every rank's learning rates are compared before the result is written. DDP averages the ranks'
 mean gradients: where `batch-size` does not divide by N (or in an epoch's last batch) the
 slices differ by an example and weigh alike, close to but not exactly one process's mean; and
-BatchNorm layers keep statistics of their rank's slice, as under any DDP.
+BatchNorm layers keep statistics of their rank's slice, as under any DDP. Under DP-SGD each rank
+Poisson-samples its own share of the examples instead (fedcycle.privacy.RankPoisson), at one
+process's rate and steps, and Opacus's DDP adds the noise once.
 
 A rank that fails fails the site's round in one line naming the rank (a task's own error stays
 the task's, as the site's policy lets it leave); `start_processes` ends the others, and the next
@@ -44,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from fedcycle.errors import ConfigError, TaskError
+from fedcycle.privacy import rank_poisson_loader
 from fedcycle.site import PROCESSES_KEY, load_site
 from fedcycle.trainer import TrainConfig, TrainResult, task_fault, train
 
@@ -132,12 +135,17 @@ def _rank(rank: int, world: int, folder: str, run_config: dict, node_config: dic
             model = site.new_model()
             model.load_state_dict(load_file(f"{folder}/start.safetensors"))
             model.to(device)
-            net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-            sampler = GlobalBatches(len(site.train), cfg.batch_size, rank, world, cfg.seed)
-            loader = DataLoader(site.train, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=cuda,
-                                persistent_workers=cfg.num_workers > 0)
+            if cfg.dp.enabled:  # DP-SGD: Poisson batches of the rank's share, Opacus's DDP (fedcycle.privacy)
+                net, examples = model, math.ceil((len(site.train) - rank) / world)
+                loader = rank_poisson_loader(site.train, cfg.batch_size, rank, world, cfg.num_workers)
+            else:
+                net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+                sampler = GlobalBatches(len(site.train), cfg.batch_size, rank, world, cfg.seed)
+                loader = DataLoader(site.train, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=cuda,
+                                    persistent_workers=cfg.num_workers > 0)
+                examples = sampler.examples()
             result = train(site.task, net, site.train, cfg, device, loader=loader)
-            share = {"lrs": result.lrs, "loss": result.loss, "metrics": result.metrics, "examples": sampler.examples()}
+            share = {"lrs": result.lrs, "loss": result.loss, "metrics": result.metrics, "examples": examples}
             (Path(folder) / f"rank-{rank}.json").write_text(json.dumps(share))
             dist.barrier()
             if rank == 0:

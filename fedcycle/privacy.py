@@ -12,6 +12,7 @@ policy's ceiling is checked against, before the round trains.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, default_collate
 
 from fedcycle.config import DPSettings
 from fedcycle.errors import ConfigError
@@ -61,24 +63,65 @@ class PrivateTraining:
         self.model._close()
 
 
+def secret(device: torch.device) -> torch.Generator:
+    """A generator seeded by the operating system, not by the run's seed: DP-SGD's noise and Poisson
+    sample come from it, so that a coordinator who knows the seed cannot draw the same noise and
+    take it off the update."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+class RankPoisson(torch.utils.data.Sampler[list[int]]):
+    """DP-SGD's Poisson sampling on one rank of a site on several processes: the rank owns every
+    `world`-th example, and each step each of them joins its batch with probability
+    `sample_rate`, so each of the site's examples does, as on one process. Unlike Opacus's
+    distributed sampler it yields an empty draw too: every rank takes the same steps."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int) -> None:
+        self.owned = torch.arange(rank, n, world)
+        self.steps = math.ceil(n / batch_size)
+        self.sample_rate, self.batch_size, self.world = 1 / self.steps, batch_size, world
+        self.generator = secret(torch.device("cpu"))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            drawn = torch.rand(len(self.owned), generator=self.generator) < self.sample_rate
+            yield self.owned[drawn].tolist()
+
+
+def rank_poisson_loader(data, batch_size: int, rank: int, world: int, num_workers: int = 0) -> DataLoader:
+    """The batches one rank trains on under DP-SGD (`RankPoisson`), empty ones collated as Opacus does."""
+    from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty  # lazily: DP runs only
+
+    first = data[0]
+    collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+                                      dtypes=[dtype_safe(x) for x in first])
+    return DataLoader(data, batch_sampler=RankPoisson(len(data), batch_size, rank, world), collate_fn=collate,
+                      num_workers=num_workers)
+
+
 def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, loader, dp: DPSettings) -> PrivateTraining:
-    """Opacus around a site's model, optimizer and DataLoader. The noise and the Poisson sample
-    come from a generator seeded by the operating system, not by the run's seed: a coordinator
-    who knows the seed could otherwise draw the same noise and take it off the update."""
+    """Opacus around a site's model, optimizer and DataLoader (its noise and Poisson sample from
+    `secret` generators). On one rank of a site on several processes (a `rank_poisson_loader`),
+    Opacus's own DDP: each rank clips its examples' gradients, the noise is added once (rank 0)
+    to the ranks' sum, and the site's sample rate and steps are one process's, so its epsilon is."""
     from opacus import GradSampleModule  # lazily: DP runs only
     from opacus.data_loader import DPDataLoader
-    from opacus.optimizers import DPOptimizer
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
-    def secret(device: torch.device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
-
+    noise = {"noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm,
+             "generator": secret(next(model.parameters()).device)}
+    ranks = getattr(loader, "batch_sampler", None)
+    if isinstance(ranks, RankPoisson):
+        return PrivateTraining(GradSampleModule(DifferentiallyPrivateDistributedDataParallel(model)),
+                               DistributedDPOptimizer(optimizer, expected_batch_size=ranks.batch_size / ranks.world, **noise),
+                               loader, ranks.sample_rate)
     private_loader = DPDataLoader.from_data_loader(loader, generator=secret(torch.device("cpu")))
-    sample_rate = 1 / len(loader)
-    private_model = GradSampleModule(model)
-    private_optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                    expected_batch_size=loader.batch_size,
-                                    generator=secret(next(model.parameters()).device))
-    return PrivateTraining(private_model, private_optimizer, private_loader, sample_rate)
+    return PrivateTraining(GradSampleModule(model), DPOptimizer(optimizer, expected_batch_size=loader.batch_size, **noise),
+                           private_loader, 1 / len(loader))
 
 
 def clip_update(trained: dict[str, torch.Tensor], received: dict[str, torch.Tensor],

@@ -187,7 +187,7 @@ def _load_site(settings: SiteSettings, run_items: tuple, node_items: tuple) -> S
     workers = node_config.get("num-workers", 0)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"num-workers={workers!r} in the node config must be an integer of at least 0")
-    processes = processes_of(node_config, device, settings.dp.enabled)
+    processes = processes_of(node_config, device)
     policy = load_policy(node_config)
     if node_config.get("task-path"):  # on the path first (nothing runs), so the policy sees where a module would come from
         add_task_path(str(node_config["task-path"]))
@@ -201,7 +201,7 @@ def _load_site(settings: SiteSettings, run_items: tuple, node_items: tuple) -> S
     return Site(settings, node_config, task, device, train, val, policy, processes)
 
 
-def processes_of(node_config: Mapping[str, Any], device: torch.device, private: bool) -> int:
+def processes_of(node_config: Mapping[str, Any], device: torch.device) -> int:
     """The site's `nproc-per-site` (1 by default), one per GPU from `device`'s on; ConfigError if
     it is not a count the site can run."""
     n = node_config.get(PROCESSES_KEY, 1)
@@ -211,11 +211,6 @@ def processes_of(node_config: Mapping[str, Any], device: torch.device, private: 
     if device.type == "cuda" and first + n > torch.cuda.device_count():
         raise ConfigError(f"{PROCESSES_KEY}={n} in the node config from {device} on, but this machine has "
                           f"{torch.cuda.device_count()} CUDA device(s): one process per GPU")
-    if n > 1 and private:
-        # Opacus's distributed Poisson sampler skips a rank's empty draw, so the ranks would take
-        # different numbers of steps and wait on each other for ever
-        raise ConfigError(f"{PROCESSES_KEY}={n} in the node config with DP-SGD (dp.noise-multiplier > 0): a site's "
-                          "private training runs on one process for now; set nproc-per-site = 1")
     return n
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from fedcycle.distributed import GlobalBatches, _write_result, train_on_processes
 from fedcycle.errors import ConfigError, TaskError
+from fedcycle.privacy import RankPoisson
 from fedcycle.results import read_metrics
 from fedcycle.schedules import LRSchedule
 from fedcycle.site import load_site, processes_of
@@ -56,12 +58,22 @@ def test_rank_zero_refuses_ranks_that_stepped_other_learning_rates(tmp_path):
 
 def test_a_site_says_which_process_counts_it_cannot_run():
     cpu = torch.device("cpu")
-    assert processes_of({}, cpu, private=False) == 1 and processes_of({"nproc-per-site": 4}, cpu, private=False) == 4
+    assert processes_of({}, cpu) == 1 and processes_of({"nproc-per-site": 4}, cpu) == 4
     for bad in (0, "2", 1.5, True):
         with pytest.raises(ConfigError, match=f"nproc-per-site={bad!r} in the node config must be an integer"):
-            processes_of({"nproc-per-site": bad}, cpu, private=False)
-    with pytest.raises(ConfigError, match="with DP-SGD"):
-        processes_of({"nproc-per-site": 2}, cpu, private=True)
+            processes_of({"nproc-per-site": bad}, cpu)
+
+
+def test_dp_sgd_ranks_draw_their_own_share_at_one_process_rate_and_keep_in_step():
+    """Every example belongs to one rank; each step each joins with one process's sample rate;
+    an empty draw is a step too, so the ranks never wait on each other."""
+    ranks = [RankPoisson(101, 32, rank, 3) for rank in range(3)]
+    assert sorted(i for r in ranks for i in r.owned.tolist()) == list(range(101))
+    assert {len(r) for r in ranks} == {4} and {r.sample_rate for r in ranks} == {0.25}
+    tiny = RankPoisson(10, 2, 1, 4)  # about one in 5 draws of its 3 examples is empty
+    draws = [batch for _ in range(200) for batch in tiny]
+    assert len(draws) == 200 * 5 and any(b == [] for b in draws)
+    assert 0.15 < sum(len(b) for b in draws) / (3 * len(draws)) < 0.25  # each example at rate 1/5
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +116,24 @@ def test_two_processes_take_one_process_steps_at_its_rates_on_the_whole_site(tas
     assert two.num_examples == len(site.train) == 500
     assert set(trained) == set(start) and any(not torch.equal(trained[k], start[k]) for k in start)
     assert two.loss < 1.5 * one.loss and not children()
+
+
+@pytest.mark.e2e  # starts processes (torch.multiprocessing, gloo over a file rendezvous)
+def test_dp_sgd_on_two_processes_takes_one_process_steps_at_its_sample_rate(task_dir, monkeypatch):
+    """Opacus's own DDP: each rank clips its examples, the noise is added once; the site spends
+    what one process would (same sample rate, same steps, so the same epsilon). A batch size of 2
+    on 500 examples makes empty draws common: the ranks must still keep in step."""
+    monkeypatch.syspath_prepend(str(task_dir))
+    run_config = {"task": "clinic_tasks:BloodPressure", "batch-size": 2, "dp.noise-multiplier": 1.0,
+                  "dp.max-grad-norm": 1.0}
+    node = {"partition-id": 0, "num-partitions": 2, "device": "cpu"}
+    site = load_site(run_config, node)
+    private = replace(CONFIG, dp=site.settings.dp, batch_size=2, epochs=1)
+    start = site.new_model().state_dict()
+    one = train(site.task, site.new_model(), site.train, private, site.device)
+    two, trained = train_on_processes(run_config, {**node, "nproc-per-site": 2}, start, private, None, 2)
+    assert one.sample_rate == two.sample_rate == 1 / 250 and two.steps == one.steps == 250 and two.lrs == one.lrs
+    assert any(not torch.equal(trained[k], start[k]) for k in start) and not children()
 
 
 @pytest.mark.e2e  # starts processes (torch.multiprocessing, gloo over a file rendezvous)
