@@ -78,8 +78,10 @@ def test_dp_sgd_ranks_draw_their_own_share_at_one_process_rate_and_keep_in_step(
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("clinic")
-    shutil.copy(Path(__file__).with_name("user_tasks.py"), folder / "clinic_tasks.py")
+    """tests/user_tasks.py as a site's module, under a name of its own: a module is imported once
+    per process, and tests/test_tasks.py's `ranks_tasks` must be its own folder's."""
+    folder = tmp_path_factory.mktemp("ranks")
+    shutil.copy(Path(__file__).with_name("user_tasks.py"), folder / "ranks_tasks.py")
     return folder
 
 
@@ -104,7 +106,7 @@ CONFIG = TrainConfig(LRSchedule(lr_min=0.005, lr_max=0.05), epochs=2, batch_size
 @pytest.mark.e2e  # starts processes (torch.multiprocessing, gloo over a file rendezvous)
 def test_two_processes_take_one_process_steps_at_its_rates_on_the_whole_site(task_dir, monkeypatch):
     monkeypatch.syspath_prepend(str(task_dir))
-    run_config = {"task": "clinic_tasks:BloodPressure", "batch-size": 32}
+    run_config = {"task": "ranks_tasks:BloodPressure", "batch-size": 32}
     node = {"partition-id": 0, "num-partitions": 2, "device": "cpu"}
     site = load_site(run_config, node)
     torch.manual_seed(0)
@@ -124,7 +126,7 @@ def test_dp_sgd_on_two_processes_takes_one_process_steps_at_its_sample_rate(task
     what one process would (same sample rate, same steps, so the same epsilon). A batch size of 2
     on 500 examples makes empty draws common: the ranks must still keep in step."""
     monkeypatch.syspath_prepend(str(task_dir))
-    run_config = {"task": "clinic_tasks:BloodPressure", "batch-size": 2, "dp.noise-multiplier": 1.0,
+    run_config = {"task": "ranks_tasks:BloodPressure", "batch-size": 2, "dp.noise-multiplier": 1.0,
                   "dp.max-grad-norm": 1.0}
     node = {"partition-id": 0, "num-partitions": 2, "device": "cpu"}
     site = load_site(run_config, node)
@@ -138,23 +140,23 @@ def test_dp_sgd_on_two_processes_takes_one_process_steps_at_its_sample_rate(task
 
 @pytest.mark.e2e  # starts processes (torch.multiprocessing, gloo over a file rendezvous)
 @pytest.mark.parametrize("task, error, line", [
-    ("FailsOnRankOne", TaskError, "rank 1 of 2 (nproc-per-site): task='clinic_tasks:FailsOnRankOne': train() raised "
+    ("FailsOnRankOne", TaskError, "rank 1 of 2 (nproc-per-site): task='ranks_tasks:FailsOnRankOne': train() raised "
                                   "ValueError: rank one has no data"),
     ("DiesOnRankOne", RuntimeError, "rank 1 of 2 (nproc-per-site) died with exit code 3; the others were stopped"),
 ])
 def test_a_rank_that_fails_fails_the_round_in_one_line_and_leaves_no_process(task_dir, monkeypatch, task, error, line):
     monkeypatch.syspath_prepend(str(task_dir))
-    run_config = {"task": f"clinic_tasks:{task}", "batch-size": 32}
+    run_config = {"task": f"ranks_tasks:{task}", "batch-size": 32}
     node = {"partition-id": 0, "num-partitions": 2, "device": "cpu", "nproc-per-site": 2}
     state = load_site(run_config, node).new_model().state_dict()
     with pytest.raises(error) as failed:
         train_on_processes(run_config, node, state, CONFIG, None, 2)
     assert str(failed.value) == line
     if error is TaskError:  # what a site whose policy keeps its values home sends instead
-        assert failed.value.without_values.startswith("rank 1 of 2 (nproc-per-site): task='clinic_tasks:FailsOnRankOne'")
+        assert failed.value.without_values.startswith("rank 1 of 2 (nproc-per-site): task='ranks_tasks:FailsOnRankOne'")
         assert "rank one has no data" not in failed.value.without_values
     assert not children()
-    again, _ = train_on_processes({**run_config, "task": "clinic_tasks:BloodPressure"}, node, state, CONFIG, None, 2)
+    again, _ = train_on_processes({**run_config, "task": "ranks_tasks:BloodPressure"}, node, state, CONFIG, None, 2)
     assert again.steps == 32  # the next round starts clean
 
 
@@ -163,7 +165,7 @@ def test_a_simulated_site_on_two_processes_follows_the_servers_schedule_and_lear
     for old in task_dir.glob("lrs-*.json"):
         old.unlink()
     with LocalSimulation(tmp_path / "flwr-home", task_path=str(task_dir), node_config={"nproc-per-site": 2}) as link:
-        out = link.run(2, f"results-dir='{tmp_path}' task='clinic_tasks:BloodPressureOwnLoop' batch-size=50 "
+        out = link.run(2, f"results-dir='{tmp_path}' task='ranks_tasks:BloodPressureOwnLoop' batch-size=50 "
                           "num-server-rounds=2 local-epochs=2 lr-max=0.1 run-name='ranks'", stream=False)
     assert out.completed, out.log[-3000:]
     rounds = read_metrics(out.results_dir / "metrics.jsonl")
