@@ -248,6 +248,10 @@ class Trackers:
                          run_id=self.state.get("mlflow_run_id") if first_round and same_store else None,
                          artifact_location=artifacts)
         self.state.update(mlflow_run_id=tracker.run_id, mlflow_tracking_uri=uri)
+        # a resumed run: the rounds before it that MLflow lacks (a run stopped between writing a
+        # round's line and logging it), from metrics.jsonl; those it has are not logged twice
+        for line in earlier_rounds(run_dir, first_round):
+            tracker.log_round(line)
         return tracker
 
     def _safely(self, name: str, call) -> None:

@@ -165,6 +165,24 @@ def test_a_resumed_run_continues_both_trackers_without_a_round_twice(tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def test_a_resumed_run_gives_mlflow_the_rounds_it_missed_when_the_run_stopped(tmp_path):
+    """A run stopped after writing round 2's line but before MLflow had it: the resume logs it."""
+    settings = RunSettings(tracking="mlflow")
+    run_dir = tmp_path / "results" / "run"
+    results = RunResults(run_dir)
+    first = Trackers(settings, run_dir, {}, first_round=0)
+    for r, acc in enumerate([0.1, 0.5, 0.6]):
+        results.append_round(line(r, acc))
+        if r < 2:
+            first.log_round(line(r, acc))
+    again = Trackers(settings, run_dir, {}, first_round=3)
+    again.log_round(line(3, 0.7))
+    state = json.loads((run_dir / "tracking.json").read_text())
+    history = MlflowClient(tracking_uri=state["mlflow_tracking_uri"]).get_metric_history(state["mlflow_run_id"],
+                                                                                        "global/accuracy")
+    assert [m.step for m in history] == [0, 1, 2, 3] and [m.value for m in history] == pytest.approx([0.1, 0.5, 0.6, 0.7])
+
+
 def test_a_sqlite_store_named_in_the_run_config_keeps_the_models_beside_it(tmp_path, monkeypatch):
     """Not in ./mlruns of whatever folder the ServerApp runs in (a study's first federated run
     creates the experiment; its models went to the checkout's root)."""
