@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from fedcycle.errors import ConfigError, TaskError
+from fedcycle.files import atomic_write
 from fedcycle.privacy import rank_poisson_loader
 from fedcycle.site import PROCESSES_KEY, load_site
 from fedcycle.trainer import TrainConfig, TrainResult, task_fault, train
@@ -146,7 +147,7 @@ def _rank(rank: int, world: int, folder: str, run_config: dict, node_config: dic
                 examples = sampler.examples()
             result = train(site.task, net, site.train, cfg, device, loader=loader)
             share = {"lrs": result.lrs, "loss": result.loss, "metrics": result.metrics, "examples": examples}
-            (Path(folder) / f"rank-{rank}.json").write_text(json.dumps(share))
+            atomic_write(Path(folder) / f"rank-{rank}.json", json.dumps(share).encode())
             dist.barrier()
             if rank == 0:
                 shares = [json.loads((Path(folder) / f"rank-{r}.json").read_text()) for r in range(world)]
@@ -154,10 +155,11 @@ def _rank(rank: int, world: int, folder: str, run_config: dict, node_config: dic
         finally:
             dist.destroy_process_group()
     except BaseException as err:
-        (Path(folder) / f"rank-{rank}.error.json").write_text(json.dumps({
+        # whole or not at all: a peer may be stopped while it writes (start_processes ends the others)
+        atomic_write(Path(folder) / f"rank-{rank}.error.json", json.dumps({
             "task_fault": task_fault(err), "config": isinstance(err, ConfigError),
             "line": str(err).splitlines()[0] if str(err) else type(err).__name__,
-            "without_values": getattr(err, "without_values", None), "traceback": traceback.format_exc()}))
+            "without_values": getattr(err, "without_values", None), "traceback": traceback.format_exc()}).encode())
         raise
 
 
