@@ -227,7 +227,7 @@ def task_section(study: Study, out: Path) -> tuple[list[dict], list[str]]:
              f"every federated method, {study.epoch_budget} epochs for centralized; seeds {list(study.repeat_seeds)}"
              f"{f' ({list(study.close_call_seeds)} too where two methods are too close to call)' if study.close_call_seeds else ''}. "
              f"Shared run config: `{study.run_config}`.", "",
-             "Tuning (seed 0, final validation accuracy on the sites' held-out data; never the test set):", ""]
+             f"Tuning (seed {study.seeds[0]}, final validation accuracy on the sites' held-out data; never the test set):", ""]
     return records, text + tuning_table(study, done, chosen, tuned) + [""]
 
 
